@@ -1,0 +1,101 @@
+"""Shared plumbing for the benchmarks in python/bench/.
+
+Every benchmark times our code and its peer in the same process, reports ratios, and writes one
+JSON file through `write_results`; `summarize.py` turns a folder of them into one markdown table.
+Machines are shared and noisy, so figures are medians over repeats, never single runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None):
+    """The flags every benchmark takes: --device, --quick, --out."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (smoke run)")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the results JSON")
+    if extra is not None:
+        extra(p)
+    return p.parse_args()
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn: Callable[[], object], device: str, repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time of fn() in milliseconds, device-synchronised around each call."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
+    """Peak device memory (CUDA) of one call of fn(), in MiB. On CPU: the process's peak RSS so far
+    (ru_maxrss), which only ever grows; callers report it as an upper bound."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def goal(name: str, measured: float, target: float, higher_is_better: bool, unit: str = "") -> dict:
+    met = measured >= target if higher_is_better else measured <= target
+    return {"goal": name, "measured": round(measured, 4), "target": target,
+            "direction": ">=" if higher_is_better else "<=", "unit": unit, "met": bool(met)}
+
+
+def write_results(bench: str, device: str, out: Path, rows: list[dict], goals: list[dict],
+                  notes: str = "") -> Path:
+    """Write <out>/<bench>-<device>.json atomically and print where it went."""
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "bench": bench,
+        "device": device,
+        "machine": machine(device),
+        "date": _dt.date.today().isoformat(),
+        "torch": torch.__version__,
+        "rows": rows,
+        "goals": goals,
+        "notes": notes,
+    }
+    path = out / f"{bench}-{device}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+    return path

@@ -1,0 +1,50 @@
+"""Render every benchmark results JSON in a folder as one markdown report (goals first).
+
+    python python/bench/summarize.py python/bench/results [--out report.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def render(folder: Path) -> str:
+    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    if not results:
+        raise SystemExit(f"no benchmark results (*.json) in {folder}")
+    lines = ["| benchmark | device | goal | measured | target | met |", "|---|---|---|---|---|---|"]
+    for r in results:
+        for g in r["goals"]:
+            lines.append(f"| {r['bench']} | {r['machine']} | {g['goal']} | {_fmt(g['measured'])}{g['unit']} "
+                         f"| {g['direction']} {_fmt(g['target'])}{g['unit']} | {'yes' if g['met'] else 'NO'} |")
+    for r in results:
+        lines += ["", f"### {r['bench']} on {r['machine']} ({r['date']}, torch {r['torch']})", ""]
+        if r.get("notes"):
+            lines += [r["notes"], ""]
+        if r["rows"]:
+            cols = list(r["rows"][0])
+            lines.append("| " + " | ".join(cols) + " |")
+            lines.append("|" + "---|" * len(cols))
+            lines += ["| " + " | ".join(_fmt(row.get(c, "")) for c in cols) + " |" for row in r["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", type=Path)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    text = render(args.folder)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The build foundation: build_info, the torch-ABI guard, and the TSQ_CUDA switch."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tsqlora_ext
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_build_info_reports_the_build():
+    info = tsqlora_ext.build_info()
+    assert info["version"] == tsqlora_ext.__version__
+    assert info["torch"] == torch.__version__
+    assert isinstance(info["cuda"], bool)
+    assert info["cuda"] == bool(info["cuda_archs"])
+    assert info["cpu_threads"] == torch.get_num_threads()
+    if torch.version.cuda is None:
+        assert info["cuda"] is False
+
+
+def test_import_under_another_torch_says_how_to_rebuild(monkeypatch):
+    from tsqlora_ext import _build_config
+
+    monkeypatch.setattr(_build_config, "TORCH_VERSION", "1.0.0+elsewhere")
+    with pytest.raises(ImportError, match=r"built against torch 1\.0\.0\+elsewhere.*pip install"):
+        tsqlora_ext._check_torch_matches_build()
+
+
+def test_package_import_is_refused_before_loading_C(monkeypatch, tmp_path):
+    # A fresh interpreter whose torch "changed": the guard must fire before _C is loaded.
+    code = (
+        "import torch; torch.__version__ = '0.0.1'\n"
+        "try:\n    import tsqlora_ext\nexcept ImportError as e:\n"
+        "    import sys; assert 'tsqlora_ext._C' not in sys.modules; print('refused:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "refused:" in out.stdout and "Rebuild" in out.stdout
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU-torch case")
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
+def test_tsq_cuda_on_with_cpu_torch_fails_naming_the_cause(tmp_path):
+    cmake = shutil.which("cmake")
+    out = subprocess.run(
+        [cmake, "-S", str(REPO), "-B", str(tmp_path), "-G", "Ninja", "-DTSQ_CUDA=ON",
+         "-DSKBUILD_PROJECT_VERSION=0.0.0", f"-DPython_EXECUTABLE={sys.executable}"],
+        capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "TSQ_CUDA=ON but the CUDA kernels cannot be built" in out.stderr
+    assert "CPU-only build" in out.stderr
+
+
+def test_build_never_writes_into_the_source_tree():
+    # The CMake build dir is pip's temporary dir (or one the developer names outside the tree).
+    assert not (REPO / "CMakeCache.txt").exists()
+    assert not list((REPO / "tsqlora_ext").glob("_C*.so"))
