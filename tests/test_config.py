@@ -1,0 +1,54 @@
+"""TsqLoRAConfig: help on every field, JSON round trip, impossible combinations fail with a reason."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from tsqlora_ext.config import TsqLoRAConfig
+
+
+def test_every_field_has_help():
+    for f in dataclasses.fields(TsqLoRAConfig):
+        assert f.metadata.get("help"), f"field {f.name} has no help"
+
+
+def test_json_round_trip(tmp_path):
+    cfg = TsqLoRAConfig(target_modules=["query", "value"], r_init=6, target_r=4.5, r_max=10,
+                        quality_weights=(0.5, 0.5, 0.0), total_steps=100, t_init=10, t_final=20)
+    assert TsqLoRAConfig.from_json(cfg.to_json()) == cfg
+    cfg.save(tmp_path / "c.json")
+    assert TsqLoRAConfig.load(tmp_path / "c.json") == cfg
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(r_init=30, r_max=24), "r_init"),
+    (dict(r_min=5, r_init=4), "r_init"),
+    (dict(target_r=30), "target_r"),
+    (dict(total_steps=10, t_init=5, t_final=5), "no budget phase"),
+    (dict(data_fraction=0.0), "data_fraction"),
+    (dict(data_fraction=1.5), "data_fraction"),
+    (dict(quality_weights=(0, 0, 0)), "quality_weights"),
+    (dict(temperature=0), "temperature"),
+    (dict(init="svd"), "init"),
+    (dict(delta_t=0), "delta_t"),
+    (dict(beta1=1.0), "beta1"),
+])
+def test_impossible_combinations_fail_with_the_reason(changes, message):
+    with pytest.raises(ValueError, match=message):
+        TsqLoRAConfig(**changes)
+
+
+def test_unknown_and_malformed_json_are_named(tmp_path):
+    p = tmp_path / "cfg.json"
+    p.write_text('{"r_init": 4, "rank": 3}')
+    with pytest.raises(ValueError, match=r"cfg\.json: unknown TsqLoRAConfig field\(s\) \['rank'\]"):
+        TsqLoRAConfig.load(p)
+    p.write_text("{not json")
+    with pytest.raises(ValueError, match=r"cfg\.json: not valid JSON"):
+        TsqLoRAConfig.load(p)
+
+
+def test_budget():
+    assert TsqLoRAConfig(r_init=12, target_r=8).budget(36) == (432, 288)

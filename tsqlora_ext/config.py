@@ -1,0 +1,178 @@
+"""TsqLoRAConfig: every knob of the method in one dataclass, PEFT-style.
+
+Field names follow PEFT's LoRA/AdaLoRA vocabulary where the concept is the same (target_modules,
+lora_alpha, lora_dropout, modules_to_save, tinit/tfinal/deltaT -> t_init/t_final/delta_t, beta1,
+beta2, orth_reg_weight). Impossible combinations fail on construction with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict, tuple)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class TsqLoRAConfig:
+    # ---- which layers -------------------------------------------------------------------------
+    target_modules: list[str] | str | None = _f(
+        None, "Linear layers to adapt: a list of module-name suffixes or one regex (full match). "
+        "None picks the family default (BERT/RoBERTa/DeBERTa-v2/MPNet, GPT-2, LLaMA/Mistral/Qwen2).")
+    exclude_modules: list[str] | str | None = _f(
+        None, "Module-name suffixes or a regex to leave out even when target_modules matches them.")
+    modules_to_save: list[str] | None = _f(
+        None, "Modules trained in full beside the adapters (the task head). None: the head of a "
+        "sequence-classification model ('classifier' / 'score').")
+    # ---- ranks --------------------------------------------------------------------------------
+    r_init: int = _f(12, "Initial average rank; the starting budget is B_0 = r_init * n_layers and "
+                     "the fixed scaling is lora_alpha / r_init.")
+    target_r: float = _f(8, "Final average rank; the final budget is b_T = target_r * n_layers.")
+    r_min: int = _f(0, "Smallest rank any layer may be reallocated to (0 lets a layer be pruned).")
+    r_max: int = _f(24, "Components allocated per layer (never re-created); no layer grows beyond it.")
+    lora_alpha: float = _f(16.0, "Scaling numerator: output += lora_alpha / r_init * x A^T diag(E) B^T.")
+    lora_dropout: float = _f(0.0, "Dropout on the adapter input.")
+    init: str = _f("lora", "'lora': A Kaiming-uniform, E=1, B=0 (learns like LoRA from the start); "
+                   "'adalora': E=0, A,B ~ N(0, 0.02) as PEFT AdaLoRA.")
+    # ---- budget schedule (optimizer steps, never micro-batches) -------------------------------
+    t_init: int = _f(0, "Warm-up steps at budget B_0 before any reallocation (covers init='lora', "
+                     "where every score is 0 until B moves).")
+    t_final: int = _f(0, "Final steps with ranks frozen at b_T.")
+    delta_t: int = _f(10, "Reallocate every delta_t optimizer steps.")
+    total_steps: int | None = _f(None, "Total optimizer steps T; the trainer fills it in from the data.")
+    beta1: float = _f(0.85, "EMA factor of the sensitivity I = |p * grad p|.")
+    beta2: float = _f(0.85, "EMA factor of the uncertainty |I - EMA(I)|.")
+    orth_reg_weight: float = _f(0.0, "gamma of the orthogonality regularizer over active components "
+                                "(0 turns it off).")
+    allow_growth: bool = _f(True, "Inactive components keep their score so layers can grow back "
+                            "(ElaLoRA-style); False only ever prunes.")
+    sensitivity_init: bool = _f(True, "Share B_0 among layers in proportion to calibrated layer "
+                                "sensitivity; False gives every layer r_init.")
+    dynamic: bool = _f(True, "Reallocate rank during training; False keeps the initial ranks.")
+    calibration_batches: int = _f(8, "Batches K used to measure layer sensitivity before training.")
+    # ---- data quality and selection ------------------------------------------------------------
+    data_fraction: float = _f(1.0, "Fraction f of the (gated) pool kept for training, in (0, 1].")
+    quality_weights: tuple[float, float, float] = _f(
+        (1 / 3, 1 / 3, 1 / 3), "alpha1..3 of Q = a1 z(G) + a2 z(D) + a3 z(C).")
+    temperature: float = _f(1.0, "tau of the Gumbel-top-k selection p ~ exp(Q / tau): small -> top-k, "
+                            "large -> uniform.")
+    stratify: bool = _f(True, "Keep each label's share when selecting.")
+    score_mode: str = _f("head", "'full': all trainable parameters; 'head': the task head and the "
+                         "last adapted block only (close to forward-only cost).")
+    lookahead: str = _f("first_order", "D_i: 'exact' one-step look-ahead or 'first_order' eta*G_i^2.")
+    score_warmup: int = _f(50, "Optimizer steps on a random sample before scoring; the adapter "
+                           "carries on into training.")
+    mislabel_guard: bool = _f(True, "Drop examples whose post-warm-up loss marks them as likely "
+                              "mislabeled before sampling (reason 'likely_mislabeled').")
+    mislabel_threshold: float = _f(0.5, "Drop when P(wrong label) exceeds this.")
+    rescore_every: int = _f(0, "Re-score and re-select every this many steps (0: never).")
+    seed: int = _f(0, "Seed of selection, initialisation and data order.")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.quality_weights, list):
+            self.quality_weights = tuple(self.quality_weights)
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(msg: str):
+            raise ValueError(f"TsqLoRAConfig: {msg}")
+
+        if self.r_max < 1:
+            bad(f"r_max must be >= 1, got {self.r_max}")
+        if not 0 <= self.r_min <= self.r_max:
+            bad(f"r_min must be in [0, r_max={self.r_max}], got {self.r_min}")
+        if not 1 <= self.r_init <= self.r_max:
+            bad(f"r_init must be in [1, r_max={self.r_max}], got {self.r_init}")
+        if not self.r_min <= self.target_r <= self.r_max:
+            bad(f"target_r={self.target_r} must lie in [r_min={self.r_min}, r_max={self.r_max}]")
+        if self.r_init < self.r_min:
+            bad(f"r_init={self.r_init} is below r_min={self.r_min}")
+        if self.lora_alpha <= 0:
+            bad(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            bad(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.init not in ("lora", "adalora"):
+            bad(f"init must be 'lora' or 'adalora', got {self.init!r}")
+        for name in ("t_init", "t_final", "calibration_batches", "score_warmup", "rescore_every"):
+            if getattr(self, name) < 0:
+                bad(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.delta_t < 1:
+            bad(f"delta_t must be >= 1, got {self.delta_t}")
+        if self.total_steps is not None:
+            if self.total_steps < 1:
+                bad(f"total_steps must be >= 1, got {self.total_steps}")
+            if self.dynamic and self.t_init + self.t_final >= self.total_steps:
+                bad(f"t_init + t_final = {self.t_init + self.t_final} leaves no budget phase in "
+                    f"total_steps = {self.total_steps}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                bad(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.orth_reg_weight < 0:
+            bad(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
+        if not 0.0 < self.data_fraction <= 1.0:
+            bad(f"data_fraction must be in (0, 1], got {self.data_fraction}")
+        w = self.quality_weights
+        if len(w) != 3 or any(x < 0 for x in w) or sum(w) == 0:
+            bad(f"quality_weights must be 3 non-negative numbers, not all 0, got {w}")
+        if self.temperature <= 0:
+            bad(f"temperature must be > 0, got {self.temperature}")
+        if self.score_mode not in ("full", "head"):
+            bad(f"score_mode must be 'full' or 'head', got {self.score_mode!r}")
+        if self.lookahead not in ("exact", "first_order"):
+            bad(f"lookahead must be 'exact' or 'first_order', got {self.lookahead!r}")
+        if not 0.0 < self.mislabel_threshold < 1.0:
+            bad(f"mislabel_threshold must be in (0, 1), got {self.mislabel_threshold}")
+
+    # ---- JSON round trip ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["quality_weights"] = list(self.quality_weights)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> TsqLoRAConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown TsqLoRAConfig field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "config") -> TsqLoRAConfig:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        return cls.from_dict(d, source)
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json() + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TsqLoRAConfig:
+        path = Path(path)
+        return cls.from_json(path.read_text(), source=str(path))
+
+    def replace(self, **changes) -> TsqLoRAConfig:
+        return dataclasses.replace(self, **changes)
+
+    def budget(self, n_layers: int) -> tuple[int, int]:
+        """(B_0, b_T): the initial and final total rank over n_layers adapted layers."""
+        return self.r_init * n_layers, int(round(self.target_r * n_layers))
