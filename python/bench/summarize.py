@@ -14,10 +14,10 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def render(folder: Path) -> str:
-    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+def render(folder: Path, pattern: str = "*.json") -> str:
+    results = [json.loads(p.read_text()) for p in sorted(folder.glob(pattern))]
     if not results:
-        raise SystemExit(f"no benchmark results (*.json) in {folder}")
+        raise SystemExit(f"no benchmark results ({pattern}) in {folder}")
     lines = ["| benchmark | device | goal | measured | target | met |", "|---|---|---|---|---|---|"]
     for r in results:
         for g in r["goals"]:
