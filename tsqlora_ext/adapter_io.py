@@ -151,7 +151,7 @@ def _check_fingerprint(saved: dict[str, Any], model: nn.Module, source: Path) ->
             raise ValueError(f"{where} does not fit this model's {kind}: in the adapter only "
                              f"{missing[:5]}{' ...' if len(missing) > 5 else ''}, in the model only "
                              f"{extra[:5]}{' ...' if len(extra) > 5 else ''}")
-        for name in s:
+        for name in h:  # model order, so the first mismatch named is the first layer
             if list(s[name]) != list(h[name]):
                 dims = "[out, in]" if kind == "layers" else "shape"
                 raise ValueError(f"{where} does not fit this model: {name} has {dims} "

@@ -18,6 +18,7 @@ adapted.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -27,10 +28,13 @@ from torch import nn
 from .config import TsqLoRAConfig
 from .layers import VarRankLoRALinear
 
-try:  # transformers is the usual host, but a plain torch model can be wrapped too.
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - exercised only without transformers installed
-    Conv1D = None
+
+def _conv1d_type() -> type | None:
+    """transformers' Conv1D class when transformers is loaded. A model holding a Conv1D has loaded
+    it already, so looking in sys.modules spares `import tsqlora_ext` the cost of importing
+    transformers (seconds) and lets plain torch models be wrapped without it."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
 
 # Default targets per ``model.config.model_type``: every linear layer of the transformer blocks,
 # never embeddings, poolers or heads (DESIGN: all 36 encoder linears of MiniLM-L6 are adapted).
@@ -76,7 +80,8 @@ def _matches(name: str, pattern: list[str] | str) -> bool:
 
 
 def _is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
+    conv1d = _conv1d_type()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
 def _generic_name(name: str) -> str:
@@ -155,7 +160,7 @@ def _conv1d_to_linear(conv: nn.Module) -> nn.Linear:
 
 
 def _linear_to_conv1d(linear: nn.Linear) -> nn.Module:
-    conv = Conv1D(linear.out_features, linear.in_features)
+    conv = _conv1d_type()(linear.out_features, linear.in_features)
     conv.weight = nn.Parameter(linear.weight.detach().t().contiguous())
     conv.bias = linear.bias  # Conv1D always has a bias, so the converted Linear kept one
     return conv
