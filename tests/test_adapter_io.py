@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load as load_file_from_bytes
+from safetensors.torch import load_file, save_file
 
 import tsqlora_ext
 from tsqlora_ext import TsqLoRAConfig, adapter_io
@@ -84,6 +85,7 @@ def test_save_load_identical_outputs(family, tiny_model, tmp_path):
     assert torch.equal(_logits(auto, inputs), expected)
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_peft_same_outputs(family, tiny_model, tmp_path):
     peft = pytest.importorskip("peft")
@@ -124,6 +126,7 @@ def test_mismatched_models_rejected_with_reason(tiny_model, tmp_path):
     with pytest.raises(ValueError, match=r"saved from a BertForSequenceClassification.*this model is a "
                                          r"RobertaForSequenceClassification"):
         tsqlora_ext.load_adapter(other, tmp_path / "a")
+    assert not hasattr(other, "tsqlora_state")  # the failed load unwrapped it again
     bigger, _ = tiny_model("bert", hidden=64)
     with pytest.raises(ValueError, match=r"attention\.self\.query has \[out, in\] \[32, 32\] in the "
                                          r"adapter and \[64, 64\] in the model"):
@@ -153,6 +156,19 @@ def test_damaged_or_missing_files_named(tiny_model, tmp_path):
     config.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=rf"cannot read {weights}"):
         tsqlora_ext.load_adapter(fresh(), d)
+    # A tensor missing from a consistent pair is named, and the wrapped target is left untouched.
+    tensors = load_file_from_bytes(good_weights)
+    last = [n for n, layer in tsqlora_ext.adapted_layers(model) if layer.rank][-1]
+    del tensors[f"{last}.lora_B"]
+    save_file(tensors, weights)
+    meta["weights_sha256"] = adapter_io._sha256(weights)
+    config.write_text(json.dumps(meta))
+    target = fresh()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"{weights} has no tensor '{last}.lora_B'"):
+        tsqlora_ext.load_adapter(target, d)
+    after = target.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
     weights.unlink()
     with pytest.raises(FileNotFoundError, match=str(weights)):
         tsqlora_ext.load_adapter(fresh(), d)

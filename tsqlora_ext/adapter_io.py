@@ -38,7 +38,7 @@ from torch import nn
 
 from . import _build_config
 from .config import TsqLoRAConfig
-from .wrap import adapted_layers, is_wrapped, wrap
+from .wrap import adapted_layers, is_wrapped, unwrap, wrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -189,7 +189,6 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     _write_dir_atomically(Path(directory), tensors, meta, checksum_key="weights_sha256")
 
 
-@torch.no_grad()
 def load_adapter(model: nn.Module, directory: str | os.PathLike, verbose: bool = False) -> nn.Module:
     """Load an adapter written by ``save_adapter`` into ``model`` and return the model.
 
@@ -199,9 +198,22 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, verbose: bool =
     """
     directory = Path(directory)
     meta = _read_config(directory)
+    if is_wrapped(model):
+        _load_into(model, directory, meta)
+        return model
     config = TsqLoRAConfig.from_dict(meta["config"], source=str(directory / CONFIG_NAME))
-    if not is_wrapped(model):
-        model = wrap(model, config, verbose=verbose)
+    wrap(model, config, verbose=verbose)
+    try:
+        _load_into(model, directory, meta)
+    except Exception:
+        unwrap(model, merge=False)  # a failed load leaves the caller's model as it was given
+        raise
+    return model
+
+
+@torch.no_grad()
+def _load_into(model: nn.Module, directory: Path, meta: dict[str, Any]) -> None:
+    """Check everything first, then copy: an adapter that fails a check changes nothing."""
     _check_fingerprint(meta["base_model"], model, directory)
     tensors = _read_weights(directory, meta["weights_sha256"])
     weights_path = directory / WEIGHTS_NAME
@@ -215,9 +227,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, verbose: bool =
                              f"{list(t.shape)}, expected {list(shape)}")
         return t
 
-    layers = dict(adapted_layers(model))
     saved_scaling = meta.get("scaling", {})
-    for name, layer in layers.items():
+    plan = []
+    for name, layer in adapted_layers(model):
         rank = int(meta["ranks"][name])
         if not 0 <= rank <= layer.r_max:
             raise ValueError(f"tsqlora_ext.load_adapter: {name} has rank {rank} in the adapter but "
@@ -226,27 +238,32 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, verbose: bool =
             raise ValueError(f"tsqlora_ext.load_adapter: {name} has scaling {saved_scaling[name]:g} "
                              f"(lora_alpha / r_init) in the adapter but {layer.scaling:g} in this "
                              "model; wrap the model with the adapter's config or pass it unwrapped")
-        active = get(f"{name}.active", (rank,)).to(torch.long) if rank else torch.zeros(0, dtype=torch.long)
-        if rank and (int(active.min()) < 0 or int(active.max()) >= layer.r_max
-                     or bool((active[1:] <= active[:-1]).any())):
+        if rank == 0:
+            plan.append((layer, torch.zeros(0, dtype=torch.long), None))
+            continue
+        active = get(f"{name}.active", (rank,)).to(torch.long)
+        if int(active.min()) < 0 or int(active.max()) >= layer.r_max or bool((active[1:] <= active[:-1]).any()):
             raise ValueError(f"tsqlora_ext.load_adapter: {weights_path}: {name}.active must be sorted "
                              f"distinct ids in [0, r_max={layer.r_max}), got {active.tolist()}")
+        factors = (get(f"{name}.lora_A", (rank, layer.in_features)), get(f"{name}.lora_E", (rank,)),
+                   get(f"{name}.lora_B", (layer.out_features, rank)))
+        plan.append((layer, active, factors))
+    head = [(p, get(name, tuple(p.shape))) for name, p in _head_parameters(model).items()]
+
+    for layer, active, factors in plan:
         was_merged = layer.merged
         layer.unmerge()
-        if rank:
-            dev = layer.lora_A.device
-            idx = active.to(dev)
-            layer.lora_A.index_copy_(0, idx, get(f"{name}.lora_A", (rank, layer.in_features))
-                                     .to(dev, layer.lora_A.dtype))
-            layer.lora_E.index_copy_(0, idx, get(f"{name}.lora_E", (rank,)).to(dev, layer.lora_E.dtype))
-            layer.lora_B.index_copy_(1, idx, get(f"{name}.lora_B", (layer.out_features, rank))
-                                     .to(dev, layer.lora_B.dtype))
+        if factors is not None:
+            a, e, b = factors
+            idx = active.to(layer.lora_A.device)
+            layer.lora_A.index_copy_(0, idx, a.to(layer.lora_A.device, layer.lora_A.dtype))
+            layer.lora_E.index_copy_(0, idx, e.to(layer.lora_E.device, layer.lora_E.dtype))
+            layer.lora_B.index_copy_(1, idx, b.to(layer.lora_B.device, layer.lora_B.dtype))
         layer.set_active(active)
         if was_merged:
             layer.merge()
-    for name, p in _head_parameters(model).items():
-        p.copy_(get(name, tuple(p.shape)).to(p.device, p.dtype))
-    return model
+    for p, t in head:
+        p.copy_(t.to(p.device, p.dtype))
 
 
 # ---- PEFT export --------------------------------------------------------------------------------
