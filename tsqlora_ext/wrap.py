@@ -66,8 +66,7 @@ DEFAULT_MODULES_TO_SAVE: dict[str, list[str]] = {"deberta-v2": ["pooler", "class
 class WrapState:
     """What ``wrap`` did to a model, kept on it as ``model.tsqlora_state`` so ``unwrap`` can undo it."""
 
-    targets: list[str]
-    conv1d: set[str]
+    conv1d: set[str]  # names of adapted layers whose base was a Conv1D
     modules_to_save: list[str]
     requires_grad_before: dict[str, bool] = field(repr=False)
 
@@ -241,8 +240,7 @@ def wrap(model: nn.Module, config: TsqLoRAConfig | None = None, verbose: bool = 
             p.requires_grad_(True)
 
     model.tsqlora_config = config
-    model.tsqlora_state = WrapState(targets=[n for n, _ in chosen], conv1d=conv1d,
-                                    modules_to_save=modules_to_save,
+    model.tsqlora_state = WrapState(conv1d=conv1d, modules_to_save=modules_to_save,
                                     requires_grad_before=requires_grad_before)
     if verbose:
         print(trainable_summary(model))
