@@ -1,0 +1,224 @@
+"""save_adapter / load_adapter / export_peft on tiny random models of five families."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load as load_file_from_bytes
+from safetensors.torch import load_file, save_file
+
+import tsqlora_ext
+from tsqlora_ext import TsqLoRAConfig, adapter_io
+
+FAMILIES = ["bert", "roberta", "deberta-v2", "gpt2", "llama"]
+CFG = TsqLoRAConfig(r_init=4, r_max=8, target_r=3, lora_alpha=8.0)
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _train_like(model, seed=0):
+    """Give the adapters and the head non-zero values and scattered active sets of varied rank:
+    layer 1 is pruned to rank 0, layer 2 uses every component, the rest random subsets."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, (_, layer) in enumerate(tsqlora_ext.adapted_layers(model)):
+            for p in (layer.lora_A, layer.lora_E, layer.lora_B):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            if i == 1:
+                layer.set_active([])
+            elif i == 2:
+                layer.set_active(range(layer.r_max))
+            else:
+                rank = int(torch.randint(1, layer.r_max, (), generator=g))
+                layer.set_active(torch.randperm(layer.r_max, generator=g)[:rank])
+        for name in model.tsqlora_state.modules_to_save:
+            for p in model.get_submodule(name).parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _trained(family, tiny_model):
+    base, inputs = tiny_model(family)
+    model = tsqlora_ext.wrap(copy.deepcopy(base), CFG, verbose=False)
+    _train_like(model)
+    return base, model, inputs
+
+
+def _actives(model):
+    return {n: layer.active.tolist() for n, layer in tsqlora_ext.adapted_layers(model)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_identical_outputs(family, tiny_model, tmp_path):
+    base, model, inputs = _trained(family, tiny_model)
+    expected = _logits(model, inputs)
+    tsqlora_ext.save_adapter(model, tmp_path / "adapter")
+
+    # Only the active components are stored, and a pruned layer stores nothing.
+    tensors = load_file(tmp_path / "adapter" / adapter_io.WEIGHTS_NAME)
+    meta = json.loads((tmp_path / "adapter" / adapter_io.CONFIG_NAME).read_text())
+    for name, layer in tsqlora_ext.adapted_layers(model):
+        assert meta["ranks"][name] == layer.rank
+        if layer.rank == 0:
+            assert not any(k.startswith(name + ".") for k in tensors)
+        else:
+            assert tensors[f"{name}.lora_A"].shape == (layer.rank, layer.in_features)
+            assert tensors[f"{name}.lora_B"].shape == (layer.out_features, layer.rank)
+            assert tensors[f"{name}.active"].tolist() == layer.active.tolist()
+    assert TsqLoRAConfig.from_dict(meta["config"]) == CFG
+    assert meta["base_model"]["class"] == type(base).__name__
+
+    # Into a freshly wrapped model (other seed: other A, all layers at rank r_init) ...
+    fresh = tsqlora_ext.wrap(copy.deepcopy(base), CFG.replace(seed=5), verbose=False)
+    assert not torch.allclose(_logits(fresh, inputs), expected)
+    tsqlora_ext.load_adapter(fresh, tmp_path / "adapter")
+    assert _actives(fresh) == _actives(model)
+    assert torch.equal(_logits(fresh, inputs), expected)
+    # ... and into a plain model, which load_adapter wraps with the saved config.
+    auto = tsqlora_ext.load_adapter(copy.deepcopy(base), tmp_path / "adapter")
+    assert auto.tsqlora_config == CFG
+    assert torch.equal(_logits(auto, inputs), expected)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_peft_same_outputs(family, tiny_model, tmp_path):
+    peft = pytest.importorskip("peft")
+    base, model, inputs = _trained(family, tiny_model)
+    expected = _logits(model, inputs)
+    tsqlora_ext.export_peft(model, tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] == (family == "gpt2")
+
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    torch.testing.assert_close(_logits(loaded, inputs), expected, rtol=1e-4, atol=1e-5)
+    # PEFT gave every layer its real rank; the pruned layer is not adapted at all.
+    peft_modules = dict(loaded.base_model.model.named_modules())
+    for name, layer in tsqlora_ext.adapted_layers(model):
+        lora_r = getattr(peft_modules[name], "r", {})
+        assert lora_r.get("default", 0) == layer.rank, name
+
+
+def test_merged_model_saves_and_loads(tiny_model, tmp_path):
+    base, model, inputs = _trained("gpt2", tiny_model)
+    expected = _logits(model, inputs)
+    for _, layer in tsqlora_ext.adapted_layers(model):
+        layer.merge()
+    tsqlora_ext.save_adapter(model, tmp_path / "a")
+    fresh = tsqlora_ext.wrap(copy.deepcopy(base), CFG, verbose=False)
+    for _, layer in tsqlora_ext.adapted_layers(fresh):
+        layer.merge()
+    tsqlora_ext.load_adapter(fresh, tmp_path / "a")
+    assert all(layer.merged for _, layer in tsqlora_ext.adapted_layers(fresh))
+    torch.testing.assert_close(_logits(fresh, inputs), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_mismatched_models_rejected_with_reason(tiny_model, tmp_path):
+    base, model, _ = _trained("bert", tiny_model)
+    tsqlora_ext.save_adapter(model, tmp_path / "a")
+
+    other, _ = tiny_model("roberta")
+    with pytest.raises(ValueError, match=r"saved from a BertForSequenceClassification.*this model is a "
+                                         r"RobertaForSequenceClassification"):
+        tsqlora_ext.load_adapter(other, tmp_path / "a")
+    assert not hasattr(other, "tsqlora_state")  # the failed load unwrapped it again
+    bigger, _ = tiny_model("bert", hidden=64)
+    with pytest.raises(ValueError, match=r"attention\.self\.query has \[out, in\] \[32, 32\] in the "
+                                         r"adapter and \[64, 64\] in the model"):
+        tsqlora_ext.load_adapter(bigger, tmp_path / "a")
+    fewer = tsqlora_ext.wrap(copy.deepcopy(base), CFG.replace(target_modules=["query"]), verbose=False)
+    with pytest.raises(ValueError, match=r"does not fit this model's layers: in the adapter only \[.*key"):
+        tsqlora_ext.load_adapter(fewer, tmp_path / "a")
+    rescaled = tsqlora_ext.wrap(copy.deepcopy(base), CFG.replace(lora_alpha=4.0), verbose=False)
+    with pytest.raises(ValueError, match=r"scaling 2 \(lora_alpha / r_init\) in the adapter but 1"):
+        tsqlora_ext.load_adapter(rescaled, tmp_path / "a")
+
+
+def test_damaged_or_missing_files_named(tiny_model, tmp_path):
+    base, model, _ = _trained("llama", tiny_model)
+    d = tmp_path / "a"
+    tsqlora_ext.save_adapter(model, d)
+    weights, config = d / adapter_io.WEIGHTS_NAME, d / adapter_io.CONFIG_NAME
+    good_weights, good_config = weights.read_bytes(), config.read_text()
+    fresh = lambda: tsqlora_ext.wrap(copy.deepcopy(base), CFG, verbose=False)  # noqa: E731
+
+    weights.write_bytes(good_weights[: len(good_weights) // 2])
+    with pytest.raises(ValueError, match=rf"{weights} does not match the checksum"):
+        tsqlora_ext.load_adapter(fresh(), d)
+    # A damaged file whose checksum was updated too is still named, by the safetensors reader.
+    meta = json.loads(good_config)
+    meta["weights_sha256"] = adapter_io._sha256(weights)
+    config.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=rf"cannot read {weights}"):
+        tsqlora_ext.load_adapter(fresh(), d)
+    # A tensor missing from a consistent pair is named, and the wrapped target is left untouched.
+    tensors = load_file_from_bytes(good_weights)
+    last = [n for n, layer in tsqlora_ext.adapted_layers(model) if layer.rank][-1]
+    del tensors[f"{last}.lora_B"]
+    save_file(tensors, weights)
+    meta["weights_sha256"] = adapter_io._sha256(weights)
+    config.write_text(json.dumps(meta))
+    target = fresh()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"{weights} has no tensor '{last}.lora_B'"):
+        tsqlora_ext.load_adapter(target, d)
+    after = target.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match=str(weights)):
+        tsqlora_ext.load_adapter(fresh(), d)
+    config.write_text(good_config[:-20])
+    with pytest.raises(ValueError, match=rf"{config} is not valid JSON"):
+        tsqlora_ext.load_adapter(fresh(), d)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere" / adapter_io.CONFIG_NAME)):
+        tsqlora_ext.load_adapter(fresh(), tmp_path / "nowhere")
+
+    tsqlora_ext.export_peft(model, tmp_path / "peft")
+    with pytest.raises(ValueError, match="It is a PEFT adapter"):
+        tsqlora_ext.load_adapter(fresh(), tmp_path / "peft")
+
+
+def test_writes_are_atomic_and_keep_other_files(tiny_model, tmp_path, monkeypatch):
+    base, model, inputs = _trained("bert", tiny_model)
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "notes.txt").write_text("mine")
+    tsqlora_ext.save_adapter(model, d)
+    first = (d / adapter_io.WEIGHTS_NAME).read_bytes()
+    expected = _logits(model, inputs)
+
+    # A crash while writing a new version leaves the previous adapter complete and loadable.
+    _train_like(model, seed=1)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(adapter_io, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        tsqlora_ext.save_adapter(model, d)
+    monkeypatch.undo()
+    assert (d / adapter_io.WEIGHTS_NAME).read_bytes() == first
+    assert (d / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary left behind
+    loaded = tsqlora_ext.load_adapter(copy.deepcopy(base), d)
+    assert torch.equal(_logits(loaded, inputs), expected)
+
+    tsqlora_ext.save_adapter(model, d)  # overwrite in place
+    assert (d / adapter_io.WEIGHTS_NAME).read_bytes() != first
+    assert (d / "notes.txt").read_text() == "mine"
+
+
+def test_export_needs_a_live_layer_and_a_wrapped_model(tiny_model, tmp_path):
+    base, model, _ = _trained("bert", tiny_model)
+    for _, layer in tsqlora_ext.adapted_layers(model):
+        layer.set_active([])
+    with pytest.raises(ValueError, match="every adapted layer is at rank 0"):
+        tsqlora_ext.export_peft(model, tmp_path / "p")
+    with pytest.raises(ValueError, match="not wrapped"):
+        tsqlora_ext.save_adapter(base, tmp_path / "p")
+    assert not (tmp_path / "p").exists()
