@@ -1,0 +1,97 @@
+"""The C++ heuristic gate against its pure-Python specification (reference.py, text heuristics)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tsqlora_ext import _C, reference
+from tsqlora_ext.selector import GateConfig
+
+
+def _compare(texts, cfg: GateConfig, threads: int = 2):
+    codes, feats, names = _C.gate_texts(texts, cfg.native(), threads)
+    ref_reasons, ref_feats = reference.heuristic_gate(texts, cfg)
+    got = [_C.GATE_REASONS[c] for c in codes]
+    diff = [i for i, (a, b) in enumerate(zip(got, ref_reasons)) if a != b]
+    assert not diff, f"{len(diff)} reasons differ, first row {diff[0]}: C++ {got[diff[0]]}, Python {ref_reasons[diff[0]]}"
+    np.testing.assert_array_equal(feats, np.array(ref_feats))
+    assert len(names) == feats.shape[1]
+    return got
+
+
+def test_gate_equals_reference_on_rotten_tomatoes(rotten_tomatoes):
+    # The first 4,000 snippets keep the pure-Python side within a few seconds.
+    texts = rotten_tomatoes.train_texts[:4000]
+    got = _compare(texts, GateConfig())
+    assert got.count("too_short") > 0 and got.count("kept") > 3500
+
+
+def test_gate_equals_reference_on_bbc_news(bbc_news):
+    # Long articles: the n-gram rules and near duplicates (the corpus holds reprinted stories).
+    texts = bbc_news.train_texts[:400] + bbc_news.train_texts[:20]
+    got = _compare(texts, GateConfig(ngram_min_words=20, near_dup_threshold=0.5))
+    assert got[-20:] == ["exact_duplicate"] * 20
+
+
+def test_every_rule_can_be_switched_off_and_rethresholded(rotten_tomatoes):
+    texts = ["", "two words", "# # # # tag soup ###", "1 2 3 4 5 6 7 a", "same line\nsame line\nsame line\nother",
+             "one two three four five"] + rotten_tomatoes.train_texts[:50]
+    expect = ["empty", "too_short", "symbol_ratio", "non_alpha_ratio", "repeated_lines", "kept"]
+    assert _compare(texts, GateConfig())[:6] == expect
+    off = GateConfig(length=False, symbol_ratio=False, non_alpha_ratio=False, repeated_lines=False,
+                     repeated_ngrams=False, exact_dup=False, near_dup=False)
+    assert set(_compare(texts, off)) == {"kept"}
+    assert _compare(texts, GateConfig(min_words=6))[5] == "too_short"
+    assert _compare(texts, GateConfig(max_symbol_ratio=10.0))[2] != "symbol_ratio"
+
+
+def test_repeated_ngrams_rule():
+    spam = " ".join(["buy cheap pills now"] * 20)
+    text = "a perfectly ordinary sentence about a film that runs for a while and then it ends"
+    got = _compare([spam, text], GateConfig(ngram_min_words=5))
+    assert got == ["repeated_ngrams", "kept"]
+
+
+def test_planted_near_duplicates_are_found(bbc_news):
+    rng = np.random.default_rng(0)
+    base = [t for t in bbc_news.train_texts if len(t.split()) > 200][:150]
+    planted = []
+    for t in base[:50]:
+        words = t.split()
+        for _ in range(max(1, len(words) // 100)):  # change ~1% of the words
+            words[rng.integers(len(words))] = "zzplanted"
+        planted.append(" ".join(words))
+    texts = base + planted
+    codes, _, _ = _C.gate_texts(texts, GateConfig().native(), 2)
+    got = [_C.GATE_REASONS[c] for c in codes]
+    found = sum(r == "near_duplicate" for r in got[150:])
+    assert found == 50, f"only {found} of 50 planted near duplicates found"
+    assert got[:150].count("near_duplicate") <= 3  # reprints inside BBC itself
+
+
+def test_gate_is_identical_for_any_thread_count(bbc_news, rotten_tomatoes):
+    texts = bbc_news.train_texts[:600] + rotten_tomatoes.train_texts[:3000]
+    cfg = GateConfig().native()
+    r1, f1, _ = _C.gate_texts(texts, cfg, 1)
+    for threads in (2, 3, 7):
+        rn, fn, _ = _C.gate_texts(texts, cfg, threads)
+        np.testing.assert_array_equal(r1, rn)
+        np.testing.assert_array_equal(f1, fn)
+
+
+def test_arrow_buffer_and_list_give_the_same_gate(rotten_tomatoes):
+    pa = pytest.importorskip("pyarrow")
+    texts = rotten_tomatoes.train_texts[:2000]
+    arr = pa.array(texts, type=pa.large_string()).slice(5, 1500)
+    _, offsets, data = arr.buffers()
+    off = np.frombuffer(offsets, dtype=np.int64)[arr.offset:arr.offset + len(arr) + 1]
+    a = _C.gate_buffer(data, off, GateConfig().native(), 2)
+    b = _C.gate_texts(texts[5:1505], GateConfig().native(), 2)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_bad_gate_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="bands"):
+        _C.gate_texts(["a b c"], GateConfig(bands=0).native(), 1)

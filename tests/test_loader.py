@@ -1,0 +1,100 @@
+"""TokenBatchLoader: padding, bucketing, per-epoch reshuffle, exact resume, sharding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tsqlora_ext.loader import TokenBatchLoader
+
+
+def _rows(n=500, seed=0):
+    rng = np.random.default_rng(seed)
+    return [list(rng.integers(5, 1000, size=rng.integers(1, 60))) for _ in range(n)]
+
+
+def test_batches_are_padded_rows_of_the_input():
+    rows = _rows()
+    labels = list(np.arange(len(rows)) % 3)
+    loader = TokenBatchLoader(rows, labels, batch_size=16, pad_id=0, max_length=40, pad_to_multiple_of=8,
+                              seed=3, return_index=True)
+    seen = []
+    for b in loader:
+        ids, mask, y, index = b["input_ids"], b["attention_mask"], b["labels"], b["index"]
+        assert ids.dtype == torch.int64 and ids.shape == mask.shape and ids.shape[1] % 8 == 0
+        for r, i in enumerate(index.tolist()):
+            want = rows[i][:40]
+            assert ids[r, :len(want)].tolist() == want
+            assert mask[r].sum().item() == len(want) and (ids[r, len(want):] == 0).all()
+            assert y[r].item() == labels[i]
+        seen += index.tolist()
+    assert sorted(seen) == list(range(len(rows)))
+
+
+def test_bucketing_cuts_padding():
+    rows = _rows(2000)
+    def pad_share(mult):
+        loader = TokenBatchLoader(rows, batch_size=32, bucket_multiplier=mult, seed=0)
+        masks = [b["attention_mask"] for b in loader]
+        return sum((m == 0).sum().item() for m in masks) / sum(m.numel() for m in masks)
+    assert pad_share(50) < 0.5 * pad_share(1)
+
+
+def test_language_model_labels_mask_padding():
+    loader = TokenBatchLoader(_rows(40), batch_size=8, pad_id=0)
+    b = next(iter(loader))
+    assert (b["labels"][b["attention_mask"] == 0] == -100).all()
+    assert torch.equal(b["labels"][b["attention_mask"] == 1], b["input_ids"][b["attention_mask"] == 1])
+
+
+def test_epochs_reshuffle_from_the_seed():
+    rows = _rows()
+    a = TokenBatchLoader(rows, batch_size=16, seed=5)
+    b = TokenBatchLoader(rows, batch_size=16, seed=5)
+    assert a.plan(0) == b.plan(0) and a.plan(1) == b.plan(1)
+    assert a.plan(0) != a.plan(1)
+    assert a.plan(0) != TokenBatchLoader(rows, batch_size=16, seed=6).plan(0)
+
+
+def test_resume_yields_exactly_the_remaining_batches():
+    rows = _rows()
+    full = TokenBatchLoader(rows, batch_size=16, seed=1, return_index=True)
+    expected = [b["index"].tolist() for b in full] + [b["index"].tolist() for b in full]
+    first = TokenBatchLoader(rows, batch_size=16, seed=1, return_index=True)
+    got = []
+    for step, b in enumerate(first):
+        got.append(b["index"].tolist())
+        if step == 9:
+            break
+    state = first.state_dict()
+    resumed = TokenBatchLoader(rows, batch_size=16, seed=1, return_index=True)
+    resumed.load_state_dict(state)
+    got += [b["index"].tolist() for b in resumed] + [b["index"].tolist() for b in resumed]
+    assert got == expected
+    with pytest.raises(ValueError, match="seed"):
+        TokenBatchLoader(rows, batch_size=16, seed=2).load_state_dict(state)
+
+
+def test_shards_are_disjoint_and_equal_sized():
+    rows = _rows(503)
+    shards = [TokenBatchLoader(rows, batch_size=10, seed=4, rank=r, world_size=3) for r in range(3)]
+    plans = [s.plan(0) for s in shards]
+    assert len({len(p) for p in plans}) == 1 == len({len(s) for s in shards})
+    flat = [i for p in plans for batch in p for i in batch]
+    assert len(flat) == len(set(flat))
+    with pytest.raises(ValueError, match="rank"):
+        TokenBatchLoader(rows, batch_size=10, rank=3, world_size=3)
+
+
+def test_from_texts_with_the_bundled_tokenizer(minilm_dir, rotten_tomatoes):
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    texts, labels = rotten_tomatoes.train_texts[:300], rotten_tomatoes.train_labels[:300]
+    loader = TokenBatchLoader.from_texts(texts, tok, labels=labels, batch_size=32, max_length=64,
+                                         return_index=True)
+    b = next(iter(loader))
+    i = b["index"][0].item()
+    want = tok(texts[i], truncation=True, max_length=64)["input_ids"]
+    assert b["input_ids"][0, :len(want)].tolist() == want
+    assert b["input_ids"][0, len(want):].eq(tok.pad_token_id).all()

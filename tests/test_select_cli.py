@@ -1,0 +1,97 @@
+"""tsqlora_ext.select and `tsqlora select`: outputs, reasons, report, and safe file handling."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import tsqlora_ext
+from tsqlora_ext import cli
+
+
+@pytest.fixture
+def rt_jsonl(tmp_path, rotten_tomatoes):
+    path = tmp_path / "train.jsonl"
+    texts, labels = rotten_tomatoes.train_texts[:3000], rotten_tomatoes.train_labels[:3000]
+    rows = [{"text": t, "label": y} for t, y in zip(texts, labels)] + [{"text": texts[0], "label": labels[0]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_cli_select_writes_subset_indices_and_report(tmp_path, rt_jsonl):
+    scores = tmp_path / "scores.jsonl"
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=3001)
+    p_wrong = rng.random(3001)
+    scores.write_text("".join(json.dumps({"index": i, "score": float(q[i]), "p_mislabeled": float(p_wrong[i])}) + "\n"
+                              for i in range(3001)))
+    out = tmp_path / "out" / "subset.jsonl"
+    rc = cli.main(["select", "--input", str(rt_jsonl), "--text-field", "text", "--label-field", "label",
+                   "--scores", str(scores), "--fraction", "0.3", "--temperature", "1.0", "--seed", "0",
+                   "--out", str(out), "--report", str(tmp_path / "report.json"), "--threads", "2"])
+    assert rc == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    idx = [int(x) for x in (tmp_path / "out" / "subset.indices.txt").read_text().split()]
+    src = rt_jsonl.read_text().splitlines()
+    assert out.read_text().splitlines() == [src[i] for i in idx]
+    r = report["reasons"]
+    gated = tsqlora_ext.select(rt_jsonl, fraction=1.0).reasons
+    assert r["exact_duplicate"] == 1
+    assert r["likely_mislabeled"] == int(((gated == "kept") & (p_wrong > 0.5)).sum())
+    assert sum(r.values()) == 3001 and report["kept"] == len(idx) == r["kept"]
+    assert report["selection"]["k"] == round(0.3 * report["selection"]["pool"])
+    assert report["scores"]["kept"]["mean"] > report["scores"]["dropped"]["mean"]
+    assert set(report["labels"]) == {"0", "1"}
+
+
+def test_python_select_same_as_cli_and_threads(rt_jsonl):
+    a = tsqlora_ext.select(rt_jsonl, label_field="label", fraction=0.25, seed=3, num_threads=1)
+    b = tsqlora_ext.select(rt_jsonl, label_field="label", fraction=0.25, seed=3, num_threads=2)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    assert (a.reasons == b.reasons).all()
+    assert set(a.reasons[a.indices]) == {"kept"}
+
+
+def test_in_memory_inputs_match_the_file(rt_jsonl, tmp_path):
+    pd = pytest.importorskip("pandas")
+    datasets = pytest.importorskip("datasets")
+    df = pd.read_json(rt_jsonl, lines=True)
+    ref = tsqlora_ext.select(rt_jsonl, label_field="label", fraction=0.3, seed=1)
+    for data in (df, datasets.Dataset.from_pandas(df)):
+        got = tsqlora_ext.select(data, label_field="label", fraction=0.3, seed=1)
+        np.testing.assert_array_equal(got.indices, ref.indices)
+        assert len(got.subset) == len(ref.indices)
+    pq = tmp_path / "train.parquet"
+    df.to_parquet(pq)
+    got = tsqlora_ext.select(pq, label_field="label", fraction=0.3, seed=1, out=tmp_path / "sub.parquet")
+    np.testing.assert_array_equal(got.indices, ref.indices)
+    assert pd.read_parquet(tmp_path / "sub.parquet")["text"].tolist() == df["text"].iloc[ref.indices].tolist()
+
+
+def test_csv_output_keeps_header_and_raw_rows(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text('id,text\n1,"a multi\nline review, with commas"\n2,another fine review here\n3,and a third one\n')
+    out = tmp_path / "o.csv"
+    r = tsqlora_ext.select(p, fraction=1.0, out=out, gate=False)
+    assert out.read_text() == p.read_text() and r.indices.tolist() == [0, 1, 2]
+
+
+def test_errors_and_the_input_is_never_overwritten(tmp_path, rt_jsonl, capsys):
+    before = rt_jsonl.read_bytes()
+    assert cli.main(["select", "--input", str(rt_jsonl), "--fraction", "0.5", "--out", str(rt_jsonl)]) == 2
+    assert "refusing to overwrite the input" in capsys.readouterr().err
+    assert rt_jsonl.read_bytes() == before
+    for bad in ("0", "1.5", "-0.1"):
+        assert cli.main(["select", "--input", str(rt_jsonl), "--fraction", bad, "--out", str(tmp_path / "o.jsonl")]) == 2
+        assert "fraction must be in (0, 1]" in capsys.readouterr().err
+    broken = tmp_path / "b.jsonl"
+    broken.write_text('{"text": "a fine enough review"}\n{"text": oops}\n')
+    assert cli.main(["select", "--input", str(broken), "--fraction", "1", "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "line 2 of b.jsonl: malformed JSON" in capsys.readouterr().err
+    assert cli.main(["select", "--input", str(broken), "--fraction", "1", "--skip-bad",
+                     "--out", str(tmp_path / "o.jsonl")]) == 0
+    report = json.loads((tmp_path / "o.report.json").read_text())
+    assert report["bad_lines"] == 1 and "line 2" in report["bad_line_messages"][0]
+    assert not list(tmp_path.glob(".*tmp*"))

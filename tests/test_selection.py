@@ -1,0 +1,82 @@
+"""Seeded Gumbel-top-k selection: its law (Plackett-Luce / softmax), limits, strata, threads."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from tsqlora_ext import _C
+
+# Chi-square quantiles at 1 - 1e-3 (fixed seeds make the test deterministic; the tolerance is the
+# 99.9% acceptance region of a correct sampler, not a tuned number).
+CHI2_999 = {4: 18.467, 9: 27.877}
+
+
+def _chi2(observed: np.ndarray, expected: np.ndarray) -> float:
+    return float(((observed - expected) ** 2 / expected).sum())
+
+
+def test_first_pick_follows_the_softmax():
+    q = np.array([0.3, -1.0, 1.2, 0.0, 0.7])
+    tau = 0.8
+    p = np.exp(q / tau) / np.exp(q / tau).sum()
+    trials = 20000
+    counts = np.zeros(5)
+    for seed in range(trials):
+        counts[_C.gumbel_top_k(5, 1, q, None, None, tau, seed, False, 1)[0]] += 1
+    assert _chi2(counts, trials * p) < CHI2_999[4]
+
+
+def test_pairs_follow_plackett_luce():
+    q = np.array([1.0, 0.2, -0.5, 0.6, 0.0])
+    p = np.exp(q) / np.exp(q).sum()
+    pairs = list(itertools.combinations(range(5), 2))
+    prob = np.array([p[i] * p[j] / (1 - p[i]) + p[j] * p[i] / (1 - p[j]) for i, j in pairs])
+    trials = 20000
+    counts = np.zeros(len(pairs))
+    for seed in range(trials):
+        counts[pairs.index(tuple(_C.gumbel_top_k(5, 2, q, None, None, 1.0, seed, False, 1)))] += 1
+    assert _chi2(counts, trials * prob) < CHI2_999[9]
+
+
+def test_temperature_limits():
+    q = np.random.default_rng(1).normal(size=1000)
+    top = _C.gumbel_top_k(1000, 50, q, None, None, 0.0, 3, False, 2)
+    np.testing.assert_array_equal(np.sort(top), np.sort(np.argsort(-q)[:50]))
+    trials, counts = 4000, np.zeros(5)
+    for seed in range(trials):
+        counts[_C.gumbel_top_k(5, 1, q[:5], None, None, float("inf"), seed, False, 1)[0]] += 1
+    assert _chi2(counts, np.full(5, trials / 5)) < CHI2_999[4]
+
+
+def test_seeded_and_identical_for_any_thread_count():
+    rng = np.random.default_rng(2)
+    n = 200_000
+    q = rng.normal(size=n)
+    labels = rng.integers(0, 3, size=n)
+    pool = (rng.random(n) > 0.1).astype(np.uint8)
+    ref = _C.gumbel_top_k(n, 30_000, q, labels, pool, 1.0, 7, True, 1)
+    for threads in (2, 5):
+        np.testing.assert_array_equal(ref, _C.gumbel_top_k(n, 30_000, q, labels, pool, 1.0, 7, True, threads))
+    assert not np.array_equal(ref, _C.gumbel_top_k(n, 30_000, q, labels, pool, 1.0, 8, True, 1))
+    assert pool[ref].all()
+
+
+def test_stratified_keeps_each_label_share():
+    labels = np.array([0] * 700 + [1] * 200 + [2] * 100)
+    q = np.zeros(1000)
+    q[:700] = 5.0  # scores alone would take class 0 only
+    chosen = _C.gumbel_top_k(1000, 101, q, labels, None, 0.5, 0, True, 2)
+    # 101 * (0.7, 0.2, 0.1) = (70.7, 20.2, 10.1): largest remainder gives the extra slot to class 0.
+    assert np.bincount(labels[chosen], minlength=3).tolist() == [71, 20, 10]
+
+
+def test_selection_errors():
+    with pytest.raises(ValueError, match="outside"):
+        _C.gumbel_top_k(10, 11, None, None, None, 1.0, 0, False, 1)
+    with pytest.raises(ValueError, match="not finite"):
+        _C.gumbel_top_k(3, 1, np.array([0.0, np.nan, 1.0]), None, None, 1.0, 0, False, 1)
+    with pytest.raises(ValueError, match="temperature"):
+        _C.gumbel_top_k(3, 1, None, None, None, -1.0, 0, False, 1)

@@ -1,0 +1,131 @@
+"""The native jsonl/csv/tsv readers: round-trips against Python's json/csv (property tests) and a
+clear error, naming file and line, for every kind of bad input."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from tsqlora_ext import _C
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+# Valid text: any code point but lone surrogates (not encodable as UTF-8).
+TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+LABEL = st.one_of(st.integers(-10**6, 10**6), st.booleans(), TEXT)
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _read(path, fmt, label="", **kw):
+    return _C.read_table(str(path), fmt, "text", label, **kw)
+
+
+@FUZZ
+@given(rows=st.lists(st.tuples(TEXT, LABEL, st.dictionaries(TEXT, st.integers(), max_size=2)), min_size=1,
+                     max_size=20), ascii=st.booleans())
+def test_jsonl_round_trip(tmp_path, rows, ascii):
+    path = tmp_path / "d.jsonl"
+    lines = [json.dumps({"extra": extra, "text": t, "label": y}, ensure_ascii=ascii) for t, y, extra in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    table = _read(path, "jsonl", "label")
+    assert table.texts == [t for t, _, _ in rows]
+    assert table.labels == [y if isinstance(y, str) else json.dumps(y) for _, y, _ in rows]
+    assert [table.raw(i).decode() for i in range(table.num_rows)] == lines
+
+
+@FUZZ
+@given(rows=st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=20), delim=st.sampled_from([",", "\t"]))
+def test_csv_round_trip(tmp_path, rows, delim):
+    rows = [r for r in rows if r != ("", "")]  # a record of empty fields is a blank line
+    if not rows:
+        return
+    buf = io.StringIO()
+    w = csv.writer(buf, delimiter=delim)  # \r\n: quotes fields holding \r or \n
+    w.writerow(["label", "text"])
+    w.writerows([(y, t) for t, y in rows])
+    path = tmp_path / ("d.csv" if delim == "," else "d.tsv")
+    path.write_text(buf.getvalue(), encoding="utf-8", newline="")
+    table = _read(path, "csv" if delim == "," else "tsv", "label")
+    assert table.texts == [t for t, _ in rows]
+    assert table.labels == [y for _, y in rows]
+    assert list(csv.reader(io.StringIO(table.header.decode(), newline=""), delimiter=delim)) == [["label", "text"]]
+
+
+@FUZZ
+@given(data=st.binary(max_size=300), fmt=st.sampled_from(["jsonl", "csv", "tsv"]))
+def test_arbitrary_bytes_never_crash(tmp_path, data, fmt):
+    path = tmp_path / f"d.{fmt}"
+    path.write_bytes(b"text\n" + data if fmt != "jsonl" else data)
+    try:
+        table = _read(path, fmt, skip_bad=True)
+    except ValueError as e:
+        assert "d." in str(e)
+    else:
+        assert table.num_rows >= 1
+        for t in table.texts:
+            t.encode("utf-8")
+
+
+def _write(tmp_path, name, content: bytes):
+    p = tmp_path / name
+    p.write_bytes(content)
+    return p
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    p = _write(tmp_path, "train.jsonl", b'{"text": "ok"}\n\n{"text": "ok"}\n{"text": "broken}\n{"text": "x"}\n')
+    with pytest.raises(ValueError, match=r"line 4 of train.jsonl: malformed JSON"):
+        _read(p, "jsonl")
+    t = _read(p, "jsonl", skip_bad=True)
+    assert t.num_rows == 3 and [b[0] for b in t.bad] == [4] and t.line_numbers.tolist() == [1, 3, 5]
+
+
+def test_missing_field(tmp_path):
+    p = _write(tmp_path, "train.jsonl", b'{"text": "a", "label": 1}\n{"text": "b"}\n')
+    with pytest.raises(ValueError, match=r"line 2 of train.jsonl: field 'label' missing"):
+        _read(p, "jsonl", "label")
+    c = _write(tmp_path, "train.csv", b"body,label\nx,1\n")
+    with pytest.raises(ValueError, match=r"train.csv: field 'text' missing from the header \(columns: body, label\)"):
+        _read(c, "csv")
+
+
+def test_empty_input(tmp_path):
+    for name in ("e.jsonl", "e.csv"):
+        with pytest.raises(ValueError, match=f"{name}: empty input"):
+            _read(_write(tmp_path, name, b"\n \n" if name.endswith("jsonl") else b""), name.split(".")[1])
+    with pytest.raises(ValueError, match="no valid records"):
+        _read(_write(tmp_path, "bad.jsonl", b"nope\n"), "jsonl", skip_bad=True)
+
+
+def test_invalid_utf8(tmp_path):
+    p = _write(tmp_path, "u.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"line 2 of u.jsonl: invalid UTF-8 at byte 13"):
+        _read(p, "jsonl")
+    p = _write(tmp_path, "s.jsonl", b'{"text": "\\ud800"}\n')
+    with pytest.raises(ValueError, match="lone surrogate"):
+        _read(p, "jsonl")
+
+
+def test_a_100_mb_line_is_rejected(tmp_path):
+    p = tmp_path / "big.jsonl"
+    with open(p, "wb") as f:
+        f.write(b'{"text": "ok"}\n{"text": "')
+        f.write(b"a" * (100 << 20))
+        f.write(b'"}\n')
+    with pytest.raises(ValueError, match=r"line 2 of big.jsonl: 104857612 bytes, over the max_line_bytes limit"):
+        _read(p, "jsonl")
+    assert _read(p, "jsonl", skip_bad=True).num_rows == 1
+
+
+def test_csv_quoting_errors_name_the_line(tmp_path):
+    p = _write(tmp_path, "q.csv", b'text,label\n"a ""quoted""\nvalue",1\n"x"y,2\nz,3,4\n"open,1\n')
+    with pytest.raises(ValueError, match=r"line 4 of q.csv: unexpected character after a closing quote"):
+        _read(p, "csv")
+    t = _read(p, "csv", "label", skip_bad=True)
+    assert t.texts == ['a "quoted"\nvalue'] and [b[0] for b in t.bad] == [4, 5, 6]
+    assert "unterminated" in t.bad[-1][1]
