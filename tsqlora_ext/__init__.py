@@ -35,3 +35,14 @@ def build_info() -> dict:
 
 
 __all__ = ["build_info", "__version__"]
+
+# ---- user API: config, wrap / unwrap, adapter files (issue 6) ------------------------------------
+from .adapter_io import export_peft, load_adapter, save_adapter  # noqa: E402
+from .config import TsqLoRAConfig  # noqa: E402
+from .layers import VarRankLoRALinear  # noqa: E402
+from .wrap import adapted_layers, trainable_summary, unwrap, wrap  # noqa: E402
+
+__all__ += [
+    "TsqLoRAConfig", "VarRankLoRALinear", "wrap", "unwrap", "trainable_summary", "adapted_layers",
+    "save_adapter", "load_adapter", "export_peft",
+]

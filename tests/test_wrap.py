@@ -1,0 +1,226 @@
+"""wrap / unwrap on tiny random BERT, RoBERTa, DeBERTa-v2, GPT-2 and LLaMA models and the bundled MiniLM."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import tsqlora_ext
+from tsqlora_ext import TsqLoRAConfig, VarRankLoRALinear
+
+FAMILIES = ["bert", "roberta", "deberta-v2", "gpt2", "llama"]
+
+# What each family's default must adapt in each of its 2 blocks (layer index stripped), and the
+# head that must train: written out here, independently of wrap.py's tables.
+EXPECTED_TARGETS = {
+    "bert": {"attention.self.query", "attention.self.key", "attention.self.value",
+             "attention.output.dense", "intermediate.dense", "output.dense"},
+    "deberta-v2": {"attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj",
+                   "attention.output.dense", "intermediate.dense", "output.dense"},
+    "gpt2": {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"},
+    "llama": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},
+}
+EXPECTED_TARGETS["roberta"] = EXPECTED_TARGETS["bert"]
+EXPECTED_HEAD = {"bert": ["classifier"], "roberta": ["classifier"], "deberta-v2": ["pooler", "classifier"],
+                 "gpt2": ["score"], "llama": ["score"]}
+
+CFG = TsqLoRAConfig(r_init=4, r_max=8, target_r=3, lora_alpha=8.0)
+
+
+def _after_index(name: str) -> str:
+    parts = name.split(".")
+    i = max(k for k, p in enumerate(parts) if p.isdigit())
+    return ".".join(parts[i + 1:])
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _randomize_adapters(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in tsqlora_ext.adapted_layers(model):
+            for p in (layer.lora_A, layer.lora_E, layer.lora_B):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_only_targets_replaced_and_base_kept(family, tiny_model):
+    model, _ = tiny_model(family)
+    original = copy.deepcopy(model)
+    tsqlora_ext.wrap(model, CFG, verbose=False)
+
+    adapted = dict(tsqlora_ext.adapted_layers(model))
+    assert {_after_index(n) for n in adapted} == EXPECTED_TARGETS[family]
+    assert len(adapted) == 2 * len(EXPECTED_TARGETS[family])
+    orig_modules = dict(original.named_modules())
+    for name, layer in adapted.items():
+        src = orig_modules[name]
+        w = src.weight.t() if isinstance(src, Conv1D) else src.weight
+        assert isinstance(src, Conv1D) == (family == "gpt2")
+        assert torch.equal(layer.base_layer.weight, w)
+        assert torch.equal(layer.base_layer.bias, src.bias) if src.bias is not None else layer.base_layer.bias is None
+        assert (layer.rank, layer.r_max, layer.scaling) == (4, 8, 2.0)
+    # Every module outside the targets is the same type as before (nothing else was touched).
+    for name, module in model.named_modules():
+        if name in adapted or any(name.startswith(a + ".") for a in adapted):
+            continue
+        assert type(module) is type(orig_modules[name]), name
+    assert model.tsqlora_config is CFG
+    assert model.tsqlora_state.modules_to_save == EXPECTED_HEAD[family]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_only_adapter_and_head_trainable(family, tiny_model):
+    model, _ = tiny_model(family)
+    tsqlora_ext.wrap(model, CFG, verbose=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {f"{n}.{p}" for n, _ in tsqlora_ext.adapted_layers(model)
+                for p in ("lora_A", "lora_E", "lora_B")}
+    expected |= {f"{h}.{pn}" for h in EXPECTED_HEAD[family]
+                 for pn, _ in model.get_submodule(h).named_parameters()}
+    assert trainable == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_output_unchanged_at_init(family, tiny_model):
+    model, inputs = tiny_model(family)
+    before = _logits(model, inputs)
+    tsqlora_ext.wrap(model, CFG, verbose=False)
+    torch.testing.assert_close(_logits(model, inputs), before, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merge_unmerge_and_unwrap_round_trip(family, tiny_model):
+    model, inputs = tiny_model(family)
+    original = copy.deepcopy(model)
+    base_out = _logits(model, inputs)
+    tsqlora_ext.wrap(model, CFG, verbose=False)
+    _randomize_adapters(model)
+    layers = dict(tsqlora_ext.adapted_layers(model))
+    next(iter(layers.values())).set_active([1, 5, 6])  # scattered, not the first r
+    adapted_out = _logits(model, inputs)
+    assert (adapted_out - base_out).abs().max() > 1e-3  # the adapter really changes the output
+
+    base_weights = {n: layer.base_layer.weight.clone() for n, layer in layers.items()}
+    for layer in layers.values():
+        layer.merge()
+    torch.testing.assert_close(_logits(model, inputs), adapted_out, rtol=1e-4, atol=1e-5)
+    for n, layer in layers.items():
+        layer.unmerge()
+        torch.testing.assert_close(layer.base_layer.weight, base_weights[n], rtol=0, atol=1e-6)
+    torch.testing.assert_close(_logits(model, inputs), adapted_out, rtol=1e-5, atol=1e-6)
+
+    merged = tsqlora_ext.unwrap(copy.deepcopy(model), merge=True)
+    dropped = tsqlora_ext.unwrap(model, merge=False)
+    for plain in (merged, dropped):
+        assert not any(isinstance(m, VarRankLoRALinear) for m in plain.modules())
+        assert [type(m) for m in plain.modules()] == [type(m) for m in original.modules()]
+        assert not hasattr(plain, "tsqlora_state") and not hasattr(plain, "tsqlora_config")
+        assert all(p.requires_grad for p in plain.parameters())  # as before wrap
+    torch.testing.assert_close(_logits(merged, inputs), adapted_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_logits(dropped, inputs), base_out, rtol=1e-5, atol=1e-6)
+    assert set(merged.state_dict()) == set(original.state_dict())
+
+
+def test_summary_printed_and_returned(tiny_model, capsys):
+    model, _ = tiny_model("bert")
+    tsqlora_ext.wrap(model, CFG)
+    line = capsys.readouterr().out.strip()
+    assert line == tsqlora_ext.trainable_summary(model)
+    assert "\n" not in line
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    assert f"12 layers adapted (rank 4, r_max 8)" in line
+    assert f"trainable params: {trainable:,}" in line and f"all params: {total:,}" in line
+
+
+def test_suffix_list_regex_and_exclude(tiny_model):
+    model, _ = tiny_model("bert")
+    cfg = CFG.replace(target_modules=["query", "value"], exclude_modules=["layer.1.attention.self.value"])
+    tsqlora_ext.wrap(model, cfg, verbose=False)
+    names = sorted(n for n, _ in tsqlora_ext.adapted_layers(model))
+    assert names == ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.value",
+                     "bert.encoder.layer.1.attention.self.query"]
+
+    model, _ = tiny_model("bert")
+    cfg = CFG.replace(target_modules=r".*layer\.0\..*(query|dense)", exclude_modules=r".*output\.dense")
+    tsqlora_ext.wrap(model, cfg, verbose=False)
+    names = sorted(n for n, _ in tsqlora_ext.adapted_layers(model))
+    assert names == ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.intermediate.dense"]
+
+
+def test_head_never_adapted_even_when_targeted(tiny_model):
+    model, _ = tiny_model("roberta")  # its head has classifier.dense and classifier.out_proj
+    tsqlora_ext.wrap(model, CFG.replace(target_modules=["dense", "out_proj"]), verbose=False)
+    names = [n for n, _ in tsqlora_ext.adapted_layers(model)]
+    assert names and not any(n.startswith("classifier") for n in names)
+    assert all(p.requires_grad for p in model.classifier.parameters())
+
+
+def test_no_match_lists_candidates(tiny_model):
+    model, _ = tiny_model("bert")
+    with pytest.raises(ValueError, match=r"matched no module") as e:
+        tsqlora_ext.wrap(model, CFG.replace(target_modules=["q_proj"]), verbose=False)
+    assert "attention.self.query" in str(e.value) and "intermediate.dense" in str(e.value)
+    assert not any(isinstance(m, VarRankLoRALinear) for m in model.modules())  # left untouched
+
+
+def test_unsupported_type_named(tiny_model):
+    model, _ = tiny_model("bert")
+    with pytest.raises(TypeError, match=r"word_embeddings \(Embedding\)"):
+        tsqlora_ext.wrap(model, CFG.replace(target_modules=["word_embeddings"]), verbose=False)
+    assert all(p.requires_grad for p in model.parameters())  # nothing frozen on failure
+
+
+def test_unknown_family_and_bad_head_and_double_wrap(tiny_model):
+    plain = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"no default target_modules.*Set TsqLoRAConfig.target_modules"):
+        tsqlora_ext.wrap(plain, CFG, verbose=False)
+    tsqlora_ext.wrap(plain, CFG.replace(target_modules=["0"]), verbose=False)
+    assert isinstance(plain[0], VarRankLoRALinear) and isinstance(plain[2], nn.Linear)
+    with pytest.raises(ValueError, match="already wrapped"):
+        tsqlora_ext.wrap(plain, CFG.replace(target_modules=["2"]), verbose=False)
+
+    model, _ = tiny_model("bert")
+    with pytest.raises(ValueError, match=re.escape("modules_to_save ['head']")):
+        tsqlora_ext.wrap(model, CFG.replace(modules_to_save=["head"]), verbose=False)
+
+
+def test_init_seeded_without_touching_global_rng(tiny_model):
+    a, _ = tiny_model("llama")
+    b, _ = tiny_model("llama")
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    tsqlora_ext.wrap(a, CFG.replace(seed=7), verbose=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    tsqlora_ext.wrap(b, CFG.replace(seed=7), verbose=False)
+    for (_, la), (_, lb) in zip(tsqlora_ext.adapted_layers(a),
+                                tsqlora_ext.adapted_layers(b)):
+        assert torch.equal(la.lora_A, lb.lora_A)
+
+
+@pytest.mark.slow
+def test_bundled_minilm_forward_backward(minilm_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2)
+    tsqlora_ext.wrap(model, TsqLoRAConfig(), verbose=False)
+    layers = dict(tsqlora_ext.adapted_layers(model))
+    assert len(layers) == 36  # 6 blocks x (q, k, v, attention out, intermediate, out)
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(1000, 20000, (4, 16), generator=g)
+    out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=torch.tensor([0, 1, 1, 0]))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+    assert all(layer.lora_B.grad.abs().sum() > 0 for layer in layers.values())
+    assert model.classifier.weight.grad.abs().sum() > 0

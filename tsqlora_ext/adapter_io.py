@@ -1,0 +1,313 @@
+"""Adapter files: save / load a wrapped model's adapter, and export it as a standard PEFT LoRA adapter.
+
+``save_adapter(model, dir)`` writes two files:
+- ``adapter_model.safetensors``: per adapted layer only its ACTIVE components, compacted
+  (``<layer>.lora_A`` [r, in], ``<layer>.lora_E`` [r], ``<layer>.lora_B`` [out, r]) and their ids in
+  the r_max slots (``<layer>.active`` [r]); layers at rank 0 store nothing. The trainable head
+  (``modules_to_save``) is stored in full under its parameter names.
+- ``adapter_config.json``: the TsqLoRAConfig, per-layer ranks, the sha256 of the weights file, and a
+  fingerprint of the base model (class name, adapted layer names and shapes, head parameter
+  shapes) so that loading onto another architecture or size fails with a message naming the
+  mismatch instead of a shape error deep inside torch.
+
+``export_peft(model, dir)`` writes what ``peft.PeftModel.from_pretrained(base_model, dir)`` loads:
+each layer's ΔW = s · B_act diag(E_act) A_act becomes PEFT's lora_B @ lora_A with E folded into
+lora_B, the layer's rank in ``rank_pattern`` and an ``alpha_pattern`` entry chosen so that PEFT's
+per-layer scaling lora_alpha / r equals our fixed s = lora_alpha / r_init; continuing training under
+PEFT therefore sees the same gradient scale. Layers at rank 0 are left out of ``target_modules``.
+
+Both writers build the files in a temporary sibling directory. A new adapter directory appears in
+one ``os.replace``; into an existing directory the files are moved one by one, the weights first
+and the config (which carries the weights' checksum) last, so a crash in between is caught at load
+time and other files in the directory are never touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import _build_config
+from .config import TsqLoRAConfig
+from .wrap import adapted_layers, is_wrapped, wrap
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "tsqlora_ext-adapter"
+FORMAT_VERSION = 1
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def _require_wrapped(model: nn.Module, fn: str) -> None:
+    if not is_wrapped(model):
+        raise ValueError(f"tsqlora_ext.{fn}: the model is not wrapped; call tsqlora_ext.wrap(model) first")
+
+
+def _head_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for module_name in model.tsqlora_state.modules_to_save:
+        for pname, p in model.get_submodule(module_name).named_parameters():
+            out[f"{module_name}.{pname}"] = p
+    return out
+
+
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Architecture of a wrapped model as far as the adapter depends on it."""
+    return {
+        "class": type(model).__name__,
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "layers": {n: [layer.out_features, layer.in_features] for n, layer in adapted_layers(model)},
+        "modules_to_save": {n: list(p.shape) for n, p in _head_parameters(model).items()},
+    }
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_dir_atomically(directory: Path, tensors: dict[str, torch.Tensor],
+                          config: dict[str, Any], checksum_key: str | None) -> None:
+    """Write WEIGHTS_NAME and CONFIG_NAME into ``directory`` so that no reader ever sees a
+    half-written file (see the module docstring)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / WEIGHTS_NAME)
+        if checksum_key is not None:
+            config = {**config, checksum_key: _sha256(tmp / WEIGHTS_NAME)}
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if not directory.exists():
+            os.replace(tmp, directory)
+            return
+        if not directory.is_dir():
+            raise NotADirectoryError(f"{directory} exists and is not a directory")
+        os.replace(tmp / WEIGHTS_NAME, directory / WEIGHTS_NAME)
+        os.replace(tmp / CONFIG_NAME, directory / CONFIG_NAME)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"tsqlora_ext.load_adapter: {path} not found (is {directory} an adapter "
+                                "written by save_adapter?)")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"tsqlora_ext.load_adapter: {path} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        hint = (" It is a PEFT adapter (written by export_peft?): load it with "
+                "peft.PeftModel.from_pretrained." if isinstance(meta, dict) and "peft_type" in meta else "")
+        raise ValueError(f"tsqlora_ext.load_adapter: {path} is not a tsqlora_ext adapter config "
+                         f"(no \"format\": \"{FORMAT}\").{hint}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"tsqlora_ext.load_adapter: {path} has format_version "
+                         f"{meta.get('format_version')!r}; this tsqlora_ext reads {FORMAT_VERSION}")
+    for key in ("config", "ranks", "base_model", "weights_sha256"):
+        if key not in meta:
+            raise ValueError(f"tsqlora_ext.load_adapter: {path}: field {key!r} missing")
+    return meta
+
+
+def _read_weights(directory: Path, sha256: str) -> dict[str, torch.Tensor]:
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"tsqlora_ext.load_adapter: {path} not found")
+    if _sha256(path) != sha256:
+        raise ValueError(f"tsqlora_ext.load_adapter: {path} does not match the checksum in "
+                         f"{directory / CONFIG_NAME} (corrupted, or the two files come from "
+                         "different saves)")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own SafetensorError on a damaged file
+        raise ValueError(f"tsqlora_ext.load_adapter: cannot read {path}: {e}") from None
+
+
+def _check_fingerprint(saved: dict[str, Any], model: nn.Module, source: Path) -> None:
+    here = fingerprint(model)
+    where = f"tsqlora_ext.load_adapter: the adapter in {source}"
+    if saved.get("class") != here["class"]:
+        raise ValueError(f"{where} was saved from a {saved.get('class')} ({saved.get('model_type')}); "
+                         f"this model is a {here['class']} ({here['model_type']})")
+    for kind in ("layers", "modules_to_save"):
+        s, h = saved.get(kind, {}), here[kind]
+        missing, extra = sorted(set(s) - set(h)), sorted(set(h) - set(s))
+        if missing or extra:
+            raise ValueError(f"{where} does not fit this model's {kind}: in the adapter only "
+                             f"{missing[:5]}{' ...' if len(missing) > 5 else ''}, in the model only "
+                             f"{extra[:5]}{' ...' if len(extra) > 5 else ''}")
+        for name in s:
+            if list(s[name]) != list(h[name]):
+                dims = "[out, in]" if kind == "layers" else "shape"
+                raise ValueError(f"{where} does not fit this model: {name} has {dims} "
+                                 f"{s[name]} in the adapter and {h[name]} in the model "
+                                 "(another model size?)")
+
+
+# ---- save / load --------------------------------------------------------------------------------
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write the active adapter components and the trainable head of a wrapped model to ``directory``."""
+    _require_wrapped(model, "save_adapter")
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    scaling: dict[str, float] = {}
+    for name, layer in adapted_layers(model):
+        active = layer.active_indices()
+        ranks[name] = int(active.numel())
+        scaling[name] = layer.scaling
+        if ranks[name] == 0:
+            continue
+        tensors[f"{name}.active"] = active
+        tensors[f"{name}.lora_A"] = layer.lora_A.detach().index_select(0, active)
+        tensors[f"{name}.lora_E"] = layer.lora_E.detach().index_select(0, active)
+        tensors[f"{name}.lora_B"] = layer.lora_B.detach().index_select(1, active)
+    tensors.update({n: p.detach() for n, p in _head_parameters(model).items()})
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tsqlora_ext_version": _build_config.VERSION,
+        "config": model.tsqlora_config.to_dict(),
+        "ranks": ranks,
+        "scaling": scaling,
+        "base_model": fingerprint(model),
+    }
+    _write_dir_atomically(Path(directory), tensors, meta, checksum_key="weights_sha256")
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, directory: str | os.PathLike, verbose: bool = False) -> nn.Module:
+    """Load an adapter written by ``save_adapter`` into ``model`` and return the model.
+
+    ``model`` is either wrapped already (with a config giving the same layers and scaling) or a plain
+    transformers model of the same architecture, which is then wrapped with the saved config.
+    Components outside the saved active sets keep the values they have in ``model``.
+    """
+    directory = Path(directory)
+    meta = _read_config(directory)
+    config = TsqLoRAConfig.from_dict(meta["config"], source=str(directory / CONFIG_NAME))
+    if not is_wrapped(model):
+        model = wrap(model, config, verbose=verbose)
+    _check_fingerprint(meta["base_model"], model, directory)
+    tensors = _read_weights(directory, meta["weights_sha256"])
+    weights_path = directory / WEIGHTS_NAME
+
+    def get(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if key not in tensors:
+            raise ValueError(f"tsqlora_ext.load_adapter: {weights_path} has no tensor {key!r}")
+        t = tensors[key]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"tsqlora_ext.load_adapter: {weights_path}: {key!r} has shape "
+                             f"{list(t.shape)}, expected {list(shape)}")
+        return t
+
+    layers = dict(adapted_layers(model))
+    saved_scaling = meta.get("scaling", {})
+    for name, layer in layers.items():
+        rank = int(meta["ranks"][name])
+        if not 0 <= rank <= layer.r_max:
+            raise ValueError(f"tsqlora_ext.load_adapter: {name} has rank {rank} in the adapter but "
+                             f"r_max {layer.r_max} in this model")
+        if name in saved_scaling and abs(saved_scaling[name] - layer.scaling) > 1e-12 * abs(layer.scaling):
+            raise ValueError(f"tsqlora_ext.load_adapter: {name} has scaling {saved_scaling[name]:g} "
+                             f"(lora_alpha / r_init) in the adapter but {layer.scaling:g} in this "
+                             "model; wrap the model with the adapter's config or pass it unwrapped")
+        active = get(f"{name}.active", (rank,)).to(torch.long) if rank else torch.zeros(0, dtype=torch.long)
+        if rank and (int(active.min()) < 0 or int(active.max()) >= layer.r_max
+                     or bool((active[1:] <= active[:-1]).any())):
+            raise ValueError(f"tsqlora_ext.load_adapter: {weights_path}: {name}.active must be sorted "
+                             f"distinct ids in [0, r_max={layer.r_max}), got {active.tolist()}")
+        was_merged = layer.merged
+        layer.unmerge()
+        if rank:
+            dev = layer.lora_A.device
+            idx = active.to(dev)
+            layer.lora_A.index_copy_(0, idx, get(f"{name}.lora_A", (rank, layer.in_features))
+                                     .to(dev, layer.lora_A.dtype))
+            layer.lora_E.index_copy_(0, idx, get(f"{name}.lora_E", (rank,)).to(dev, layer.lora_E.dtype))
+            layer.lora_B.index_copy_(1, idx, get(f"{name}.lora_B", (layer.out_features, rank))
+                                     .to(dev, layer.lora_B.dtype))
+        layer.set_active(active)
+        if was_merged:
+            layer.merge()
+    for name, p in _head_parameters(model).items():
+        p.copy_(get(name, tuple(p.shape)).to(p.device, p.dtype))
+    return model
+
+
+# ---- PEFT export --------------------------------------------------------------------------------
+def _peft_task_type(model: nn.Module) -> str | None:
+    cls = type(model).__name__
+    for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"),
+                         ("ForTokenClassification", "TOKEN_CLS"),
+                         ("ForQuestionAnswering", "QUESTION_ANS")):
+        if cls.endswith(suffix):
+            return task
+    return None
+
+
+@torch.no_grad()
+def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write the adapter of a wrapped model as a standard PEFT LoRA adapter in ``directory``."""
+    _require_wrapped(model, "export_peft")
+    config: TsqLoRAConfig = model.tsqlora_config
+    state = model.tsqlora_state
+    r_default = config.r_init
+    prefix = "base_model.model."
+    tensors: dict[str, torch.Tensor] = {}
+    targets: list[str] = []
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    for name, layer in adapted_layers(model):
+        rank = layer.rank
+        if rank == 0:
+            continue
+        active = layer.active
+        a = layer.lora_A.index_select(0, active)
+        b = layer.lora_B.index_select(1, active) * layer.lora_E.index_select(0, active)
+        tensors[f"{prefix}{name}.lora_A.weight"] = a
+        tensors[f"{prefix}{name}.lora_B.weight"] = b
+        targets.append(name)
+        if rank != r_default:
+            # PEFT scales by alpha / r; this alpha keeps our fixed scaling lora_alpha / r_init.
+            rank_pattern[name] = rank
+            alpha_pattern[name] = config.lora_alpha * rank / r_default
+    if not targets:
+        raise ValueError("tsqlora_ext.export_peft: every adapted layer is at rank 0; a PEFT LoRA "
+                         "adapter needs at least one layer with rank >= 1")
+    for name, p in _head_parameters(model).items():
+        tensors[prefix + name] = p
+    base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": _peft_task_type(model),
+        "base_model_name_or_path": base_name,
+        "r": r_default,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": targets,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "modules_to_save": list(state.modules_to_save) or None,
+        "fan_in_fan_out": bool(state.conv1d),
+        "bias": "none",
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+    _write_dir_atomically(Path(directory), tensors, peft_config, checksum_key=None)
