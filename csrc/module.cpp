@@ -7,6 +7,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "data/bindings.h"
+
 namespace py = pybind11;
 
 namespace {
@@ -39,4 +41,5 @@ py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "tsqlora_ext native core: variable-rank LoRA, sensitivity, reallocation, data selection";
   m.def("build_info", &build_info, "What this extension was compiled with.");
+  tsq::data::bind_data(m);
 }

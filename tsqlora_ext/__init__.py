@@ -46,3 +46,8 @@ __all__ += [
     "TsqLoRAConfig", "VarRankLoRALinear", "wrap", "unwrap", "trainable_summary", "adapted_layers",
     "save_adapter", "load_adapter", "export_peft",
 ]
+
+# ---- data selection (issue 5) --------------------------------------------------------------------
+from .selector import GateConfig, SelectionResult, select  # noqa: E402
+
+__all__ += ["GateConfig", "SelectionResult", "select"]

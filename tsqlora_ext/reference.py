@@ -34,3 +34,179 @@ def varrank_lora(
     e = lora_E.index_select(0, active)
     b = lora_B.index_select(1, active)
     return y + scaling * F.linear(F.linear(x_lora, a) * e, b)
+
+
+# =================================================================================================
+# Text heuristics: the pure-Python specification of the heuristic gate (csrc/data/heuristics.h).
+# Written for clarity; the C++ gate must give identical reasons and features.
+# =================================================================================================
+
+import functools as _functools
+import itertools as _itertools
+import re as _re
+from collections import Counter as _Counter
+
+import numpy as _np
+
+GATE_REASONS = ("kept", "empty", "too_short", "too_long", "symbol_ratio", "non_alpha_ratio",
+                "repeated_lines", "repeated_ngrams", "exact_duplicate", "near_duplicate")
+
+_WORD = _re.compile(r"[^ \t\n\r\x0b\x0c]+")  # words: runs of non-(ASCII) whitespace
+_ASCII_WS = " \t\n\r\x0b\x0c"
+_M64 = (1 << 64) - 1
+_FNV_OFFSET, _FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3
+
+
+def is_letter(ch: str) -> bool:
+    """The gate's "letter": ASCII letters, U+00C0-U+024F except × ÷, and U+0370 on outside the
+    punctuation/symbol blocks U+2000-U+2BFF, U+3000-U+303F, U+FE00-U+FFFF, U+1F000-U+1FAFF."""
+    cp = ord(ch)
+    if cp < 0x80:
+        return ch.isascii() and ch.isalpha()
+    if 0xC0 <= cp <= 0x24F:
+        return cp not in (0xD7, 0xF7)
+    if cp < 0x370:
+        return False
+    return not (0x2000 <= cp <= 0x2BFF or 0x3000 <= cp <= 0x303F or 0xFE00 <= cp <= 0xFFFF
+                or 0x1F000 <= cp <= 0x1FAFF)
+
+
+def splitmix64(x):
+    """splitmix64 on Python ints or numpy uint64 arrays (wrapping arithmetic)."""
+    if isinstance(x, _np.ndarray):
+        x = x + _np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> _np.uint64(30))) * _np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> _np.uint64(27))) * _np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> _np.uint64(31))
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+@_functools.lru_cache(maxsize=1 << 20)
+def word_hash(word: str) -> int:
+    """FNV-1a 64 of the word's ASCII-lowercased UTF-8 bytes."""
+    h = _FNV_OFFSET
+    for b in word.encode().lower():
+        h = ((h ^ b) * _FNV_PRIME) & _M64
+    return h
+
+
+def _ngram_fracs(words: list[str], lower: list[bytes], n: int) -> tuple[float, float]:
+    """(top, dup) for word n-grams of ASCII-lowercased words: top = max over repeated n-grams of
+    count·chars / chars; dup = chars of words covered by a repeated n-gram / chars."""
+    prefix = [0, *_itertools.accumulate(len(w) for w in words)]
+    total = prefix[-1]
+    grams = list(zip(*(lower[k:] for k in range(n))))
+    if len(grams) < 2 or total == 0:
+        return 0.0, 0.0
+    counts = _Counter(grams)
+    top, covered = 0, bytearray(len(words))
+    for i, g in enumerate(grams):
+        c = counts[g]
+        if c >= 2:
+            top = max(top, c * (prefix[i + n] - prefix[i]))
+            covered[i:i + n] = b"\x01" * n
+    return top / total, sum(len(w) for w, c in zip(words, covered) if c) / total
+
+
+def text_features(text: str, cfg) -> list[float]:
+    """The per-document features (columns as in _C.GateConfig feature names)."""
+    words = _WORD.findall(text)
+    nw = len(words)
+    chars = sum(len(w) for w in words)
+    symbols = text.count("#") + text.count("...") + text.count("\u2026")
+    lines = [ln.strip(_ASCII_WS) for ln in text.split("\n")]
+    lines = [ln for ln in lines if ln]
+    feats = [float(nw), float(chars), symbols / max(nw, 1),
+             sum(not any(is_letter(c) for c in w) for w in words) / nw if nw else 0.0,
+             (len(lines) - len(set(lines))) / len(lines) if lines else 0.0]
+    use_ngrams = cfg.repeated_ngrams and nw >= cfg.ngram_min_words
+    lower = [w.encode().lower() for w in words] if use_ngrams else []
+    feats += [_ngram_fracs(words, lower, n)[0] if use_ngrams else 0.0 for n, _ in cfg.top_ngram]
+    feats += [_ngram_fracs(words, lower, n)[1] if use_ngrams else 0.0 for n, _ in cfg.dup_ngram]
+    return feats
+
+
+def _doc_reason(f: list[float], cfg) -> str:
+    nt = len(cfg.top_ngram)
+    if cfg.length and f[0] == 0:
+        return "empty"
+    if cfg.length and f[0] < cfg.min_words:
+        return "too_short"
+    if cfg.length and f[0] > cfg.max_words:
+        return "too_long"
+    if cfg.symbol_ratio and f[2] > cfg.max_symbol_ratio:
+        return "symbol_ratio"
+    if cfg.non_alpha_ratio and f[3] > cfg.max_non_alpha_ratio:
+        return "non_alpha_ratio"
+    if cfg.repeated_lines and f[4] > cfg.max_dup_line_frac:
+        return "repeated_lines"
+    if cfg.repeated_ngrams and (any(f[5 + k] > t for k, (_, t) in enumerate(cfg.top_ngram)) or
+                                any(f[5 + nt + k] > t for k, (_, t) in enumerate(cfg.dup_ngram))):
+        return "repeated_ngrams"
+    return "kept"
+
+
+def minhash_signature(words: list[str], cfg) -> _np.ndarray | None:
+    """bands·rows 32-bit min-hashes over shingles of shingle_size words (all words when fewer):
+    shingle hash = splitmix64(FNV-style fold of the word hashes); value j = high 32 bits of
+    min_s splitmix64(hash(s) ^ splitmix64(seed + j))."""
+    if not words:
+        return None
+    P = cfg.bands * cfg.rows
+    width = min(len(words), cfg.shingle_size)
+    wh = _np.array([word_hash(w) for w in words], dtype=_np.uint64)
+    m = len(words) - width + 1
+    h = _np.full(m, _FNV_OFFSET, dtype=_np.uint64)
+    for k in range(width):
+        h = (h ^ wh[k:k + m]) * _np.uint64(_FNV_PRIME)
+    shingles = splitmix64(h)
+    perm = splitmix64((_np.uint64(cfg.minhash_seed) + _np.arange(P, dtype=_np.uint64)))
+    mins = splitmix64(shingles[:, None] ^ perm[None, :]).min(axis=0)
+    return (mins >> _np.uint64(32)).astype(_np.uint32)
+
+
+def _band_hash(sig: _np.ndarray, band: int, rows: int) -> int:
+    h = band
+    for v in sig[band * rows:(band + 1) * rows]:
+        h = splitmix64(h ^ int(v))
+    return h
+
+
+def heuristic_gate(texts: list[str], cfg) -> tuple[list[str], list[list[float]]]:
+    """Reasons ("kept" or the first failing rule) and features for every text; cfg is a
+    tsqlora_ext._C.GateConfig (or anything with its attributes)."""
+    feats = [text_features(t, cfg) for t in texts]
+    reasons = [_doc_reason(f, cfg) for f in feats]
+    if cfg.exact_dup:
+        seen: set[tuple[bytes, ...]] = set()
+        for i, t in enumerate(texts):
+            if reasons[i] != "kept":
+                continue
+            key = tuple(w.encode().lower() for w in _WORD.findall(t))
+            if key in seen:
+                reasons[i] = "exact_duplicate"
+            seen.add(key)
+    if cfg.near_dup:
+        eligible = [i for i, r in enumerate(reasons) if r == "kept"]
+        sigs = {i: minhash_signature(_WORD.findall(texts[i]), cfg) for i in eligible}
+        P = cfg.bands * cfg.rows
+        buckets: list[dict[int, list[int]]] = [{} for _ in range(cfg.bands)]
+        near = []
+        for i in eligible:  # index order: i is compared with the earlier eligible documents only
+            sig = sigs[i]
+            if sig is None:
+                continue
+            found = False
+            for b in range(cfg.bands):
+                members = buckets[b].setdefault(_band_hash(sig, b, cfg.rows), [])
+                if not found:
+                    found = any(float((sigs[j] == sig).sum()) >= cfg.near_dup_threshold * P for j in members)
+                members.append(i)
+            if found:
+                near.append(i)
+        for i in near:
+            reasons[i] = "near_duplicate"
+    return reasons, feats

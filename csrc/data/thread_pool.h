@@ -1,0 +1,137 @@
+// A fixed-size pool of worker threads for the data pipeline (reading, gating, selection).
+//
+// parallel_for(n, grain, fn) splits [0, n) into chunks of `grain` indices that the workers and
+// the calling thread claim from one atomic counter, so uneven documents balance themselves.
+// Every index is processed exactly once and each task writes only its own output slots, which is
+// why every result of the data pipeline is identical for any thread count. The first exception
+// thrown by a task is rethrown in the caller once all claimed chunks have finished.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace tsq::data {
+
+// All hardware threads (at least 1): the default thread count everywhere.
+inline int default_num_threads() {
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// `requested` <= 0 means "all cores".
+inline int resolve_num_threads(int requested) {
+  return requested > 0 ? requested : default_num_threads();
+}
+
+class ThreadPool {
+ public:
+  // `num_threads` counts the caller: a pool of 1 runs everything on the calling thread.
+  explicit ThreadPool(int num_threads) : num_threads_(std::max(1, num_threads)) {
+    for (int t = 1; t < num_threads_; ++t) workers_.emplace_back([this] { worker_loop(); });
+  }
+
+  ~ThreadPool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& w : workers_) w.join();
+  }
+
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int num_threads() const { return num_threads_; }
+
+  // fn(begin, end) over chunks of [0, n). Jobs from different callers run one after another.
+  void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+    if (n <= 0) return;
+    grain = std::max<int64_t>(1, grain);
+    if (num_threads_ == 1 || n <= grain) {
+      fn(0, n);
+      return;
+    }
+    std::lock_guard<std::mutex> job_lock(job_mu_);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      fn_ = &fn;
+      n_ = n;
+      grain_ = grain;
+      next_.store(0);
+      error_ = nullptr;
+      busy_ = static_cast<int>(workers_.size());
+      ++generation_;
+    }
+    wake_.notify_all();
+    run_chunks();
+    std::unique_lock<std::mutex> lock(mu_);
+    done_.wait(lock, [this] { return busy_ == 0; });
+    fn_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void run_chunks() {
+    for (;;) {
+      int64_t begin = next_.fetch_add(grain_);
+      if (begin >= n_) return;
+      try {
+        (*fn_)(begin, std::min(n_, begin + grain_));
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!error_) error_ = std::current_exception();
+        next_.store(n_);  // stop handing out work
+      }
+    }
+  }
+
+  void worker_loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+      }
+      run_chunks();
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (--busy_ == 0) done_.notify_one();
+      }
+    }
+  }
+
+  const int num_threads_;
+  std::vector<std::thread> workers_;
+  std::mutex job_mu_;  // one parallel_for at a time
+  std::mutex mu_;
+  std::condition_variable wake_, done_;
+  bool stop_ = false;
+  uint64_t generation_ = 0;
+  int busy_ = 0;
+  const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
+  int64_t n_ = 0, grain_ = 1;
+  std::atomic<int64_t> next_{0};
+  std::exception_ptr error_;
+};
+
+// The process-wide pool, rebuilt when a call asks for another thread count.
+inline std::shared_ptr<ThreadPool> shared_pool(int requested) {
+  static std::mutex mu;
+  static std::shared_ptr<ThreadPool> pool;
+  int n = resolve_num_threads(requested);
+  std::lock_guard<std::mutex> lock(mu);
+  if (!pool || pool->num_threads() != n) pool = std::make_shared<ThreadPool>(n);
+  return pool;
+}
+
+}  // namespace tsq::data

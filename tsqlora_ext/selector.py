@@ -1,0 +1,428 @@
+"""The standalone subset selector: heuristic gate, optional quality scores, Gumbel-top-k.
+
+    result = tsqlora_ext.select("train.jsonl", text_field="text", label_field="label",
+                                scores="scores.jsonl", fraction=0.3, temperature=1.0, seed=0,
+                                out="subset.jsonl", report_out="report.json")
+
+Every input row ends with one reason: ``kept``, a gate reason (``empty``, ``too_short``,
+``too_long``, ``symbol_ratio``, ``non_alpha_ratio``, ``repeated_lines``, ``repeated_ngrams``,
+``exact_duplicate``, ``near_duplicate``), ``likely_mislabeled`` (the wrong-label guard: a
+``p_mislabeled`` column in the scores file above ``mislabel_threshold``, or a mask passed in
+``drop``), or ``not_selected`` (passed every filter but was not sampled). The fraction is taken of
+the pool that survives the filters.
+
+jsonl, csv and tsv files are read natively (C++ thread pool, GIL released); parquet files,
+``datasets.Dataset``, ``pandas.DataFrame`` and pyarrow tables hand their text column to C++ as an
+Arrow buffer without copies. Outputs are written atomically and never over the input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _C
+
+GATE_REASONS: tuple[str, ...] = tuple(_C.GATE_REASONS)
+REASONS: tuple[str, ...] = GATE_REASONS + ("likely_mislabeled", "not_selected")
+FILE_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+DEFAULT_MAX_LINE_BYTES = 16 << 20
+
+
+@dataclass
+class GateConfig:
+    """Rules and thresholds of the heuristic gate; every rule can be switched off."""
+
+    length: bool = field(default=True, metadata={"help": "drop empty, too short and too long texts"})
+    min_words: int = field(default=3, metadata={"help": "fewer words: too_short"})
+    max_words: int = field(default=100_000, metadata={"help": "more words: too_long"})
+    symbol_ratio: bool = field(default=True, metadata={"help": "drop on (# + ... + …) per word"})
+    max_symbol_ratio: float = field(default=0.1, metadata={"help": "above: symbol_ratio"})
+    non_alpha_ratio: bool = field(default=True, metadata={"help": "drop on share of words without a letter"})
+    max_non_alpha_ratio: float = field(default=0.2, metadata={"help": "above: non_alpha_ratio"})
+    repeated_lines: bool = field(default=True, metadata={"help": "drop on share of duplicated lines"})
+    max_dup_line_frac: float = field(default=0.3, metadata={"help": "above: repeated_lines"})
+    repeated_ngrams: bool = field(default=True, metadata={"help": "drop on repeated word n-grams (Gopher)"})
+    ngram_min_words: int = field(default=50, metadata={"help": "n-gram rules only for texts this long"})
+    top_ngram: list[tuple[int, float]] = field(
+        default_factory=lambda: [(2, 0.20), (3, 0.18), (4, 0.16)],
+        metadata={"help": "(n, max char share of the heaviest repeated n-gram)"})
+    dup_ngram: list[tuple[int, float]] = field(
+        default_factory=lambda: [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)],
+        metadata={"help": "(n, max char share covered by repeated n-grams)"})
+    exact_dup: bool = field(default=True, metadata={"help": "drop repeats of the same lowercased word sequence"})
+    near_dup: bool = field(default=True, metadata={"help": "drop MinHash-LSH near duplicates"})
+    shingle_size: int = field(default=5, metadata={"help": "words per shingle"})
+    bands: int = field(default=20, metadata={"help": "LSH bands"})
+    rows: int = field(default=5, metadata={"help": "min-hashes per band (bands·rows permutations)"})
+    near_dup_threshold: float = field(default=0.7, metadata={"help": "share of equal min-hashes to confirm"})
+    minhash_seed: int = field(default=0x5EED, metadata={"help": "seed of the min-hash permutations"})
+
+    def native(self) -> _C.GateConfig:
+        cfg = _C.GateConfig()
+        for f in dataclasses.fields(self):
+            setattr(cfg, f.name, getattr(self, f.name))
+        return cfg
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SelectionResult:
+    """What select() returns: kept row ids (ascending), every row's score (NaN when none) and
+    reason, the counts per reason, the bad input lines skipped, the report, and for in-memory
+    inputs the kept subset in the input's own type."""
+
+    indices: np.ndarray
+    scores: np.ndarray
+    reasons: np.ndarray
+    reason_counts: dict[str, int]
+    bad_lines: list[tuple[int, str]]
+    report: dict[str, Any]
+    subset: Any = None
+
+
+# ---- input -------------------------------------------------------------------------------------
+
+@dataclass
+class _Rows:
+    kind: str                       # jsonl | csv | tsv | parquet | dataset | pandas | arrow | list
+    n: int
+    gate: Any                       # fn(native cfg, threads) -> (reasons, features, names)
+    labels: list | None
+    source: Any
+    table: Any = None               # TextTable (files read natively) or pyarrow.Table
+    bad: list = field(default_factory=list)
+
+
+def _arrow_gate(column, name: str):
+    """A gate over an Arrow string column via its buffers (no copy of the text)."""
+    import pyarrow as pa
+
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        raise ValueError(f"field '{name}' must hold strings, not {arr.type}")
+    if arr.null_count:
+        first = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+        raise ValueError(f"row {first}: field '{name}' is null")
+    arr = arr.cast(pa.large_string())
+    _, offsets_buf, data_buf = arr.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=np.int64)[arr.offset:arr.offset + len(arr) + 1]
+    data = data_buf if data_buf is not None else b""
+    return lambda cfg, threads: _C.gate_buffer(data, offsets, cfg, threads)
+
+
+def _from_arrow(table, kind: str, text_field: str, label_field: str | None, source) -> _Rows:
+    missing = [f for f in (text_field, label_field) if f and f not in table.column_names]
+    if missing:
+        raise ValueError(f"{_name(source)}: field '{missing[0]}' missing (columns: {', '.join(table.column_names)})")
+    labels = table.column(label_field).to_pylist() if label_field else None
+    return _Rows(kind, table.num_rows, _arrow_gate(table.column(text_field), text_field), labels, source, table)
+
+
+def _name(source) -> str:
+    return Path(source).name if isinstance(source, (str, os.PathLike)) else type(source).__name__
+
+
+def load_rows(data, text_field: str, label_field: str | None = None, *, skip_bad: bool = False,
+              max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, num_threads: int = 0) -> _Rows:
+    """Reads a file (jsonl/csv/tsv natively; parquet through pyarrow) or takes an in-memory
+    datasets.Dataset, pandas.DataFrame, pyarrow.Table or list of str."""
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        fmt = FILE_FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            raise ValueError(f"{path}: unknown format (use one of {', '.join(sorted(FILE_FORMATS))})")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+            table = pq.read_table(path)
+            if table.num_rows == 0:
+                raise ValueError(f"{path.name}: empty input (no rows)")
+            return _from_arrow(table, "parquet", text_field, label_field, path)
+        t = _C.read_table(str(path), fmt, text_field, label_field or "", skip_bad, max_line_bytes, num_threads)
+        return _Rows(fmt, t.num_rows, lambda cfg, threads: _C.gate_table(t, cfg, threads), t.labels, path,
+                     t, list(t.bad))
+    if isinstance(data, list):
+        if not data:
+            raise ValueError("empty input (no rows)")
+        texts = data
+        return _Rows("list", len(texts), lambda cfg, threads: _C.gate_texts(texts, cfg, threads), None, data)
+    kind = type(data).__module__.split(".")[0]
+    if kind == "datasets":
+        table = data.data.table if hasattr(data.data, "table") else data.data
+        if getattr(data, "_indices", None) is not None:
+            table = data.flatten_indices().data.table
+        rows = _from_arrow(table, "dataset", text_field, label_field, data)
+    elif kind == "pandas":
+        import pyarrow as pa
+        rows = _from_arrow(pa.Table.from_pandas(data, preserve_index=False), "pandas", text_field, label_field, data)
+    elif kind == "pyarrow":
+        rows = _from_arrow(data, "arrow", text_field, label_field, data)
+    else:
+        raise TypeError(f"select: unsupported input {type(data).__name__} (a path, list of str, "
+                        "datasets.Dataset, pandas.DataFrame or pyarrow.Table)")
+    if rows.n == 0:
+        raise ValueError("empty input (no rows)")
+    return rows
+
+
+def read_scores(path, n: int) -> dict[str, np.ndarray]:
+    """Per-row scores from a jsonl file (one object per row: "score", optional "index" (row id,
+    else line order) and optional "p_mislabeled") or a .npy array of scores. Returns arrays of
+    length n; rows without a score get NaN."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        scores = np.load(path).astype(np.float64).reshape(-1)
+        if scores.size != n:
+            raise ValueError(f"{path.name}: {scores.size} scores for {n} rows")
+        return {"score": scores}
+    cols: dict[str, np.ndarray] = {"score": np.full(n, np.nan)}
+    with open(path, encoding="utf-8") as f:
+        row = 0
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"line {lineno} of {path.name}: malformed JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or "score" not in obj:
+                raise ValueError(f"line {lineno} of {path.name}: field 'score' missing")
+            i = int(obj.get("index", row))
+            if not 0 <= i < n:
+                raise ValueError(f"line {lineno} of {path.name}: index {i} outside the {n} input rows")
+            for key, value in obj.items():
+                if key == "index" or not isinstance(value, (int, float)) or isinstance(value, bool):
+                    continue
+                cols.setdefault(key, np.full(n, np.nan))[i] = float(value)
+            row += 1
+    return cols
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def atomic_write(path: Path, write, protect: list[Path] = ()) -> None:
+    """write(tmp_path) then os.replace onto path; refuses to replace any protected input."""
+    path = Path(path)
+    for p in protect:
+        if _same_file(path, p):
+            raise ValueError(f"refusing to overwrite the input {p}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_subset(rows: _Rows, indices: np.ndarray, out: Path, protect: list[Path]) -> None:
+    fmt = FILE_FORMATS.get(out.suffix.lower())
+    if rows.kind in ("jsonl", "csv", "tsv"):
+        if fmt != rows.kind:
+            raise ValueError(f"--out {out.name}: the kept rows are written in the input's format ({rows.kind})")
+        t = rows.table
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                f.write(t.header)
+                for i in indices:
+                    f.write(t.raw(int(i)))
+                    f.write(b"\n")
+        atomic_write(out, write, protect)
+        return
+    if rows.kind == "list":
+        raise ValueError("select: a list of str has no file format; use the returned indices")
+    import pyarrow as pa
+    table = rows.table.take(pa.array(indices, type=pa.int64()))
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+        atomic_write(out, lambda tmp: pq.write_table(table, tmp), protect)
+    elif fmt == "jsonl":
+        atomic_write(out, lambda tmp: table.to_pandas().to_json(tmp, orient="records", lines=True,
+                                                                force_ascii=False), protect)
+    elif fmt in ("csv", "tsv"):
+        sep = "," if fmt == "csv" else "\t"
+        atomic_write(out, lambda tmp: table.to_pandas().to_csv(tmp, sep=sep, index=False), protect)
+    else:
+        raise ValueError(f"--out {out.name}: use .parquet, .jsonl, .csv or .tsv")
+
+
+def _stats(x: np.ndarray) -> dict[str, Any]:
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return {"count": 0}
+    q = np.quantile(x, [0.05, 0.25, 0.5, 0.75, 0.95])
+    return {"count": int(x.size), "mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()),
+            "p05": float(q[0]), "p25": float(q[1]), "median": float(q[2]), "p75": float(q[3]),
+            "p95": float(q[4]), "max": float(x.max())}
+
+
+def _score_report(scores: np.ndarray, kept: np.ndarray, bins: int = 20) -> dict[str, Any]:
+    finite = np.isfinite(scores)
+    rep: dict[str, Any] = {"kept": _stats(scores[kept]), "dropped": _stats(scores[~kept])}
+    if finite.any():
+        lo, hi = float(scores[finite].min()), float(scores[finite].max())
+        edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+        rep["histogram"] = {"edges": edges.tolist(),
+                            "kept": np.histogram(scores[kept & finite], edges)[0].tolist(),
+                            "dropped": np.histogram(scores[~kept & finite], edges)[0].tolist()}
+    return rep
+
+
+# ---- the selector ------------------------------------------------------------------------------
+
+def _label_ids(labels: list) -> np.ndarray:
+    keys = sorted({str(v) for v in labels})
+    index = {k: i for i, k in enumerate(keys)}
+    return np.array([index[str(v)] for v in labels], dtype=np.int64)
+
+
+def select(data, *, text_field: str = "text", label_field: str | None = None, scores=None,
+           fraction: float | None = None, count: int | None = None, temperature: float = 1.0,
+           seed: int = 0, stratify: bool | None = None, gate: GateConfig | None | bool = None,
+           drop: dict[str, np.ndarray] | None = None, mislabel_threshold: float = 0.5,
+           num_threads: int | None = None, skip_bad: bool = False,
+           max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, out=None, indices_out=None,
+           report_out=None) -> SelectionResult:
+    """Gate, filter and sample a subset.
+
+    data: a jsonl/csv/tsv/parquet path, datasets.Dataset, pandas.DataFrame, pyarrow.Table or list
+    of str. scores: a scores file (see read_scores), an array of per-row Q, or None (uniform).
+    fraction (of the rows that pass every filter, in (0, 1]) or count: how many to keep.
+    temperature τ: Gumbel-top-k of Q/τ (0: top-k of Q, inf: uniform). stratify (default: when a
+    label field is given): keep each label's share. gate: a GateConfig, None for the defaults, or
+    False for no gate. drop: extra {reason: bool mask} filters applied after the gate (reason
+    ``likely_mislabeled`` for the wrong-label guard). num_threads: C++ threads (default all cores).
+    """
+    if (fraction is None) == (count is None):
+        raise ValueError("select: give exactly one of fraction and count")
+    if fraction is not None and not (0.0 < fraction <= 1.0):
+        raise ValueError(f"select: fraction must be in (0, 1], got {fraction}")
+    if count is not None and count < 1:
+        raise ValueError(f"select: count must be >= 1, got {count}")
+    if not temperature >= 0:
+        raise ValueError(f"select: temperature must be >= 0, got {temperature}")
+    threads = 0 if num_threads is None else int(num_threads)
+    stratify = bool(label_field) if stratify is None else stratify
+    if stratify and not label_field:
+        raise ValueError("select: stratify needs a label field")
+
+    rows = load_rows(data, text_field, label_field, skip_bad=skip_bad, max_line_bytes=max_line_bytes,
+                     num_threads=threads)
+    n = rows.n
+    codes = np.zeros(n, dtype=np.uint8)
+    gate_cfg = None
+    if gate is not False:
+        gate_cfg = gate if isinstance(gate, GateConfig) else GateConfig()
+        codes, _, _ = rows.gate(gate_cfg.native(), threads)
+        codes = np.asarray(codes).astype(np.uint8)
+
+    extra: dict[str, np.ndarray] = {}
+    score_cols: dict[str, np.ndarray] = {}
+    if scores is None:
+        q = np.zeros(n)
+    elif isinstance(scores, (str, os.PathLike)):
+        score_cols = read_scores(scores, n)
+        q = score_cols["score"]
+        if "p_mislabeled" in score_cols:
+            extra["likely_mislabeled"] = np.nan_to_num(score_cols["p_mislabeled"]) > mislabel_threshold
+    else:
+        q = np.asarray(scores, dtype=np.float64).reshape(-1)
+        if q.size != n:
+            raise ValueError(f"select: {q.size} scores for {n} rows")
+    for reason, mask in (drop or {}).items():
+        if reason not in REASONS or reason in ("kept", "not_selected"):
+            raise ValueError(f"select: unknown drop reason {reason!r}")
+        mask = np.asarray(mask, dtype=bool).reshape(-1)
+        if mask.size != n:
+            raise ValueError(f"select: drop[{reason!r}] has {mask.size} entries for {n} rows")
+        extra[reason] = extra.get(reason, np.zeros(n, dtype=bool)) | mask
+
+    reasons = np.array(GATE_REASONS, dtype=object)[codes]
+    for reason, mask in extra.items():
+        reasons[(reasons == "kept") & mask] = reason
+    pool = reasons == "kept"
+    pool_size = int(pool.sum())
+    if pool_size == 0:
+        raise ValueError(f"{_name(rows.source)}: no rows left after the filters")
+    missing = pool & ~np.isfinite(q)
+    if missing.any():
+        raise ValueError(f"select: row {int(np.flatnonzero(missing)[0])} has no score")
+    if fraction is not None:
+        k = max(1, min(pool_size, math.floor(fraction * pool_size + 0.5)))
+    else:
+        if count > pool_size:
+            raise ValueError(f"select: count {count} exceeds the {pool_size} rows left after the filters")
+        k = count
+    labels = _label_ids(rows.labels) if (stratify and rows.labels is not None) else None
+    q_pool = np.where(pool, q, 0.0)
+    indices = np.asarray(_C.gumbel_top_k(n, k, q_pool, labels, pool.astype(np.uint8), float(temperature),
+                                         int(seed) & (2**64 - 1), bool(stratify), threads))
+    kept = np.zeros(n, dtype=bool)
+    kept[indices] = True
+    reasons[pool & ~kept] = "not_selected"
+    counts = {r: int((reasons == r).sum()) for r in REASONS}
+
+    report = {
+        "input": str(rows.source) if rows.kind in FILE_FORMATS.values() else rows.kind,
+        "format": rows.kind,
+        "rows": n,
+        "bad_lines": len(rows.bad),
+        "bad_line_messages": [m for _, m in rows.bad[:20]],
+        "gate": gate_cfg.as_dict() if gate_cfg else None,
+        "selection": {"fraction": fraction, "count": count, "k": int(k), "pool": pool_size,
+                      "temperature": temperature, "seed": seed, "stratify": stratify,
+                      "scores": str(scores) if isinstance(scores, (str, os.PathLike)) else
+                      ("array" if scores is not None else None),
+                      "mislabel_threshold": mislabel_threshold if "likely_mislabeled" in extra else None},
+        "kept": int(k),
+        "reasons": counts,
+        "scores": _score_report(q if scores is not None else np.full(n, np.nan), kept),
+    }
+    if rows.labels is not None:
+        by_label: dict[str, dict[str, int]] = {}
+        for lab, p, kk in zip(map(str, rows.labels), pool, kept):
+            d = by_label.setdefault(lab, {"rows": 0, "pool": 0, "kept": 0})
+            d["rows"] += 1
+            d["pool"] += int(p)
+            d["kept"] += int(kk)
+        report["labels"] = by_label
+
+    protect = [Path(rows.source)] if rows.kind in FILE_FORMATS.values() else []
+    if out is not None:
+        _write_subset(rows, indices, Path(out), protect)
+    if indices_out is not None:
+        atomic_write(Path(indices_out), lambda tmp: Path(tmp).write_text("".join(f"{i}\n" for i in indices)),
+                     protect)
+    if report_out is not None:
+        atomic_write(Path(report_out), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"),
+                     protect)
+
+    subset = None
+    if rows.kind == "dataset":
+        subset = data.select(indices)
+    elif rows.kind == "pandas":
+        subset = data.iloc[indices]
+    elif rows.kind == "arrow":
+        subset = data.take(indices)
+    return SelectionResult(indices, np.where(np.isfinite(q), q, np.nan) if scores is not None else np.full(n, np.nan),
+                           reasons.astype(str), counts, rows.bad, report, subset)
