@@ -56,8 +56,7 @@ class TsqLoRACallback(TrainerCallback):
 
     # ---- helpers -------------------------------------------------------------------------------
     def _budget_end(self) -> int:
-        cfg = self.allocator.config if hasattr(self.allocator, "config") else self.config
-        return cfg.total_steps - cfg.t_final
+        return self.config.total_steps - self.config.t_final
 
     # ---- events --------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -73,8 +72,10 @@ class TsqLoRACallback(TrainerCallback):
                 config = config.replace(total_steps=state.max_steps)
             self.config = config
             self.allocator = RankAllocator(model, config)
-        elif self.config is None:
-            self.config = getattr(self.allocator, "config", None) or model.tsqlora_config
+        else:
+            if self.allocator.config.total_steps is None:
+                self.allocator.set_total_steps(state.max_steps)
+            self.config = self.allocator.config
         cfg = self.config
         if not cfg.dynamic:
             warnings.warn("TsqLoRACallback: config.dynamic is False, so ranks stay fixed; drop "
@@ -96,7 +97,7 @@ class TsqLoRACallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.config.dynamic:
-            if self.allocator.step():
+            if self.allocator.step() is not None:
                 self.reallocations += 1
             self.allocator_steps += 1
 

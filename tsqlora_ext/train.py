@@ -42,6 +42,7 @@ from torch import nn
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .config import TsqLoRAConfig
 from .layers import VarRankLoRALinear, protect_inactive
+from .loader import TokenBatchLoader
 
 
 def _f(default, help: str):
@@ -108,14 +109,13 @@ class TrainArgs:
 # ---- data ---------------------------------------------------------------------------------------
 @dataclass
 class TokenizedData:
-    """Examples tokenized once: row i is ``ids[offsets[i]:offsets[i+1]]`` with label ``labels[i]``."""
+    """Examples tokenized once (no padding): ``token_ids[i]`` with class label ``labels[i]``."""
 
-    ids: np.ndarray
-    offsets: np.ndarray
+    token_ids: list[list[int]]
     labels: np.ndarray
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return len(self.token_ids)
 
     @classmethod
     def from_texts(cls, tokenizer, texts: Sequence[str], labels: Sequence[int],
@@ -124,26 +124,28 @@ class TokenizedData:
             raise ValueError(f"texts ({len(texts)}) and labels ({len(labels)}) differ in length")
         if len(texts) == 0:
             raise ValueError("no examples to tokenize")
-        enc = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
-        lengths = np.fromiter((len(r) for r in enc), dtype=np.int64, count=len(enc))
-        offsets = np.zeros(len(enc) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        ids = np.fromiter((t for r in enc for t in r), dtype=np.int64, count=int(offsets[-1]))
-        return cls(ids, offsets, np.asarray(labels, dtype=np.int64))
+        enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False,
+                        return_attention_mask=False)["input_ids"]
+        return cls(enc, np.asarray(labels, dtype=np.int64))
 
     def subset(self, rows: Sequence[int]) -> TokenizedData:
         rows = np.asarray(rows, dtype=np.int64)
-        lengths = (self.offsets[1:] - self.offsets[:-1])[rows]
-        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        ids = np.concatenate([self.ids[self.offsets[r]:self.offsets[r + 1]] for r in rows]) \
-            if len(rows) else np.zeros(0, dtype=np.int64)
-        return TokenizedData(ids, offsets, self.labels[rows])
+        return TokenizedData([self.token_ids[r] for r in rows], self.labels[rows])
+
+    def padded(self, max_length: int, pad_id: int) -> dict[str, torch.Tensor]:
+        """Every row padded to the longest: input_ids, attention_mask, labels tensors."""
+        width = min(max_length, max(len(t) for t in self.token_ids))
+        ids = torch.full((len(self), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(self), width), dtype=torch.long)
+        for i, t in enumerate(self.token_ids):
+            t = t[:width]
+            ids[i, :len(t)] = torch.as_tensor(t, dtype=torch.long)
+            mask[i, :len(t)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.as_tensor(self.labels)}
 
 
 def as_tokenized(data, tokenizer, max_length: int, what: str) -> TokenizedData:
-    """Accept TokenizedData, a bundled TextClassification split (pass (texts, labels)), a
-    ``(texts, labels)`` pair or a mapping with 'text' and 'label'."""
+    """Accept TokenizedData, a ``(texts, labels)`` pair or a mapping with 'text' and 'label'."""
     if isinstance(data, TokenizedData):
         return data
     if isinstance(data, dict):
@@ -161,38 +163,21 @@ def as_tokenized(data, tokenizer, max_length: int, what: str) -> TokenizedData:
     return TokenizedData.from_texts(tokenizer, texts, labels, max_length)
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id_of(tokenizer) -> int:
     if tokenizer is None or tokenizer.pad_token_id is None:
         return 0
     return int(tokenizer.pad_token_id)
 
 
-class BatchLoader:
-    """Batches of a TokenizedData from the native loader (``tsqlora_ext._C.BatchLoader``: length
-    bucketed, padded, built ahead by worker threads, a pure function of (seed, epoch), sharded
-    by rank). ``epoch(e, start)`` yields the batches of epoch ``e`` from position ``start``, so a
-    resumed run continues at the exact batch where it stopped."""
-
-    def __init__(self, data: TokenizedData, *, batch_size: int, max_length: int, pad_id: int,
-                 shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 2) -> None:
-        from . import _C
-        self._loader = _C.BatchLoader(
-            data.ids, data.offsets, data.labels, batch_size=batch_size, pad_id=pad_id,
-            max_length=max_length, pad_to_multiple_of=8, bucket_multiplier=50 if shuffle else 1,
-            shuffle=shuffle, drop_last=False, seed=seed, rank=rank, world_size=world_size,
-            num_workers=num_workers, prefetch=4)
-
-    @property
-    def num_batches(self) -> int:
-        return self._loader.num_batches
-
-    def epoch(self, epoch: int, start: int = 0):
-        self._loader.seek(epoch, start)
-        while (b := self._loader.next()) is not None:
-            input_ids, attention_mask, labels, index = b
-            yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                   "index": index}
+def make_loader(data: TokenizedData, *, batch_size: int, max_length: int, pad_id: int,
+                shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
+                num_workers: int = 2) -> TokenBatchLoader:
+    """The native loader over ``data``: length-bucketed when shuffling, in order otherwise."""
+    return TokenBatchLoader(data.token_ids, data.labels, batch_size=batch_size, pad_id=pad_id,
+                            max_length=max_length, pad_to_multiple_of=8,
+                            bucket_multiplier=50 if shuffle else 1, shuffle=shuffle, seed=seed,
+                            rank=rank, world_size=world_size, num_workers=num_workers,
+                            return_index=True)
 
 
 # ---- distributed --------------------------------------------------------------------------------
@@ -298,11 +283,11 @@ def evaluate(model: nn.Module, data: TokenizedData, *, batch_size: int = 64, max
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    loader = BatchLoader(data, batch_size=batch_size, max_length=max_length, pad_id=pad_id,
-                         shuffle=False, seed=0, rank=0, world_size=1, num_workers=num_workers)
+    loader = make_loader(data, batch_size=batch_size, max_length=max_length, pad_id=pad_id,
+                         shuffle=False, seed=0, num_workers=num_workers)
     preds = np.zeros(len(data), dtype=np.int64)
     losses = []
-    for batch in loader.epoch(0):
+    for batch in loader:
         with _autocast(device, bf16):
             out = model(input_ids=batch["input_ids"].to(device),
                         attention_mask=batch["attention_mask"].to(device),
@@ -371,7 +356,6 @@ def train(
         TrainResult: final and per-epoch evaluation metrics, the loss and rank history, the
         final rank of every layer, step and reallocation counts, wall time and parameter counts.
     """
-    from .allocator import RankAllocator, orthogonality_penalty
     from .wrap import wrap
 
     config = config or getattr(model, "tsqlora_config", None) or TsqLoRAConfig()
@@ -384,14 +368,14 @@ def train(
     if not lora_layers(model):
         model = wrap(model, config, verbose=rank == 0)
     layers = lora_layers(model)
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_id_of(tokenizer)
     train_tok = as_tokenized(train_data, tokenizer, args.max_length, "train_data")
     eval_tok = None if eval_data is None else as_tokenized(eval_data, tokenizer, args.max_length, "eval_data")
 
-    loader = BatchLoader(train_tok, batch_size=args.batch_size, max_length=args.max_length,
+    loader = make_loader(train_tok, batch_size=args.batch_size, max_length=args.max_length,
                          pad_id=pad_id, shuffle=True, seed=seed, rank=rank, world_size=world,
                          num_workers=args.num_workers)
-    micro_per_epoch = loader.num_batches
+    micro_per_epoch = len(loader)
     if micro_per_epoch == 0:
         raise ValueError(f"train_data: {len(train_tok)} examples make no batch of {args.batch_size} "
                          f"on each of {world} process(es)")
@@ -403,17 +387,17 @@ def train(
     torch.manual_seed(seed)
     model.train()
     ddp = world > 1
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if ddp else model
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     guard = protect_inactive(optimizer, model)
     warmup = int(args.warmup_ratio * total_steps)
     scheduler = linear_schedule(optimizer, warmup, total_steps)
-    needs_allocator = config.dynamic or config.sensitivity_init
-    if allocator is None and needs_allocator:
+    if allocator is None and (config.dynamic or config.sensitivity_init):
+        from .allocator import RankAllocator
         allocator = RankAllocator(model, config)
+    if allocator is not None and allocator.config.total_steps is None:
+        allocator.set_total_steps(total_steps)
 
     ckpt = CheckpointManager(args.checkpoint_dir, args.checkpoint_every, args.keep_checkpoints) \
         if args.checkpoint_dir else None
@@ -441,11 +425,14 @@ def train(
         reallocations, elapsed_before = state["reallocations"], state["elapsed_s"]
         set_rng_state(state["rng"][rank])
     elif allocator is not None and config.sensitivity_init and calibrate and config.calibration_batches:
-        calib = BatchLoader(train_tok, batch_size=args.batch_size, max_length=args.max_length,
+        calib = make_loader(train_tok, batch_size=args.batch_size, max_length=args.max_length,
                             pad_id=pad_id, shuffle=True, seed=seed + 1, rank=rank, world_size=world,
                             num_workers=args.num_workers)
-        batches = [_to_device(b, device) for _, b in zip(range(config.calibration_batches), calib.epoch(0))]
-        allocator.calibrate(batches)
+        batches = [_to_device(b, device) for _, b in zip(range(config.calibration_batches), calib)]
+        allocator.calibrate(batches, model=model)
+    # DDP wraps the model only now: calibration runs its own backward passes on the bare model.
+    net = nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
 
     def save_checkpoint() -> None:
         rngs = [None] * world
@@ -472,7 +459,8 @@ def train(
     try:
         while step < total_steps:
             done_epoch = False
-            batches = loader.epoch(epoch, start=position)
+            loader.load_state_dict({**loader.state_dict(), "epoch": epoch, "position": position})
+            batches = iter(loader)
             while step < total_steps and not done_epoch:
                 n_micro = min(args.grad_accum, micro_per_epoch - position)
                 loss_sum = 0.0
@@ -484,8 +472,7 @@ def train(
                             out = net(**batch)
                             loss = out.loss.float()
                             if config.orth_reg_weight > 0:
-                                loss = loss + config.orth_reg_weight * orthogonality_penalty(
-                                    [m for _, m in layers])
+                                loss = loss + orthogonality_penalty(layers, config.orth_reg_weight)
                         (loss / n_micro).backward()
                     loss_sum += float(loss.detach())
                     n_window += int(batch["input_ids"].shape[0]) * world
@@ -495,7 +482,7 @@ def train(
                 optimizer.step()
                 scheduler.step()
                 if allocator is not None and config.dynamic:
-                    if allocator.step():
+                    if allocator.step() is not None:
                         reallocations += 1
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -547,6 +534,11 @@ def train(
     )
 
 
+def orthogonality_penalty(layers: list[tuple[str, VarRankLoRALinear]], weight: float) -> torch.Tensor:
+    from .allocator import orthogonality_penalty as penalty
+    return penalty([m for _, m in layers], weight)
+
+
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "index"}
 
@@ -563,12 +555,3 @@ def save_result(result: TrainResult, path: str | os.PathLike) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     os.replace(tmp, path)
-
-
-def batches_for(data: TokenizedData, n: int, *, batch_size: int = 32, max_length: int = 64,
-                pad_id: int = 0, seed: int = 0) -> Iterable[dict[str, torch.Tensor]]:
-    """The first ``n`` shuffled batches of ``data`` (for calibration or a quick look)."""
-    loader = BatchLoader(data, batch_size=batch_size, max_length=max_length, pad_id=pad_id,
-                         shuffle=True, seed=seed, rank=0, world_size=1)
-    for _, batch in zip(range(n), loader.epoch(0)):
-        yield batch
