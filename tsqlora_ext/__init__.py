@@ -34,4 +34,6 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["build_info", "__version__"]
+from .allocator import RankAllocator  # noqa: E402
+
+__all__ = ["build_info", "__version__", "RankAllocator"]

@@ -41,7 +41,7 @@ inline Bounds check_realloc_inputs(const at::Tensor& scores, at::IntArrayRef siz
   }
   TORCH_CHECK(n == scores.numel(), "topk_realloc: sizes add up to ", n, " but scores holds ",
               scores.numel(), " components");
-  TORCH_CHECK(budget >= sum_lo, "topk_realloc: budget ", budget, " is below the sum of r_min (",
+  TORCH_CHECK_VALUE(budget >= sum_lo, "topk_realloc: budget ", budget, " is below the sum of r_min (",
               sum_lo, "); no allocation can respect both");
   b.extra = std::min(budget, sum_hi) - sum_lo;
   return b;
