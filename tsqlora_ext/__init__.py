@@ -65,3 +65,8 @@ def __getattr__(name: str):
         from .callback import TsqLoRACallback
         return TsqLoRACallback
     raise AttributeError(f"module 'tsqlora_ext' has no attribute {name!r}")
+
+# ---- rank allocation (issue 4) ---------------------------------------------------------------------
+from .allocator import RankAllocator  # noqa: E402
+
+__all__ += ["RankAllocator"]
