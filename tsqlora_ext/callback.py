@@ -85,10 +85,11 @@ class TsqLoRACallback(TrainerCallback):
                           f"optimizer steps but the Trainer will run {state.max_steps}", stacklevel=2)
         first = cfg.t_init + cfg.delta_t
         if cfg.dynamic and first > min(state.max_steps, cfg.total_steps - cfg.t_final):
-            warnings.warn(f"TsqLoRACallback: the first reallocation would come at step {first} "
-                          f"(t_init={cfg.t_init} + delta_t={cfg.delta_t}), after the budget phase "
-                          f"ends at step {cfg.total_steps - cfg.t_final} of {state.max_steps}: "
-                          "ranks will not move; lower t_init / delta_t / t_final", stacklevel=2)
+            warnings.warn(f"TsqLoRACallback: no periodic reallocation falls in the budget phase "
+                          f"(the first would come at step {first} = t_init {cfg.t_init} + delta_t "
+                          f"{cfg.delta_t}; the phase ends at step {cfg.total_steps - cfg.t_final} of "
+                          f"{state.max_steps}): ranks jump once to the final budget and never follow "
+                          "sensitivity; lower t_init / delta_t / t_final", stacklevel=2)
         if optimizer is not None:
             self._guard = protect_inactive(optimizer, model)
         self._seen_step = state.global_step

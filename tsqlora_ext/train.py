@@ -71,7 +71,6 @@ class TrainArgs:
     keep_checkpoints: int = _f(2, "Keep only the newest this many checkpoints.")
     num_workers: int = _f(2, "Loader threads building batches ahead of training.")
     progress: bool = _f(True, "Show a progress bar (rank 0 only).")
-    seed: int | None = _f(None, "Seed of data order and dropout; None: TsqLoRAConfig.seed.")
 
     def __post_init__(self) -> None:
         def bad(msg):
@@ -360,7 +359,7 @@ def train(
 
     config = config or getattr(model, "tsqlora_config", None) or TsqLoRAConfig()
     args = args or TrainArgs()
-    seed = config.seed if args.seed is None else args.seed
+    seed = config.seed
     rank, world = dist_info()
     device = next(model.parameters()).device
     t_start = time.perf_counter()
@@ -428,7 +427,10 @@ def train(
         calib = make_loader(train_tok, batch_size=args.batch_size, max_length=args.max_length,
                             pad_id=pad_id, shuffle=True, seed=seed + 1, rank=rank, world_size=world,
                             num_workers=args.num_workers)
-        batches = [_to_device(b, device) for _, b in zip(range(config.calibration_batches), calib)]
+        # K batches in all: each of the N processes measures K / N of them and the allocator
+        # averages over processes, so N processes calibrate on what one process would.
+        per_rank = max(1, math.ceil(config.calibration_batches / world))
+        batches = [_to_device(b, device) for _, b in zip(range(per_rank), calib)]
         allocator.calibrate(batches, model=model)
     # DDP wraps the model only now: calibration runs its own backward passes on the bare model.
     net = nn.parallel.DistributedDataParallel(
@@ -477,6 +479,10 @@ def train(
                     loss_sum += float(loss.detach())
                     n_window += int(batch["input_ids"].shape[0]) * world
                 position += n_micro
+                if ddp:  # log the global mean loss, as one process at the same global batch would
+                    mean = torch.tensor([loss_sum], dtype=torch.float64, device=device)
+                    torch.distributed.all_reduce(mean)
+                    loss_sum = float(mean) / world
                 if args.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
