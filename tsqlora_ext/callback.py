@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from torch import nn
 from transformers import TrainerCallback
 
@@ -91,6 +92,9 @@ class TsqLoRACallback(TrainerCallback):
                           f"{state.max_steps}): ranks jump once to the final budget and never follow "
                           "sensitivity; lower t_init / delta_t / t_final", stacklevel=2)
         if optimizer is not None:
+            # accelerate wraps the optimizer; its step() calls the inner one, where hooks live.
+            while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+                optimizer = optimizer.optimizer
             self._guard = protect_inactive(optimizer, model)
         self._seen_step = state.global_step
         self.allocator_steps = 0
