@@ -121,8 +121,6 @@ def _select(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 # ---- tsqlora train / tsqlora demo (issue 7) -------------------------------------------------------
@@ -260,3 +258,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     run_demo(args.out, reduced=args.quick)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

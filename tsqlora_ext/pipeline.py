@@ -318,7 +318,7 @@ def demo_settings(reduced: bool = False) -> tuple[TsqLoRAConfig, TrainArgs, dict
                                 delta_t=1, data_fraction=0.5)
         args = TrainArgs.from_dict({**args.to_dict(), "epochs": 1, "batch_size": 8,
                                     "max_length": 32, "eval_batch_size": 32, "progress": False})
-        limits = {"train": 96, "eval": 32}
+        limits = {"train": 64, "eval": 32}
     return config, args, limits
 
 
