@@ -6,4 +6,31 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(tsqlora_ext, m) {
+  // ---- variable-rank LoRA linear (csrc/lora/) ------------------------------------------------
+  // y = x Wᵀ + b + scaling·((x_lora A_actᵀ) ⊙ E_act) B_actᵀ with act = active (unique int64 ids,
+  // its length is the rank, possibly 0). x_lora = None means x itself. Returns (y, xa) with
+  // xa = x_lora A_actᵀ [..., r], kept for the backward.
+  m.def(
+      "varrank_lora(Tensor x, Tensor? x_lora, Tensor weight, Tensor? bias, Tensor lora_A, "
+      "Tensor lora_E, Tensor lora_B, Tensor active, float scaling) -> (Tensor y, Tensor xa)");
+  // Returns (dx, dx_lora, dA, dE, dB). dA/dE/dB have the full r_max shapes, zero outside the
+  // active set; dx (dx_lora) is empty when need_dx (need_dx_lora) is false or x_lora is None.
+  m.def(
+      "varrank_lora_backward(Tensor grad_y, Tensor x, Tensor? x_lora, Tensor weight, "
+      "Tensor lora_A, Tensor lora_E, Tensor lora_B, Tensor active, float scaling, Tensor xa, "
+      "bool need_dx, bool need_dx_lora) -> (Tensor dx, Tensor dx_lora, Tensor dA, Tensor dE, "
+      "Tensor dB)");
+
+  // ---- sensitivity and rank reallocation (csrc/sensitivity/, csrc/realloc/) ------------------
+  // Fused importance update over all adapted layers: updates ipt_avg / unc_avg (the EMAs of
+  // |p * grad| and of its deviation) and the scores of active components in place; counters
+  // [updates applied, steps skipped for non-finite gradients]. No outputs, no host sync.
+  m.def(
+      "sensitivity_update(Tensor[] lora_A, Tensor[] lora_E, Tensor[] lora_B, Tensor[] grad_A, "
+      "Tensor[] grad_E, Tensor[] grad_B, Tensor(a!)[] ipt_avg, Tensor(b!)[] unc_avg, "
+      "Tensor active_mask, Tensor(c!) scores, Tensor(d!) counters, float beta1, float beta2) -> ()");
+  // sum |weight ⊙ (grad_outᵀ x)| as a 0-d tensor, reduced tile by tile.
+  m.def("layer_sensitivity(Tensor weight, Tensor x, Tensor grad_out) -> Tensor");
+  // Keep-mask [n] of the best min(budget, sum r_max) components under per-layer bounds.
+  m.def("topk_realloc(Tensor scores, int[] sizes, int[] r_min, int[] r_max, int budget) -> Tensor");
 }

@@ -47,7 +47,26 @@ __all__ += [
     "save_adapter", "load_adapter", "export_peft",
 ]
 
-# ---- data: heuristic gate and subset selection (issue 5) -----------------------------------------
+# ---- data selection (issue 5) --------------------------------------------------------------------
 from .selector import GateConfig, SelectionResult, select  # noqa: E402
 
 __all__ += ["GateConfig", "SelectionResult", "select"]
+
+# ---- training: loop, Trainer callback, pipeline (issue 7) ----------------------------------------
+from .train import TokenizedData, TrainArgs, TrainResult, evaluate  # noqa: E402
+from .train import train  # noqa: E402  (the function; the module stays importable as tsqlora_ext.train)
+
+__all__ += ["train", "TrainArgs", "TrainResult", "TokenizedData", "evaluate", "TsqLoRACallback"]
+
+
+def __getattr__(name: str):
+    # The callback imports transformers, which the core package does not require.
+    if name == "TsqLoRACallback":
+        from .callback import TsqLoRACallback
+        return TsqLoRACallback
+    raise AttributeError(f"module 'tsqlora_ext' has no attribute {name!r}")
+
+# ---- rank allocation (issue 4) ---------------------------------------------------------------------
+from .allocator import RankAllocator  # noqa: E402
+
+__all__ += ["RankAllocator"]

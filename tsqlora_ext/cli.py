@@ -121,5 +121,144 @@ def _select(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
+# ---- tsqlora train / tsqlora demo (issue 7) -------------------------------------------------------
+
+def _dataclass_flags(p: argparse.ArgumentParser, cls, title: str) -> None:
+    """One --flag per field of a config dataclass, with the field's help. Flags default to
+    'not given' so that --config values are only overridden by what the user typed."""
+    import dataclasses
+
+    group = p.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kw: dict = {"default": argparse.SUPPRESS, "help": f.metadata.get("help"), "dest": f.name}
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        ann = str(f.type)
+        if isinstance(default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, tuple):
+            kw.update(nargs=len(default), type=float)
+        elif ann.startswith("list[str]"):
+            kw.update(nargs="+")
+        elif isinstance(default, int) or ann.startswith("int"):
+            kw["type"] = int
+        elif isinstance(default, float) or ann.startswith("float"):
+            kw["type"] = float
+        else:
+            kw["type"] = str
+        group.add_argument(flag, **kw)
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    from .config import TsqLoRAConfig
+    from .train import TrainArgs
+
+    p.add_argument("--model", help="a transformers model folder (default: the bundled MiniLM)")
+    p.add_argument("--data", help="training data: a jsonl/csv/tsv/parquet file or bundled:NAME "
+                   "(bundled:rotten_tomatoes, bundled:bbc_news)")
+    p.add_argument("--text-field", default="text", help="the text column (default: text)")
+    p.add_argument("--label-field", default="label", help="the label column (default: label)")
+    p.add_argument("--eval-data", help="held-out data in the same format (default: a seeded 10%% "
+                   "of --data is held out; bundled data uses its test split)")
+    p.add_argument("--out", help="the report folder (metrics.json, plots, adapter/, checkpoints/)")
+    p.add_argument("--config", help="a JSON file of TsqLoRAConfig and TrainArgs fields (flat, or "
+                   "as {\"tsqlora\": {...}, \"train\": {...}}); flags override it")
+    p.add_argument("--resume", metavar="DIR", help="continue the interrupted run whose --out was DIR "
+                   "(its settings are read from DIR/run.json)")
+    p.add_argument("--baseline", action="store_true", help="also train plain LoRA at the same budget")
+    _dataclass_flags(p, TsqLoRAConfig, "TsqLoRA method (TsqLoRAConfig)")
+    _dataclass_flags(p, TrainArgs, "training (TrainArgs)")
+
+
+def _split_settings(values: dict, source: str) -> tuple[dict, dict]:
+    import dataclasses
+
+    from .config import TsqLoRAConfig
+    from .train import TrainArgs
+
+    if set(values) <= {"tsqlora", "train"} and values:
+        return dict(values.get("tsqlora", {})), dict(values.get("train", {}))
+    method = {f.name for f in dataclasses.fields(TsqLoRAConfig)}
+    training = {f.name for f in dataclasses.fields(TrainArgs)}
+    unknown = sorted(set(values) - method - training)
+    if unknown:
+        raise ValueError(f"{source}: unknown field(s) {unknown}")
+    return ({k: v for k, v in values.items() if k in method},
+            {k: v for k, v in values.items() if k in training})
+
+
+@subcommand("train", help="Run the whole TsqLoRA pipeline (gate, score, select, calibrate, train "
+            "with rank reallocation, evaluate) and write a report folder with the adapter.",
+            arguments=_train_arguments)
+def _train(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from . import bundled
+    from .config import TsqLoRAConfig
+    from .pipeline import bundled_task, file_task, run_pipeline
+    from .report import write_json
+    from .train import TrainArgs
+
+    if args.resume:
+        run_file = Path(args.resume) / "run.json"
+        if not run_file.is_file():
+            raise FileNotFoundError(f"--resume {args.resume}: no run.json there (not a tsqlora "
+                                    "train output folder)")
+        run = json.loads(run_file.read_text())
+    else:
+        if not args.data or not args.out:
+            raise ValueError("--data and --out are required (or --resume DIR)")
+        method, training = {}, {}
+        if args.config:
+            text = Path(args.config).read_text()
+            try:
+                values = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{args.config}: not valid JSON ({e})") from None
+            method, training = _split_settings(values, args.config)
+        flags = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+        m_flags, t_flags = _split_settings(
+            {k: v for k, v in flags.items() if k not in ("command", "model", "data", "text_field",
+             "label_field", "eval_data", "out", "config", "resume", "baseline")}, "flags")
+        method.update(m_flags)
+        training.update(t_flags)
+        training.setdefault("checkpoint_every", 50)
+        training.setdefault("checkpoint_dir", str(Path(args.out) / "checkpoints"))
+        run = {"model": args.model or str(bundled.minilm_dir()), "data": args.data,
+               "text_field": args.text_field, "label_field": args.label_field,
+               "eval_data": args.eval_data, "out": args.out, "baseline": args.baseline,
+               "tsqlora": TsqLoRAConfig.from_dict(method, "tsqlora config").to_dict(),
+               "train": TrainArgs.from_dict(training, "train args").to_dict()}
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_json(run, Path(args.out) / "run.json")
+    config = TsqLoRAConfig.from_dict(run["tsqlora"], "run.json")
+    train_args = TrainArgs.from_dict(run["train"], "run.json")
+    if run["data"].startswith("bundled:"):
+        task = bundled_task(run["data"].split(":", 1)[1])
+    else:
+        task = file_task(run["data"], run["text_field"], run["label_field"], run["eval_data"],
+                         seed=config.seed)
+    run_pipeline(run["model"], task, run["out"], config, train_args, baseline=run["baseline"],
+                 resume=bool(args.resume))
+    return 0
+
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="tsqlora-demo", help="the report folder (default: tsqlora-demo)")
+    p.add_argument("--quick", action="store_true", help="a few steps on a tiny subset (a smoke test)")
+
+
+@subcommand("demo", help="TsqLoRA vs plain LoRA on the bundled Rotten Tomatoes with the bundled "
+            "MiniLM, on the CPU, with a report folder.", arguments=_demo_arguments)
+def _demo(args: argparse.Namespace) -> int:
+    from .pipeline import run_demo
+
+    run_demo(args.out, reduced=args.quick)
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(main())

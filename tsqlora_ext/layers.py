@@ -72,6 +72,9 @@ class VarRankLoRALinear(nn.Module):
         # Sorted ids of the active components. A buffer so it follows .to() and lands in
         # state_dict; its length is the rank.
         self.register_buffer("active", torch.arange(r_init, device=w.device, dtype=torch.long))
+        # Its complement, kept beside it so protect_inactive() needs no host sync per step.
+        self.register_buffer("inactive", torch.arange(r_init, r_max, device=w.device, dtype=torch.long),
+                             persistent=False)
         self.merged = False
         self.reset_adapter()
 
@@ -96,14 +99,35 @@ class VarRankLoRALinear(nn.Module):
         return self.active.clone()
 
     def set_active(self, indices) -> None:
-        """Make exactly ``indices`` the active components. Parameters are never re-created."""
-        idx = torch.as_tensor(indices, dtype=torch.long).flatten().to(self.active.device)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.r_max):
-            raise ValueError(f"active indices must lie in [0, r_max={self.r_max}), got {idx.tolist()}")
-        idx = torch.unique(idx)  # sorted, duplicates removed
+        """Make exactly ``indices`` (ints in [0, r_max); order and repeats do not matter) the active
+        components. Parameters are never re-created, so optimizer state stays attached."""
         if self.merged:
             raise RuntimeError("unmerge() the layer before changing its active set")
-        self.active = idx
+        idx = indices if torch.is_tensor(indices) else torch.as_tensor(list(indices))
+        if idx.numel() == 0:
+            idx = idx.to(torch.long)  # an empty list arrives as float32
+        if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+            raise TypeError(f"set_active: indices must be integers, got dtype {idx.dtype}")
+        idx = idx.to(torch.long).flatten().cpu()
+        bad = idx[(idx < 0) | (idx >= self.r_max)]
+        if bad.numel():
+            raise ValueError(f"set_active: component ids must lie in [0, r_max={self.r_max}), "
+                             f"got {bad.tolist()}")
+        idx = torch.unique(idx)  # sorted, duplicates removed
+        keep = torch.ones(self.r_max, dtype=torch.bool)
+        keep[idx] = False
+        device = self.active.device
+        self.active = idx.to(device)
+        self.inactive = torch.nonzero(keep).flatten().to(device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The saved active set may have another length than the current one, which the default
+        # in-place copy into the buffer would reject: adopt it through set_active instead.
+        key = prefix + "active"
+        if key in state_dict:
+            self.set_active(state_dict[key])
+            state_dict = {**state_dict, key: self.active}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- compute -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,3 +162,78 @@ class VarRankLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, r_max={self.r_max}, scaling={self.scaling:g}, init={self.init}")
+
+
+def _lora_layers(modules) -> list[VarRankLoRALinear]:
+    if isinstance(modules, nn.Module):
+        modules = [modules]
+    found = []
+    for m in modules:
+        found += [sub for sub in m.modules() if isinstance(sub, VarRankLoRALinear)]
+    return found
+
+
+class _InactiveGuard:
+    """Handle returned by protect_inactive(); ``remove()`` detaches its optimizer hooks."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, layers: list[VarRankLoRALinear]) -> None:
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        # (layer, parameter, component dim): A is [r_max, in], E [r_max], B [out, r_max].
+        self._targets = [
+            (layer, p, dim)
+            for layer in layers
+            for p, dim in ((layer.lora_A, 0), (layer.lora_E, 0), (layer.lora_B, 1))
+            if id(p) in in_optimizer
+        ]
+        self._optimizer = optimizer
+        self._saved: list = []
+        self._handles = [optimizer.register_step_pre_hook(self._save),
+                         optimizer.register_step_post_hook(self._restore)]
+
+    def _tensors(self, p: torch.Tensor) -> list[torch.Tensor]:
+        # The parameter and every per-element state tensor (AdamW's exp_avg, exp_avg_sq, ...);
+        # scalar state such as "step" is shared by all components and left alone.
+        state = self._optimizer.state.get(p, {})
+        return [p] + [t for t in state.values() if torch.is_tensor(t) and t.shape == p.shape]
+
+    @torch.no_grad()
+    def _save(self, optimizer, args, kwargs) -> None:
+        self._saved = []
+        for layer, p, dim in self._targets:
+            idx = layer.inactive
+            if idx.numel() == 0 or p.grad is None:
+                continue
+            tensors = self._tensors(p)
+            self._saved.append((p, dim, idx, [t.index_select(dim, idx) for t in tensors]))
+
+    @torch.no_grad()
+    def _restore(self, optimizer, args, kwargs) -> None:
+        for p, dim, idx, rows in self._saved:
+            # State tensors created by this very step (the first one) are not in `rows`: they
+            # only saw zero gradients for these components, so they stay as the optimizer left them.
+            for t, saved in zip(self._tensors(p), rows):
+                t.index_copy_(dim, idx, saved)
+        self._saved = []
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def protect_inactive(optimizer: torch.optim.Optimizer, modules) -> _InactiveGuard:
+    """Keep inactive adapter components exactly as they are across ``optimizer.step()``.
+
+    The op gives inactive components zero gradient, but optimizers with weight decay or momentum
+    (AdamW) would still move them, so a component pruned now would come back changed. This
+    registers a step pre-hook that copies the inactive rows of lora_A / lora_E / columns of lora_B
+    (and the same slices of every per-element optimizer state tensor) and a post-hook that writes
+    them back. The active sets are read at each step, so they may change between steps. Cost per
+    step: one gather and one scatter of the inactive slices, no host synchronisation.
+
+    ``modules``: a module (searched for VarRankLoRALinear layers) or an iterable of modules.
+    Returns a handle whose ``remove()`` detaches the hooks.
+    """
+    layers = _lora_layers(modules)
+    if not layers:
+        raise ValueError("protect_inactive: no VarRankLoRALinear layer found in the given modules")
+    return _InactiveGuard(optimizer, layers)

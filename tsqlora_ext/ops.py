@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+
+# ---- variable-rank LoRA linear (issue 3; csrc/lora/) -------------------------------------------
 
 
-# TEMPORARY (issue 3 replaces this with torch.ops.tsqlora_ext.varrank_lora + its autograd): the
-# layer and everything above it are written against this signature.
 def varrank_lora(
     x: torch.Tensor,
     x_lora: torch.Tensor | None,
@@ -24,4 +23,118 @@ def varrank_lora(
     active: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor:
-    return reference.varrank_lora(x, x_lora, weight, bias, lora_A, lora_E, lora_B, active, scaling)
+    """y = x Wᵀ + b + scaling · ((x_lora A_actᵀ) ⊙ E_act) B_actᵀ, differentiable in x, x_lora and
+    the adapter (reference: `reference.varrank_lora`).
+
+    x: [..., in]; x_lora: the adapter's (dropped-out) copy of x, or None for x itself;
+    weight: [out, in] and bias: [out] are frozen (they get no gradient, so they must not require
+    one); lora_A: [r_max, in]; lora_E: [r_max]; lora_B: [out, r_max]; active: unique int64 ids of the
+    active components, [r] with 0 <= r <= r_max (r = 0 gives the base output). Gradients of
+    lora_A/E/B are zero outside the active components.
+    """
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("varrank_lora: weight and bias are the frozen base layer and get no "
+                         "gradient; call requires_grad_(False) on them")
+    y, _ = torch.ops.tsqlora_ext.varrank_lora.default(
+        x, x_lora, weight, bias, lora_A, lora_E, lora_B, active, float(scaling))
+    return y
+
+
+@torch.library.register_fake("tsqlora_ext::varrank_lora")
+def _varrank_lora_fake(x, x_lora, weight, bias, lora_A, lora_E, lora_B, active, scaling):
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "varrank_lora: x's last dim != in_features")
+    lead = tuple(x.shape[:-1])
+    return x.new_empty(lead + (weight.shape[0],)), x.new_empty(lead + (active.shape[0],))
+
+
+@torch.library.register_fake("tsqlora_ext::varrank_lora_backward")
+def _varrank_lora_backward_fake(grad_y, x, x_lora, weight, lora_A, lora_E, lora_B, active,
+                                scaling, xa, need_dx, need_dx_lora):
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    dx_lora = torch.empty_like(x) if (x_lora is not None and need_dx_lora) else x.new_empty(0)
+    return dx, dx_lora, torch.empty_like(lora_A), torch.empty_like(lora_E), torch.empty_like(lora_B)
+
+
+def _varrank_lora_setup_context(ctx, inputs, output):
+    x, x_lora, weight, _bias, lora_A, lora_E, lora_B, active, scaling = inputs
+    _y, xa = output
+    # xa is the saved product x_lora A_actᵀ, an implementation detail: it carries no gradient.
+    ctx.mark_non_differentiable(xa)
+    ctx.save_for_backward(x, x_lora, weight, lora_A, lora_E, lora_B, active, xa)
+    ctx.scaling = scaling
+
+
+def _varrank_lora_backward(ctx, grad_y, _grad_xa):
+    x, x_lora, weight, lora_A, lora_E, lora_B, active, xa = ctx.saved_tensors
+    need_dx, need_dx_lora = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dx_lora, dA, dE, dB = torch.ops.tsqlora_ext.varrank_lora_backward.default(
+        grad_y.contiguous(), x, x_lora, weight, lora_A, lora_E, lora_B, active, ctx.scaling, xa,
+        need_dx, need_dx_lora)
+    return (dx if need_dx else None, dx_lora if need_dx_lora else None, None, None,
+            dA, dE, dB, None, None)
+
+
+torch.library.register_autograd(
+    "tsqlora_ext::varrank_lora", _varrank_lora_backward, setup_context=_varrank_lora_setup_context)
+
+
+# ---- sensitivity and rank reallocation (csrc/sensitivity/, csrc/realloc/) ----------------------
+
+
+def sensitivity_update(
+    lora_A: list[torch.Tensor],
+    lora_E: list[torch.Tensor],
+    lora_B: list[torch.Tensor],
+    grad_A: list[torch.Tensor],
+    grad_E: list[torch.Tensor],
+    grad_B: list[torch.Tensor],
+    ipt_avg: list[torch.Tensor],
+    unc_avg: list[torch.Tensor],
+    active_mask: torch.Tensor,
+    scores: torch.Tensor,
+    counters: torch.Tensor,
+    beta1: float,
+    beta2: float,
+) -> None:
+    """Fused importance update over all adapted layers, in place (see reference.sensitivity_update).
+
+    One call per optimizer step; no host sync. ipt_avg / unc_avg / scores are float32,
+    counters int64 [2] = [updates applied, steps skipped because a gradient was NaN/inf].
+    """
+    torch.ops.tsqlora_ext.sensitivity_update.default(
+        lora_A, lora_E, lora_B, grad_A, grad_E, grad_B, ipt_avg, unc_avg, active_mask, scores,
+        counters, float(beta1), float(beta2))
+
+
+def layer_sensitivity(weight: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """Σ |weight ⊙ (grad_outᵀ x)| as a 0-d tensor, never materializing grad_outᵀ x in full."""
+    return torch.ops.tsqlora_ext.layer_sensitivity.default(weight, x, grad_out)
+
+
+def topk_realloc(
+    scores: torch.Tensor, sizes: list[int], r_min: list[int], r_max: list[int], budget: int
+) -> torch.Tensor:
+    """Bool keep-mask [n]: the best min(budget, Σ r_max) components, r_min[l] <= kept in layer l
+    <= r_max[l], ties by lower flat index (see reference.topk_realloc). No host sync on CUDA."""
+    return torch.ops.tsqlora_ext.topk_realloc.default(
+        scores, [int(s) for s in sizes], [int(v) for v in r_min], [int(v) for v in r_max], int(budget))
+
+
+@torch.library.register_fake("tsqlora_ext::sensitivity_update")
+def _(lora_A, lora_E, lora_B, grad_A, grad_E, grad_B, ipt_avg, unc_avg, active_mask, scores,
+      counters, beta1, beta2):
+    return None
+
+
+@torch.library.register_fake("tsqlora_ext::layer_sensitivity")
+def _(weight, x, grad_out):
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "layer_sensitivity: x must be [..., in]")
+    torch._check(grad_out.shape[-1] == weight.shape[0],
+                 lambda: "layer_sensitivity: grad_out must be [..., out]")
+    dbl = torch.float64 in (weight.dtype, x.dtype, grad_out.dtype)
+    return weight.new_empty((), dtype=torch.float64 if dbl else torch.float32)
+
+
+@torch.library.register_fake("tsqlora_ext::topk_realloc")
+def _(scores, sizes, r_min, r_max, budget):
+    return scores.new_empty(scores.shape, dtype=torch.bool)

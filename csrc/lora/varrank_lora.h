@@ -1,0 +1,167 @@
+// Variable-rank LoRA linear: the host-side algorithm shared by the CPU and the CUDA backend.
+//
+// Forward (SVD form, DESIGN.md), for x: [N, in] (leading dims flattened), the active ids
+// act: [r] (unique, 0 <= act[k] < r_max; r may be 0) and s = scaling:
+//
+//     y  = x Wᵀ + b                                   one GEMM (+ bias)
+//     xa = x_lora A_actᵀ                 [N, r]        saved for backward
+//     y += xa · Bseᵀ,  Bse[o,k] = s·E[act[k]]·B[o,act[k]]   [out, r]
+//
+// Backward, with g = dy: [N, out]:
+//
+//     ge  = dy · Bse                     [N, r]   (= s·(dy B_act) ⊙ E_act)
+//     dA[act[k], :] = (geᵀ x_lora)[k, :]
+//     P   = dyᵀ xa                       [out, r]
+//     dB[:, act[k]] = s·E[act[k]]·P[:, k]
+//     dE[act[k]]    = s·Σ_o B[o, act[k]]·P[o, k]
+//     dx  = dy W (+ ge A_act when x_lora is x itself), dx_lora = ge A_act otherwise
+//
+// dA, dE, dB have the full [r_max, ...] shapes with exact zeros outside the active set, so an
+// optimizer sees parameters that never change shape. W and b are frozen: no gradient.
+//
+// Why the base GEMM is not fused with the adapter's x·A_actᵀ (which would read x once): fusing
+// needs one weight [W; A_act] of shape [out + r, in], i.e. a copy of all of W every call (W is the
+// large operand: 2048x5632 is 46 MB in fp32) or storage that ties the frozen weight to the
+// adapter's Parameters. The unfused second read of x costs N·in loads against the base GEMM's
+// N·in·out FLOPs: a few percent at most. So both GEMMs go to the vendor BLAS (MKL/OpenBLAS on CPU,
+// cuBLAS on CUDA) through ATen, and the adapter-side products accumulate into y / dx with beta = 1
+// (addmm_), so no extra [N, out] or [N, in] temporaries are written.
+//
+// The small fused steps (gather + scale of B's active columns, and the scatter of dB / reduction
+// of dE) are per-backend kernels, passed in as a `Kernels` struct so this file holds the algorithm
+// once. Rank r is a runtime shape (active.numel()), never a compile-time constant.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace tsq::lora {
+
+// The backend's fused element-wise kernels. All tensors contiguous, on one device, one dtype
+// (active: int64).
+struct Kernels {
+  // Bse[o, k] = s·E[act[k]]·B[o, act[k]]. B: [out, r_max], E: [r_max], act: [r] -> Bse: [out, r].
+  at::Tensor (*gather_scale_B)(const at::Tensor& B, const at::Tensor& E, const at::Tensor& act,
+                               double s);
+  // From P = dyᵀ xa [out, r]: dB [out, r_max] and dE [r_max], zero outside the active set.
+  std::tuple<at::Tensor, at::Tensor> (*grad_B_E)(const at::Tensor& P, const at::Tensor& B,
+                                                 const at::Tensor& E, const at::Tensor& act,
+                                                 double s);
+};
+
+inline void check_inputs(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& x_lora,
+                         const at::Tensor& weight, const at::Tensor& A, const at::Tensor& E,
+                         const at::Tensor& B, const at::Tensor& active) {
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension, got a scalar");
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be [out, in], got ", weight.sizes());
+  const int64_t in = weight.size(1), out = weight.size(0);
+  TORCH_CHECK(x.size(-1) == in, op, ": x's last dim ", x.size(-1), " != weight's in_features ", in);
+  TORCH_CHECK(A.dim() == 2 && A.size(1) == in, op, ": lora_A must be [r_max, in=", in, "], got ",
+              A.sizes());
+  const int64_t r_max = A.size(0);
+  TORCH_CHECK(E.dim() == 1 && E.size(0) == r_max, op, ": lora_E must be [r_max=", r_max, "], got ",
+              E.sizes());
+  TORCH_CHECK(B.dim() == 2 && B.size(0) == out && B.size(1) == r_max, op, ": lora_B must be [out=",
+              out, ", r_max=", r_max, "], got ", B.sizes());
+  TORCH_CHECK(active.dim() == 1 && active.scalar_type() == at::kLong, op,
+              ": active must be a 1-D int64 tensor of component ids, got ", active.scalar_type(),
+              " ", active.sizes());
+  TORCH_CHECK(active.numel() <= r_max, op, ": active has ", active.numel(),
+              " ids but r_max is ", r_max);
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(at::isFloatingType(dt), op, ": x must be floating point, got ", dt);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"weight", &weight},
+                                {"lora_A", &A}, {"lora_E", &E}, {"lora_B", &B}}) {
+    TORCH_CHECK(t->scalar_type() == dt, op, ": ", name, " has dtype ", t->scalar_type(),
+                " but x has ", dt, " (cast the layer or the input)");
+    TORCH_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but x is on ",
+                x.device());
+  }
+  TORCH_CHECK(active.device() == x.device(), op, ": active is on ", active.device(),
+              " but x is on ", x.device());
+  if (x_lora.has_value()) {
+    TORCH_CHECK(x_lora->sizes() == x.sizes(), op, ": x_lora must have x's shape ", x.sizes(),
+                ", got ", x_lora->sizes());
+    TORCH_CHECK(x_lora->scalar_type() == dt && x_lora->device() == x.device(), op,
+                ": x_lora must match x's dtype and device");
+  }
+}
+
+// The shape [..., n] for an input of shape [..., in].
+inline std::vector<int64_t> with_last(const at::Tensor& x, int64_t n) {
+  auto s = x.sizes().vec();
+  s.back() = n;
+  return s;
+}
+
+inline std::tuple<at::Tensor, at::Tensor> forward(const Kernels& k, const at::Tensor& x,
+                                                  const std::optional<at::Tensor>& x_lora,
+                                                  const at::Tensor& weight,
+                                                  const std::optional<at::Tensor>& bias,
+                                                  const at::Tensor& A, const at::Tensor& E,
+                                                  const at::Tensor& B, const at::Tensor& active,
+                                                  double scaling) {
+  const int64_t in = weight.size(1), out = weight.size(0), r = active.numel();
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, "varrank_lora: bias must be [out=", out,
+                "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(),
+                "varrank_lora: bias must match x's dtype and device");
+  }
+  const at::Tensor x2 = x.reshape({-1, in});
+  at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+  at::Tensor xa;
+  if (r == 0) {
+    // Rank 0 is the base layer, bit for bit: no adapter term is added at all.
+    xa = x2.new_empty({x2.size(0), 0});
+  } else {
+    const at::Tensor act = active.contiguous();
+    const at::Tensor xl2 = x_lora.has_value() ? x_lora->reshape({-1, in}) : x2;
+    xa = at::mm(xl2, A.index_select(0, act).t());                      // [N, r]
+    y.addmm_(xa, k.gather_scale_B(B.contiguous(), E.contiguous(), act, scaling).t());
+  }
+  return {y.view(with_last(x, out)), xa.view(with_last(x, r))};
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const Kernels& k, const at::Tensor& grad_y, const at::Tensor& x,
+    const std::optional<at::Tensor>& x_lora, const at::Tensor& weight, const at::Tensor& A,
+    const at::Tensor& E, const at::Tensor& B, const at::Tensor& active, double scaling,
+    const at::Tensor& xa, bool need_dx, bool need_dx_lora) {
+  const int64_t in = weight.size(1), out = weight.size(0), r = active.numel();
+  TORCH_CHECK(grad_y.sizes() == with_last(x, out), "varrank_lora_backward: grad_y must be ",
+              with_last(x, out), ", got ", grad_y.sizes());
+  TORCH_CHECK(xa.sizes() == with_last(x, r), "varrank_lora_backward: xa must be ",
+              with_last(x, r), ", got ", xa.sizes());
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type() && xa.scalar_type() == x.scalar_type(),
+              "varrank_lora_backward: grad_y and xa must have x's dtype ", x.scalar_type());
+  const at::Tensor dy = grad_y.reshape({-1, out});
+  // dx_lora only exists when the adapter had its own input; an empty tensor means "no gradient"
+  // (the autograd formula in ops.py maps it to None).
+  const bool separate = x_lora.has_value();
+  // (Two distinct empty tensors: outputs of an op must never alias each other.)
+  at::Tensor dx = need_dx ? at::mm(dy, weight) : x.new_empty({0});     // [N, in]
+  at::Tensor dx_lora = x.new_empty({0});
+  if (r == 0) {
+    // No active component: the adapter contributed nothing, so its gradients are exact zeros.
+    if (separate && need_dx_lora) dx_lora = at::zeros_like(*x_lora);
+    return {need_dx ? dx.view(x.sizes()) : dx, dx_lora, at::zeros_like(A), at::zeros_like(E),
+            at::zeros_like(B)};
+  }
+  const at::Tensor act = active.contiguous();
+  const at::Tensor Bc = B.contiguous(), Ec = E.contiguous();
+  const at::Tensor xl2 = separate ? x_lora->reshape({-1, in}) : x.reshape({-1, in});
+  const at::Tensor A_act = A.index_select(0, act);                          // [r, in]
+  const at::Tensor ge = at::mm(dy, k.gather_scale_B(Bc, Ec, act, scaling));   // [N, r]
+
+  at::Tensor dA = at::zeros_like(A);
+  dA.index_copy_(0, act, at::mm(ge.t(), xl2));
+  auto [dB, dE] = k.grad_B_E(at::mm(dy.t(), xa.reshape({-1, r})).contiguous(), Bc, Ec, act,
+                             scaling);
+  if (!separate && need_dx) dx.addmm_(ge, A_act);
+  if (separate && need_dx_lora) dx_lora = at::mm(ge, A_act).view(x.sizes());
+  return {need_dx ? dx.view(x.sizes()) : dx, dx_lora, dA, dE, dB};
+}
+
+}  // namespace tsq::lora

@@ -1,0 +1,247 @@
+"""RankAllocator: budget schedule, initial allocation, reallocation, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from tsqlora_ext import RankAllocator
+from tsqlora_ext.allocator import budget_schedule, orthogonality_penalty, proportional_ranks
+from tsqlora_ext.config import TsqLoRAConfig
+from tsqlora_ext.layers import VarRankLoRALinear
+
+
+class Tiny(nn.Module):
+    def __init__(self, cfg: TsqLoRAConfig, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        dims = [(8, 16), (16, 16), (16, 12), (12, 4)]
+        self.layers = nn.ModuleList(
+            VarRankLoRALinear(nn.Linear(i, o), cfg.r_max, cfg.r_init, cfg.lora_alpha, init="adalora")
+            for i, o in dims)
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i + 1 < len(self.layers):
+                x = torch.tanh(x)
+        return x
+
+
+def data(n_batches, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 8, generator=g), torch.randn(16, 4, generator=g)) for _ in range(n_batches)]
+
+
+def train_step(model, opt, batch):
+    x, y = batch
+    loss = (model(x) - y).pow(2).mean()
+    loss.backward()
+    opt.step()
+
+
+CFG = TsqLoRAConfig(r_init=4, target_r=2, r_min=1, r_max=6, t_init=2, t_final=3, delta_t=2,
+                    total_steps=14)
+
+
+def test_budget_schedule_hand_computed():
+    # B_0 = 12, b_T = 6, span T - t_final - t_init = 9: b = 6 + 6 (1 - (t-2)/9)^3, rounded down
+    want = {0: 12, 1: 12, 2: 12, 3: 10, 4: 8, 6: 7, 8: 6, 10: 6, 11: 6, 14: 6}
+    for t, b in want.items():
+        assert budget_schedule(t, 12, 6, 2, 3, 14) == b, t
+
+
+def test_proportional_ranks():
+    assert proportional_ranks([1, 2, 7], 10, 0, 10) == [1, 2, 7]
+    assert proportional_ranks([1, 1, 1], 10, 0, 10) == [4, 3, 3]  # remainder tie -> lower index
+    assert proportional_ranks([100, 1, 1], 12, 0, 6) == [6, 3, 3]  # clipped, rest re-shared
+    assert proportional_ranks([0, 1, 1], 6, 1, 6) == [1, 3, 2]
+    assert proportional_ranks([0, 0], 5, 0, 4) == [3, 2]          # all-zero: equal shares
+    assert proportional_ranks([3, 1], 100, 0, 4) == [4, 4]        # total clamped to n * r_max
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        proportional_ranks([1, float("nan")], 4, 0, 4)
+
+
+def test_schedule_is_followed_at_every_step():
+    model = Tiny(CFG)
+    alloc = RankAllocator(model, CFG)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    # 4 layers: B_0 = 16, b_T = 8; b = 8 + 8 (1 - (t-2)/9)^3 rounded down, at t % 2 == 0 after
+    # t_init = 2, and once more at T - t_final = 11
+    realloc_steps = {4: 11, 6: 9, 8: 8, 10: 8, 11: 8}
+    prev = alloc.ranks()
+    for t, batch in enumerate(data(CFG.total_steps), start=1):
+        train_step(model, opt, batch)
+        result = alloc.step()
+        opt.zero_grad()
+        ranks = alloc.ranks()
+        if t in realloc_steps:
+            assert result == ranks
+            assert sum(ranks.values()) == realloc_steps[t]
+            assert all(CFG.r_min <= r <= CFG.r_max for r in ranks.values())
+        else:
+            assert result is None and ranks == prev
+        prev = ranks
+    assert [h["step"] for h in alloc.history] == [0, *realloc_steps]
+    assert [h["budget"] for h in alloc.history] == [16, *realloc_steps.values()]
+    # the scores are updated up to T - t_final, then frozen
+    assert alloc.counters.tolist() == [CFG.total_steps - CFG.t_final, 0]
+
+
+def test_active_mask_follows_the_layers():
+    model = Tiny(CFG)
+    alloc = RankAllocator(model, CFG.replace(t_init=0, delta_t=1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for batch in data(3):
+        train_step(model, opt, batch)
+        alloc.step()
+        opt.zero_grad()
+    for off, layer in zip(alloc.offsets, alloc.layers.values()):
+        want = torch.zeros(layer.r_max, dtype=torch.bool)
+        want[layer.active] = True
+        assert torch.equal(alloc.active_mask[off:off + layer.r_max], want)
+
+
+def test_without_growth_layers_only_shrink():
+    cfg = CFG.replace(allow_growth=False, t_init=0, delta_t=1, target_r=1, total_steps=10, t_final=0)
+    model = Tiny(cfg)
+    alloc = RankAllocator(model, cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    prev = {n: set(m.active.tolist()) for n, m in alloc.layers.items()}
+    for batch in data(10):
+        train_step(model, opt, batch)
+        alloc.step()
+        opt.zero_grad()
+        now = {n: set(m.active.tolist()) for n, m in alloc.layers.items()}
+        assert all(now[n] <= prev[n] for n in now)
+        prev = now
+    assert sum(alloc.ranks().values()) == 4
+
+
+def test_dynamic_off_keeps_ranks():
+    cfg = CFG.replace(dynamic=False)
+    model = Tiny(cfg)
+    alloc = RankAllocator(model, cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    before = alloc.ranks()
+    for batch in data(6):
+        train_step(model, opt, batch)
+        assert alloc.step() is None
+        opt.zero_grad()
+    assert alloc.ranks() == before and alloc.global_step == 6
+
+
+def test_non_finite_step_is_skipped():
+    model = Tiny(CFG)
+    alloc = RankAllocator(model, CFG)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    train_step(model, opt, data(1)[0])
+    model.layers[1].lora_B.grad[0, 0] = float("inf")
+    alloc.step()
+    assert alloc.skipped_steps == 1 and alloc.counters.tolist() == [0, 1]
+
+
+def test_calibration_shares_b0_by_layer_sensitivity():
+    cfg = CFG.replace(calibration_batches=3)
+    model = Tiny(cfg)
+    alloc = RankAllocator(model, cfg)
+    batches = [x for x, _ in data(5)]
+
+    def loss_fn(out, batch):
+        return out.pow(2).mean()
+
+    ranks = alloc.calibrate(batches, model=model, loss_fn=loss_fn)
+    # explicit S_l: mean over the 3 batches of sum |W ⊙ dL/dW|, with W made trainable on a copy
+    ref = copy.deepcopy(model)
+    want = torch.zeros(4, dtype=torch.float64)
+    for x in batches[:3]:
+        ws = [layer.base_layer.weight.detach().requires_grad_(True) for layer in ref.layers]
+        for layer, w in zip(ref.layers, ws):
+            layer.base_layer.weight = nn.Parameter(w)
+        loss_fn(ref(x), x).backward()
+        for i, layer in enumerate(ref.layers):
+            want[i] += (layer.base_layer.weight * layer.base_layer.weight.grad).abs().sum().double()
+    want /= 3
+    got = torch.tensor(list(alloc.layer_sensitivity.values()), dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
+    assert list(ranks.values()) == proportional_ranks(want.tolist(), 16, cfg.r_min, cfg.r_max)
+    assert sum(ranks.values()) == 16
+    # calibration leaves no gradient behind, and the history's step-0 entry is the new allocation
+    assert all(p.grad is None for p in model.parameters())
+    assert alloc.history == [{"step": 0, "budget": 16, "ranks": ranks}]
+
+
+def test_calibration_off_gives_r_init():
+    cfg = CFG.replace(sensitivity_init=False)
+    model = Tiny(cfg)
+    alloc = RankAllocator(model, cfg)
+    assert set(alloc.calibrate([]).values()) == {cfg.r_init}
+
+
+def test_state_dict_round_trip_resumes_exactly():
+    cfg = CFG.replace(t_init=0, delta_t=1, total_steps=12, t_final=2)
+    model = Tiny(cfg)
+    alloc = RankAllocator(model, cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    batches = data(10)
+    for batch in batches[:4]:
+        train_step(model, opt, batch)
+        alloc.step()
+        opt.zero_grad()
+    state = copy.deepcopy(alloc.state_dict())
+    model2 = copy.deepcopy(model)
+    for layer in model2.layers:
+        layer.set_active(torch.arange(cfg.r_init))  # a fresh model's sets; load must restore them
+    alloc2 = RankAllocator(model2, cfg)
+    alloc2.load_state_dict(state)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.05)
+    for batch in batches[4:]:
+        for m, a, o in ((model, alloc, opt), (model2, alloc2, opt2)):
+            train_step(m, o, batch)
+            a.step()
+            o.zero_grad()
+        assert alloc.ranks() == alloc2.ranks()
+    assert torch.equal(alloc.scores, alloc2.scores)
+    assert all(torch.equal(a, b) for a, b in zip(alloc.ipt_avg, alloc2.ipt_avg))
+    assert alloc.history == alloc2.history and alloc.global_step == alloc2.global_step == 10
+
+
+def test_load_state_dict_rejects_another_model():
+    alloc = RankAllocator(Tiny(CFG), CFG)
+    state = alloc.state_dict()
+    state["active"] = {"other": torch.arange(2)}
+    with pytest.raises(ValueError, match="do not match this model"):
+        alloc.load_state_dict(state)
+
+
+def test_orthogonality_penalty_over_active_components():
+    model = Tiny(CFG)
+    model.layers[0].set_active([0, 2, 5])
+    got = orthogonality_penalty(model.layers, 0.3)
+    want = 0.0
+    for layer in model.layers:
+        a = layer.lora_A[layer.active]
+        b = layer.lora_B[:, layer.active]
+        eye = torch.eye(len(layer.active))
+        want = want + torch.linalg.norm(a @ a.T - eye) + torch.linalg.norm(b.T @ b - eye)
+    torch.testing.assert_close(got, 0.3 * want)
+    got.backward()
+    assert model.layers[0].lora_A.grad[1].abs().sum() == 0  # inactive component untouched
+    assert model.layers[0].lora_A.grad[2].abs().sum() > 0
+
+
+def test_step_without_total_steps_says_what_to_do():
+    cfg = CFG.replace(total_steps=None)
+    alloc = RankAllocator(Tiny(cfg), cfg)
+    with pytest.raises(ValueError, match="set_total_steps"):
+        alloc.step()
+    alloc.set_total_steps(20)
+    assert alloc.budget(1) == 16  # r_init * 4 layers until t_init
+
+
+def test_model_without_adapters_is_refused():
+    with pytest.raises(ValueError, match="no VarRankLoRALinear"):
+        RankAllocator(nn.Linear(3, 3), CFG)

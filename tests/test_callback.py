@@ -1,0 +1,92 @@
+"""TsqLoRACallback inside a real transformers.Trainer with gradient accumulation."""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from tsqlora_ext.callback import TsqLoRACallback  # noqa: E402
+from tsqlora_ext.wrap import wrap  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("train_worker", Path(__file__).with_name("train_worker.py"))
+tw = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tw)
+
+
+def _collate(rows):
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
+        mask[i, :len(r["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask,
+            "labels": torch.tensor([r["labels"] for r in rows])}
+
+
+def _trainer(tmp_path, config, callback, max_steps):
+    data, _ = tw.tiny_task(n=128)
+    rows = [{"input_ids": t, "labels": int(y)} for t, y in zip(data.token_ids, data.labels)]
+    model = wrap(tw.tiny_bert(), config, verbose=False)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, gradient_accumulation_steps=2,
+        max_steps=max_steps, learning_rate=5e-3, report_to=[], save_strategy="no",
+        logging_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+        remove_unused_columns=False, seed=0)
+    return model, transformers.Trainer(model=model, args=args, train_dataset=rows,
+                                       data_collator=_collate, callbacks=[callback])
+
+
+def test_reallocation_runs_once_per_optimizer_step(tmp_path):
+    torch.set_num_threads(1)
+    config = tw.tiny_config(t_init=0, t_final=0, delta_t=1)
+    cb = TsqLoRACallback()
+    model, trainer = _trainer(tmp_path, config, cb, max_steps=8)
+    substeps = []
+
+    class Count(transformers.TrainerCallback):
+        def on_substep_end(self, *a, **k):
+            substeps.append(1)
+
+    trainer.add_callback(Count())
+    initial = {n: m.rank for n, m in model.named_modules() if hasattr(m, "lora_E")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a silent-no-reallocation warning would fail
+        trainer.train()
+    assert trainer.state.global_step == 8
+    assert len(substeps) == 8  # gradient accumulation 2: one micro-step between optimizer steps
+    # every optimizer step updated the sensitivity and (delta_t = 1) reallocated; no micro-step did
+    assert cb.allocator_steps == 8 == cb.allocator.global_step
+    assert cb.reallocations == trainer.state.global_step
+    final = cb.allocator.ranks()
+    b0, bT = config.budget(len(final))
+    assert sum(initial.values()) == b0 and sum(final.values()) == bT
+    assert final != initial
+
+
+def test_warns_when_schedule_leaves_no_reallocation(tmp_path):
+    torch.set_num_threads(1)
+    config = tw.tiny_config(t_init=3, t_final=0, delta_t=50)
+    cb = TsqLoRACallback()
+    _, trainer = _trainer(tmp_path, config, cb, max_steps=4)
+    with pytest.warns(UserWarning, match="no periodic reallocation falls in the budget phase"):
+        trainer.train()
+    assert cb.reallocations == 1  # only the forced one at the end of the budget phase
+
+
+def test_unwrapped_model_is_refused(tmp_path):
+    data, _ = tw.tiny_task(n=16)
+    rows = [{"input_ids": t, "labels": int(y)} for t, y in zip(data.token_ids, data.labels)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[],
+                                          use_cpu=True, save_strategy="no", disable_tqdm=True,
+                                          remove_unused_columns=False)
+    trainer = transformers.Trainer(model=tw.tiny_bert(), args=args, train_dataset=rows,
+                                   data_collator=_collate, callbacks=[TsqLoRACallback()])
+    with pytest.raises(ValueError, match="wrap it"):
+        trainer.train()

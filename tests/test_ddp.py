@@ -1,0 +1,56 @@
+"""Two gloo processes on CPU: identical rank decisions everywhere, and the result of one process
+at the same global batch (batch B on 2 processes == batch B with gradient accumulation 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from safetensors.torch import load_file  # noqa: E402
+
+WORKER = str(Path(__file__).with_name("train_worker.py"))
+
+
+def _adapter(out, rank):
+    d = Path(out) / f"adapter-rank{rank}"
+    return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(tmp_path):
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two, one = tmp_path / "two", tmp_path / "one"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           WORKER, "--out", str(two), "--steps", "12", "--batch", "8"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, WORKER, "--out", str(one), "--steps", "12", "--batch", "8",
+                        "--grad-accum", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    r0, r1, single = (json.loads((d / f"result-rank{k}.json").read_text())
+                      for d, k in ((two, 0), (two, 1), (one, 0)))
+    assert r0["active"] == r1["active"]  # every process made the same rank decisions
+    assert r0["rank_history"] == r1["rank_history"]
+    assert r0["reallocations"] > 0
+    a0, a1 = _adapter(two, 0), _adapter(two, 1)
+    for k in a0:
+        torch.testing.assert_close(a1[k], a0[k], rtol=0, atol=0, msg=k)
+
+    # the same global batch on one process: same active sets, same adapter within float tolerance
+    assert single["active"] == r0["active"]
+    ref = _adapter(one, 0)
+    for k in ref:
+        torch.testing.assert_close(a0[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
+    for x, y in zip(r0["loss_history"], single["loss_history"]):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6)
+    assert r0["metrics"]["accuracy"] == pytest.approx(single["metrics"]["accuracy"], abs=1 / 64 + 1e-9)

@@ -1,0 +1,177 @@
+"""VarRankLoRALinear: the layer API, merge/unmerge, dropout, torch.compile, and AdamW across
+active-set changes (protect_inactive)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tsqlora_ext import reference
+from tsqlora_ext.layers import VarRankLoRALinear, protect_inactive
+
+
+def make_layer(device, n_in=24, n_out=20, r_max=8, r_init=4, dropout=0.0, init="adalora", seed=0,
+               dtype=torch.float32):
+    torch.manual_seed(seed)
+    base = nn.Linear(n_in, n_out).to(device=device, dtype=dtype)
+    # init="adalora" has E, A, B all random, so the adapter term is not zero from the start.
+    layer = VarRankLoRALinear(base, r_max=r_max, r_init=r_init, alpha=8.0, dropout=dropout, init=init)
+    with torch.no_grad():
+        layer.lora_E.normal_()
+    return layer
+
+
+def ref_forward(layer, x, x_lora=None):
+    return reference.varrank_lora(x, x_lora, layer.base_layer.weight, layer.base_layer.bias,
+                                  layer.lora_A, layer.lora_E, layer.lora_B, layer.active, layer.scaling)
+
+
+def test_layer_forward_matches_reference_and_rank_is_runtime(device):
+    layer = make_layer(device)
+    x = torch.randn(3, 5, 24, device=device)
+    params = [id(p) for p in layer.parameters()]
+    for ids in ([0, 1, 2, 3], [7, 1, 4], [], list(range(8))):
+        layer.set_active(ids)
+        assert layer.rank == len(ids)
+        assert layer.active_indices().tolist() == sorted(ids)
+        torch.testing.assert_close(layer(x), ref_forward(layer, x))
+    assert [id(p) for p in layer.parameters()] == params  # never re-created
+    layer.set_active([])
+    assert torch.equal(layer(x), layer.base_layer(x))
+
+
+def test_scaling_is_alpha_over_r_init():
+    layer = make_layer("cpu", r_init=4)
+    assert layer.scaling == 8.0 / 4
+    layer.set_active(range(8))
+    assert layer.scaling == 8.0 / 4  # moving rank does not rescale the layer
+
+
+def test_lora_init_starts_at_the_base_output():
+    torch.manual_seed(0)
+    layer = VarRankLoRALinear(nn.Linear(16, 12), r_max=6, r_init=3, alpha=6.0)
+    x = torch.randn(4, 16)
+    assert torch.equal(layer(x), layer.base_layer(x))
+    assert not layer.base_layer.weight.requires_grad
+
+
+def test_set_active_rejects_bad_ids():
+    layer = make_layer("cpu", r_max=8)
+    with pytest.raises(ValueError, match=r"\[0, r_max=8\).*\[8\]"):
+        layer.set_active([0, 8])
+    with pytest.raises(ValueError, match=r"\[-1\]"):
+        layer.set_active([-1, 2])
+    with pytest.raises(TypeError, match="integers"):
+        layer.set_active(torch.tensor([0.0, 1.5]))
+    assert layer.active_indices().tolist() == [0, 1, 2, 3]  # unchanged after the errors
+    layer.set_active([5, 2, 5])
+    assert layer.active_indices().tolist() == [2, 5]
+    assert layer.inactive.tolist() == [0, 1, 3, 4, 6, 7]
+
+
+def test_merge_unmerge(device):
+    layer = make_layer(device)
+    layer.set_active([1, 3, 6])
+    x = torch.randn(7, 24, device=device)
+    w0 = layer.base_layer.weight.clone()
+    y = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.base_layer.weight, w0 + layer.delta_weight())
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer.set_active([0])
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, w0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer(x), y)
+
+
+def test_dropout_applies_to_the_adapter_input_only(device):
+    layer = make_layer(device, dropout=0.5)
+    x = torch.randn(6, 24, device=device, requires_grad=True)
+    torch.manual_seed(123)
+    y = layer(x)
+    torch.manual_seed(123)
+    x_lora = F.dropout(x, 0.5, training=True)
+    torch.testing.assert_close(y, ref_forward(layer, x, x_lora))
+    g = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, g)
+    (dx_ref,) = torch.autograd.grad(ref_forward(layer, x, x_lora), x, g)
+    torch.testing.assert_close(dx, dx_ref)
+    layer.eval()
+    torch.testing.assert_close(layer(x), ref_forward(layer, x))
+
+
+def test_bfloat16_layer(device):
+    layer = make_layer(device, dtype=torch.bfloat16)
+    x = torch.randn(4, 9, 24, device=device, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref_forward(layer, x).float(), rtol=3e-2, atol=3e-2)
+
+
+def test_state_dict_roundtrip_with_another_rank():
+    a = make_layer("cpu", seed=0)
+    a.set_active([0, 5, 6])
+    b = make_layer("cpu", seed=1)  # rank 4: another length than the saved active set
+    b.load_state_dict(a.state_dict())
+    assert b.active_indices().tolist() == [0, 5, 6]
+    assert b.inactive.tolist() == [1, 2, 3, 4, 7]
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(b(x), a(x))
+
+
+def test_torch_compile_fullgraph():
+    layer = make_layer("cpu", n_in=16, n_out=12, r_max=6)
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(5, 16, requires_grad=True)
+    for ids in ([0, 2, 5], [1, 3]):
+        layer.set_active(ids)
+        y = compiled(x)
+        torch.testing.assert_close(y, ref_forward(layer, x))
+        g = torch.randn_like(y)
+        got = torch.autograd.grad(y, (x, layer.lora_A, layer.lora_E, layer.lora_B), g)
+        want = torch.autograd.grad(ref_forward(layer, x), (x, layer.lora_A, layer.lora_E, layer.lora_B), g)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_adamw_keeps_inactive_components_across_active_set_changes(device, foreach):
+    model = nn.Sequential(make_layer(device, seed=0), nn.ReLU(), make_layer(device, n_in=20, seed=1))
+    layers = [model[0], model[2]]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=foreach)
+    guard = protect_inactive(opt, model)
+    schedule = [([0, 1, 2, 3], [0, 1]), ([1, 5], [0, 1, 2, 6, 7]), ([], [3]), (list(range(8)), [4])]
+    for ids0, ids1 in schedule:
+        layers[0].set_active(ids0)
+        layers[1].set_active(ids1)
+        before = [(l.inactive.clone(), l.active.clone(), l.lora_A.detach().clone(),
+                   l.lora_E.detach().clone(), l.lora_B.detach().clone(),
+                   {k: v.clone() for k, v in opt.state[l.lora_A].items()}) for l in layers]
+        opt.zero_grad()
+        model(torch.randn(8, 24, device=device)).square().mean().backward()
+        opt.step()
+        for l, (inact, act, A0, E0, B0, stA) in zip(layers, before):
+            assert torch.equal(l.lora_A[inact], A0[inact])
+            assert torch.equal(l.lora_E[inact], E0[inact])
+            assert torch.equal(l.lora_B[:, inact], B0[:, inact])
+            if act.numel():
+                assert not torch.equal(l.lora_A[act], A0[act])  # the active ones did train
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in stA:
+                    assert torch.equal(opt.state[l.lora_A][k][inact], stA[k][inact])
+    guard.remove()
+    layers[0].set_active([0])
+    A0 = layers[0].lora_A.detach().clone()
+    opt.zero_grad()
+    model(torch.randn(8, 24, device=device)).square().mean().backward()
+    opt.step()
+    assert not torch.equal(layers[0].lora_A[1:], A0[1:])  # unprotected: weight decay moves them
+
+
+def test_protect_inactive_needs_a_layer():
+    opt = torch.optim.AdamW(nn.Linear(2, 2).parameters())
+    with pytest.raises(ValueError, match="no VarRankLoRALinear"):
+        protect_inactive(opt, nn.Linear(2, 2))

@@ -1,0 +1,246 @@
+"""The quality score against brute force: per-example gradients by one backward per example."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tsqlora_ext.layers import VarRankLoRALinear
+from tsqlora_ext.quality import (
+    SCORE_FIELDS, combine, make_batches, read_scores, robust_z, score_pool, scored_modules,
+    sequence_classification_loss, warmup, write_scores,
+)
+
+transformers = pytest.importorskip("transformers")
+
+TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+
+
+def adapt(model: nn.Module, r_max: int = 6, r_init: int = 4, seed: int = 0, scatter: bool = True):
+    """Stand-in for tsqlora_ext.wrap: adapt the encoder linears, freeze the rest but the head.
+    With ``scatter`` the adapters get random non-zero B and E and scattered active sets, so every
+    gradient term (dA, dE, dB) is non-zero and inactive components are exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, module in list(model.named_modules()):
+        for cname, child in list(module.named_children()):
+            full = f"{name}.{cname}" if name else cname
+            if isinstance(child, nn.Linear) and any(full.endswith(t) for t in TARGETS):
+                setattr(module, cname, VarRankLoRALinear(child, r_max, r_init, alpha=8.0))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, VarRankLoRALinear):
+            for p in (m.lora_A, m.lora_E, m.lora_B):
+                p.requires_grad_(True)
+            if scatter:
+                with torch.no_grad():
+                    m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=gen) * 0.2)
+                    m.lora_E.copy_(torch.rand(m.lora_E.shape, generator=gen) + 0.5)
+                k = int(torch.randint(1, r_max + 1, (1,), generator=gen))
+                m.set_active(torch.randperm(r_max, generator=gen)[:k])
+    for p in model.classifier.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def tiny_bert(seed: int = 0, num_labels: int = 3, dropout: float = 0.1):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=48,
+                                  max_position_embeddings=32, num_labels=num_labels,
+                                  hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    return adapt(transformers.BertForSequenceClassification(cfg), seed=seed)
+
+
+def tiny_pool(n: int = 10, T: int = 9, num_labels: int = 3, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 50, (n, T), generator=g)
+    mask = torch.ones(n, T, dtype=torch.long)
+    lengths = torch.randint(3, T + 1, (n,), generator=g)
+    for i, L in enumerate(lengths.tolist()):
+        mask[i, L:] = 0
+        ids[i, L:] = 0
+    labels = torch.randint(num_labels, (n,), generator=g)
+    return ids, mask, labels
+
+
+def brute_force(model, batches, params, eta):
+    """Per-example loss, gradient (flattened over params), and loss after θ − η g_i."""
+    model.eval()
+    losses, grads, after = [], [], []
+    for b in batches:
+        for i in range(b["labels"].shape[0]):
+            one = {k: v[i:i + 1] for k, v in b.items() if k != "index"}
+            loss = sequence_classification_loss(model, one).sum()
+            g = torch.autograd.grad(loss, params, allow_unused=True)
+            g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)]
+            with torch.no_grad():
+                for p, gi in zip(params, g):
+                    p.sub_(eta * gi)
+                after.append(float(sequence_classification_loss(model, one).sum()))
+                for p, gi in zip(params, g):
+                    p.add_(eta * gi)
+            losses.append(float(loss.detach()))
+            grads.append(torch.cat([gi.flatten() for gi in g]).double())
+    return np.array(losses), torch.stack(grads), np.array(after)
+
+
+def scored_params(model, mode):
+    out = []
+    for _, m in scored_modules(model, mode):
+        if isinstance(m, VarRankLoRALinear):
+            out += [m.lora_A, m.lora_E, m.lora_B]
+        else:
+            out += [p for p in m.parameters(recurse=False) if p.requires_grad]
+    return out
+
+
+@pytest.mark.parametrize("mode", ["full", "head"])
+def test_scores_equal_brute_force(mode):
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = tiny_bert()
+        model.train()  # the pass must switch dropout off itself
+        ids, mask, labels = tiny_pool()
+        batches = make_batches(ids, mask, labels, batch_size=4)
+        eta = 0.5  # large enough that exact and first-order D differ clearly
+        scores = score_pool(model, batches, mode=mode, lookahead="exact", eta=eta,
+                            compute_alignment=True, progress=False)
+        assert model.training, "the pass must restore the training flag"
+        params = scored_params(model, mode)
+        loss, grads, after = brute_force(model, batches, params, eta)
+        G = grads.norm(dim=1).numpy()
+        mean = grads.mean(0)
+        C = (grads @ mean / (grads.norm(dim=1) * mean.norm())).numpy()
+        np.testing.assert_allclose(scores.loss, loss, rtol=1e-10)
+        np.testing.assert_allclose(scores.G, G, rtol=1e-9)
+        np.testing.assert_allclose(scores.D, loss - after, rtol=1e-7, atol=1e-12)
+        np.testing.assert_allclose(scores.C, C, rtol=1e-8, atol=1e-10)
+        assert np.all(scores.G > 0)
+        # exact D is not the first-order value at this step size: the test can tell them apart
+        assert np.max(np.abs(scores.D - eta * G ** 2)) > 1e-3 * np.max(np.abs(scores.D))
+        fo = score_pool(model, batches, mode=mode, lookahead="first_order", eta=eta,
+                        compute_alignment=False, progress=False)
+        np.testing.assert_allclose(fo.D, eta * G ** 2, rtol=1e-9)
+        assert np.all(np.isnan(fo.C))
+        if mode == "head":  # the head mode scores fewer parameters than the full one
+            assert scores.meta["scored_parameters"] < sum(p.numel() for p in scored_params(model, "full"))
+            assert all(".layer.1." in n or n == "classifier" for n in scores.meta["scored_layers"])
+        # requires_grad is restored after the pass
+        assert all(p.requires_grad for p in scored_params(model, "full"))
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_ghost_and_direct_paths_agree():
+    """Long sequences take the ghost (Gram) path for the head-like linear, short ones the direct
+    outer product; both equal the materialised per-example gradient."""
+    from tsqlora_ext.quality import _outer_sq_norms
+    g = torch.Generator().manual_seed(0)
+    for T, d, p in [(2, 16, 16), (40, 4, 5)]:
+        x = torch.randn(3, T, d, generator=g, dtype=torch.float64)
+        dl = torch.randn(3, T, p, generator=g, dtype=torch.float64)
+        want = torch.einsum("btp,btd->bpd", dl, x).square().sum((1, 2))
+        torch.testing.assert_close(_outer_sq_norms(x, dl), want)
+
+
+def test_unsupported_trainable_parameter_is_named():
+    model = tiny_bert()
+    model.bert.encoder.layer[0].attention.output.LayerNorm.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"bert\.encoder\.layer\.0\.attention\.output\.LayerNorm\.weight.*LayerNorm"):
+        scored_modules(model, "full")
+    model = tiny_bert()
+    model.bert.encoder.layer[0].attention.self.query.base_layer.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"query\.base_layer\.weight.*frozen base"):
+        scored_modules(model, "full")
+
+
+def test_robust_z():
+    v = np.array([1.0, 2.0, 3.0, 4.0, 100.0])
+    z = robust_z(v)
+    mad = np.median(np.abs(v - 3.0))  # 1
+    np.testing.assert_allclose(z, (v - 3.0) / (1.4826 * mad))
+    assert z[2] == 0.0
+    np.testing.assert_array_equal(robust_z(np.full(4, 2.5)), np.zeros(4))
+    w = np.array([0.0, 0.0, 0.0, 1.0, 5.0])  # MAD = 0: falls back to the standard deviation
+    np.testing.assert_allclose(robust_z(w), w / w.std())
+    q = combine(v, 2 * v, np.full(5, np.nan), (0.5, 0.5, 0.0))
+    np.testing.assert_allclose(q, z)  # z is scale-invariant; a zero weight drops the NaN term
+
+
+def _random_scores(n=7, seed=0):
+    from tsqlora_ext.quality import QualityScores
+    r = np.random.default_rng(seed)
+    return QualityScores(index=r.permutation(n * 3)[:n], loss=r.random(n), G=r.random(n), D=r.random(n),
+                         C=np.where(np.arange(n) == 2, np.nan, r.random(n)), Q=r.normal(size=n),
+                         p_mislabeled=r.random(n), likely_mislabeled=np.zeros(n, bool))
+
+
+def test_scores_file_round_trip(tmp_path):
+    s = _random_scores()
+    path = write_scores(tmp_path / "scores.jsonl", s)
+    assert not (tmp_path / "scores.jsonl.tmp").exists()
+    first = json.loads(path.read_text().splitlines()[0])
+    assert set(first) == set(SCORE_FIELDS)
+    back = read_scores(path, mislabel_threshold=0.5)
+    np.testing.assert_array_equal(back.index, s.index)
+    for f in SCORE_FIELDS[1:]:
+        np.testing.assert_array_equal(getattr(back, f), getattr(s, f))  # bit-exact, NaN kept
+    np.testing.assert_array_equal(back.likely_mislabeled, s.p_mislabeled > 0.5)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ('{"index": 3, "loss": 1.0', "not valid JSON"),
+    ('[1, 2]', "expected a JSON object"),
+    ('{"index": 3, "loss": 1.0, "G": 1, "D": 1, "C": 1, "Q": 1}', r"\['p_mislabeled'\] missing"),
+    ('{"index": -1, "loss": 1.0, "G": 1, "D": 1, "C": 1, "Q": 1, "p_mislabeled": 0}', "'index'"),
+    ('{"index": 9, "loss": "x", "G": 1, "D": 1, "C": 1, "Q": 1, "p_mislabeled": 0}', "'loss' must be a number"),
+])
+def test_corrupted_scores_file_names_file_and_line(tmp_path, bad, message):
+    path = write_scores(tmp_path / "s.jsonl", _random_scores(n=4))
+    lines = path.read_text().splitlines()
+    lines.insert(2, bad)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=rf"s\.jsonl: line 3: .*{message}"):
+        read_scores(path)
+
+
+def test_empty_and_duplicate_scores_file(tmp_path):
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"e\.jsonl: no scores"):
+        read_scores(tmp_path / "e.jsonl")
+    s = _random_scores(n=3)
+    s.index[:] = [1, 1, 2]
+    write_scores(tmp_path / "d.jsonl", s)
+    with pytest.raises(ValueError, match=r"d\.jsonl: an 'index' appears more than once"):
+        read_scores(tmp_path / "d.jsonl")
+
+
+def test_warmup_steps_the_model_and_reports():
+    model = tiny_bert(dropout=0.0)
+    ids, mask, labels = tiny_pool(n=16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    rec = warmup(model, opt, {"input_ids": ids, "attention_mask": mask, "labels": labels}, steps=5,
+                 batch_size=4, seed=3, progress=False)
+    assert rec["steps"] == 5 and rec["examples"] == 20 and rec["seed"] == 3
+    assert all(p.grad is None for p in params)
+    assert any(not torch.equal(b, p) for b, p in zip(before, params))
+    assert opt.state[params[0]]["step"] == 5  # the optimizer carries on into training
+
+
+def test_pool_index_kept_and_guard_switch():
+    model = tiny_bert(dropout=0.0)
+    ids, mask, labels = tiny_pool(n=12)
+    batches = make_batches(ids, mask, labels, batch_size=5, index=torch.arange(100, 112))
+    s = score_pool(model, iter(batches), mode="head", weights=(0.5, 0.5, 0.0), progress=False,
+                   mislabel_guard=False)
+    np.testing.assert_array_equal(s.index, np.arange(100, 112))
+    assert not s.likely_mislabeled.any() and np.all((s.p_mislabeled >= 0) & (s.p_mislabeled <= 1))
+    assert np.isfinite(s.Q).all() and not s.meta["alignment"]

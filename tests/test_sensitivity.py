@@ -1,0 +1,228 @@
+"""sensitivity_update and layer_sensitivity against their references, PEFT, and opcheck."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from torch import nn
+
+import tsqlora_ext  # noqa: F401  (loads the ops)
+from tsqlora_ext import ops, reference
+
+SHAPES = [(6, 5, 7), (4, 33, 3), (8, 300, 260)]  # (r, in, out) per layer; the last spans B tiles
+
+
+def make_state(device, dtype=torch.float32, shapes=SHAPES, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    A = [rnd(r, i) for r, i, _ in shapes]
+    E = [rnd(r) for r, _, _ in shapes]
+    B = [rnd(o, r) for r, _, o in shapes]
+    n_state = [r * i + r + o * r for r, i, o in shapes]
+    ipt = [torch.rand(n, generator=g).to(device) for n in n_state]
+    unc = [torch.rand(n, generator=g).to(device) for n in n_state]
+    n_comp = sum(r for r, _, _ in shapes)
+    mask = (torch.rand(n_comp, generator=g) < 0.6).to(device)
+    scores = torch.rand(n_comp, generator=g).to(device)
+    counters = torch.zeros(2, dtype=torch.long, device=device)
+    return A, E, B, ipt, unc, mask, scores, counters
+
+
+def grads_like(A, E, B, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def like(t):
+        return torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device, t.dtype)
+
+    return [like(a) for a in A], [like(e) for e in E], [like(b) for b in B]
+
+
+def clone_all(xs):
+    return [x.clone() for x in xs]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_update_matches_reference_over_steps(device, dtype):
+    A, E, B, ipt, unc, mask, scores, counters = make_state(device, dtype)
+    r_ipt, r_unc, r_scores, r_counters = clone_all(ipt), clone_all(unc), scores.clone(), counters.clone()
+    for step in range(3):
+        gA, gE, gB = grads_like(A, E, B, seed=100 + step)
+        reference.sensitivity_update(A, E, B, gA, gE, gB, r_ipt, r_unc, mask, r_scores, r_counters,
+                                     0.85, 0.7)
+        ops.sensitivity_update(A, E, B, gA, gE, gB, ipt, unc, mask, scores, counters, 0.85, 0.7)
+    for got, want in zip(ipt + unc, r_ipt + r_unc):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scores, r_scores, rtol=1e-4, atol=1e-6)
+    assert counters.tolist() == [3, 0]
+
+
+def test_update_leaves_inactive_components_alone(device):
+    A, E, B, ipt, unc, mask, scores, counters = make_state(device)
+    before_ipt, before_scores = clone_all(ipt), scores.clone()
+    gA, gE, gB = grads_like(A, E, B, seed=5)
+    ops.sensitivity_update(A, E, B, gA, gE, gB, ipt, unc, mask, scores, counters, 0.85, 0.85)
+    assert torch.equal(scores[~mask], before_scores[~mask])
+    assert not torch.equal(scores[mask], before_scores[mask])
+    r, n_in, _ = SHAPES[0]
+    inactive_rows = ~mask[:r]
+    a_state = ipt[0][: r * n_in].view(r, n_in)
+    assert torch.equal(a_state[inactive_rows], before_ipt[0][: r * n_in].view(r, n_in)[inactive_rows])
+
+
+@pytest.mark.parametrize("where", ["A", "E", "B"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_step_is_skipped_and_counted(device, where, bad):
+    A, E, B, ipt, unc, mask, scores, counters = make_state(device)
+    mask[:] = True
+    before = clone_all(ipt) + clone_all(unc) + [scores.clone()]
+    gA, gE, gB = grads_like(A, E, B, seed=9)
+    target = {"A": gA[2], "E": gE[2], "B": gB[2]}[where]
+    target.view(-1)[3] = bad
+    ops.sensitivity_update(A, E, B, gA, gE, gB, ipt, unc, mask, scores, counters, 0.85, 0.85)
+    assert counters.tolist() == [0, 1]
+    for got, want in zip(clone_all(ipt) + clone_all(unc) + [scores], before):
+        assert torch.equal(got, want)
+    # the next finite step is applied again
+    gA, gE, gB = grads_like(A, E, B, seed=10)
+    ops.sensitivity_update(A, E, B, gA, gE, gB, ipt, unc, mask, scores, counters, 0.85, 0.85)
+    assert counters.tolist() == [1, 1]
+
+
+def test_nan_in_an_inactive_component_is_not_read(device):
+    A, E, B, ipt, unc, mask, scores, counters = make_state(device)
+    mask[0] = False
+    gA, gE, gB = grads_like(A, E, B, seed=11)
+    gA[0][0, 0] = float("nan")
+    ops.sensitivity_update(A, E, B, gA, gE, gB, ipt, unc, mask, scores, counters, 0.85, 0.85)
+    assert counters.tolist() == [1, 0]
+    assert all(torch.isfinite(t).all() for t in ipt + unc + [scores])
+
+
+def test_update_rejects_bad_input():
+    A, E, B, ipt, unc, mask, scores, counters = make_state("cpu")
+    gA, gE, gB = grads_like(A, E, B, seed=1)
+    with pytest.raises(RuntimeError, match=r"ipt_avg\[1\] must be a contiguous float32"):
+        ops.sensitivity_update(A, E, B, gA, gE, gB, [ipt[0], ipt[1][:-1], ipt[2]], unc, mask,
+                               scores, counters, 0.85, 0.85)
+    with pytest.raises(RuntimeError, match=r"grad_B\[0\] has shape"):
+        ops.sensitivity_update(A, E, B, gA, gE, [gB[0].t().contiguous()] + gB[1:], ipt, unc, mask,
+                               scores, counters, 0.85, 0.85)
+    with pytest.raises(RuntimeError, match="active_mask must be a contiguous bool"):
+        ops.sensitivity_update(A, E, B, gA, gE, gB, ipt, unc, mask[:-1], scores, counters, 0.85, 0.85)
+    with pytest.raises(RuntimeError, match="beta1 and beta2 must lie in"):
+        ops.sensitivity_update(A, E, B, gA, gE, gB, ipt, unc, mask, scores, counters, 1.0, 0.85)
+
+
+def test_update_opcheck(device):
+    A, E, B, ipt, unc, mask, scores, counters = make_state(device, shapes=SHAPES[:2])
+    gA, gE, gB = grads_like(A, E, B, seed=3)
+    torch.library.opcheck(torch.ops.tsqlora_ext.sensitivity_update.default,
+                          (A, E, B, gA, gE, gB, ipt, unc, mask, scores, counters, 0.85, 0.85))
+
+
+# ---- against PEFT's own RankAllocator ------------------------------------------------------------
+class _PeftLike(nn.Module):
+    """Parameters named as PEFT AdaLoRA names them (lora_A.default, lora_E.default [r, 1], ...)."""
+
+    def __init__(self, A, E, B):
+        super().__init__()
+        self.blocks = nn.ModuleList()
+        for a, e, b in zip(A, E, B):
+            m = nn.Module()
+            m.lora_A = nn.ParameterDict({"default": nn.Parameter(a.clone())})
+            m.lora_E = nn.ParameterDict({"default": nn.Parameter(e.clone().view(-1, 1))})
+            m.lora_B = nn.ParameterDict({"default": nn.Parameter(b.clone())})
+            self.blocks.append(m)
+
+
+def test_update_matches_peft_rank_allocator(device):
+    layer_mod = pytest.importorskip("peft.tuners.adalora.layer")
+    A, E, B, _, _, _, _, _ = make_state(device)
+    model = _PeftLike(A, E, B).to(device)
+    cfg = types.SimpleNamespace(beta1=0.85, beta2=0.85, target_r=2, tinit=0, tfinal=0, deltaT=1,
+                                total_step=10)
+    peft_alloc = layer_mod.RankAllocator(model, cfg, "default")
+    n_comp = sum(a.shape[0] for a in A)
+    ipt = [torch.zeros(a.numel() + e.numel() + b.numel(), device=device) for a, e, b in zip(A, E, B)]
+    unc = [torch.zeros_like(t) for t in ipt]
+    mask = torch.ones(n_comp, dtype=torch.bool, device=device)
+    scores = torch.zeros(n_comp, device=device)
+    counters = torch.zeros(2, dtype=torch.long, device=device)
+    for step in range(4):
+        gA, gE, gB = grads_like(A, E, B, seed=200 + step)
+        for blk, ga, ge, gb in zip(model.blocks, gA, gE, gB):
+            blk.lora_A["default"].grad = ga.clone()
+            blk.lora_E["default"].grad = ge.clone().view(-1, 1)
+            blk.lora_B["default"].grad = gb.clone()
+        peft_alloc.update_ipt(model)
+        ops.sensitivity_update(A, E, B, gA, gE, gB, ipt, unc, mask, scores, counters, 0.85, 0.85)
+    want_scores = []
+    for i, (a, e, b) in enumerate(zip(A, E, B)):
+        name = f"blocks.{i}.%s.default"
+        for state, peft_state in ((ipt[i], peft_alloc.exp_avg_ipt), (unc[i], peft_alloc.exp_avg_unc)):
+            want = torch.cat([peft_state[name % p].flatten() for p in ("lora_A", "lora_E", "lora_B")])
+            torch.testing.assert_close(state, want, rtol=1e-5, atol=1e-7)
+        s_a = peft_alloc._element_score(name % "lora_A").mean(dim=1, keepdim=True)
+        s_b = peft_alloc._element_score(name % "lora_B").mean(dim=0).view(-1, 1)
+        want_scores.append(peft_alloc._combine_ipt(peft_alloc._element_score(name % "lora_E"),
+                                                   torch.cat([s_a, s_b], dim=1)))
+    torch.testing.assert_close(scores, torch.cat(want_scores), rtol=1e-5, atol=1e-8)
+    # PEFT's mask_to_budget keeps the components above its k-th smallest score: the same set as
+    # our reallocator with no per-layer bounds (scores are distinct here).
+    budget = n_comp // 2
+    pattern = peft_alloc.mask_to_budget(model, budget)
+    peft_keep = torch.tensor(sum((pattern[f"blocks.{i}.lora_E.default"] for i in range(len(A))), []))
+    sizes = [a.shape[0] for a in A]
+    keep = ops.topk_realloc(scores, sizes, [0] * len(A), sizes, budget)
+    assert torch.equal(keep.cpu(), peft_keep)
+
+
+# ---- layer sensitivity ----------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(2, 3), (40,), (3, 5, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_layer_sensitivity_matches_explicit(device, shape, dtype):
+    g = torch.Generator().manual_seed(7)
+    out, n_in = 300, 200  # 60k elements: more than one CPU tile
+    W = torch.randn(out, n_in, generator=g, dtype=dtype).to(device)
+    x = torch.randn(*shape, n_in, generator=g, dtype=dtype).to(device)
+    d = torch.randn(*shape, out, generator=g, dtype=dtype).to(device)
+    got = ops.layer_sensitivity(W, x, d)
+    # explicit: the gradient of sum(d * (x W^T)) w.r.t. W is dᵀx
+    Wg = W.detach().clone().requires_grad_(True)
+    (d * torch.nn.functional.linear(x, Wg)).sum().backward()
+    explicit = (W * Wg.grad).abs().sum()
+    assert got.shape == () and got.dtype == dtype
+    torch.testing.assert_close(got, explicit, rtol=1e-5 if dtype == torch.float32 else 1e-10, atol=0)
+    torch.testing.assert_close(got, reference.layer_sensitivity(W, x, d),
+                               rtol=1e-5 if dtype == torch.float32 else 1e-10, atol=0)
+
+
+def test_layer_sensitivity_half_inputs_compute_in_float(device):
+    g = torch.Generator().manual_seed(8)
+    W = torch.randn(64, 48, generator=g).to(device, torch.bfloat16)
+    x = torch.randn(10, 48, generator=g).to(device, torch.bfloat16)
+    d = torch.randn(10, 64, generator=g).to(device, torch.bfloat16)
+    got = ops.layer_sensitivity(W, x, d)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, reference.layer_sensitivity(W, x, d), rtol=1e-5, atol=0)
+
+
+def test_layer_sensitivity_rejects_bad_shapes():
+    W = torch.randn(6, 4)
+    with pytest.raises(RuntimeError, match=r"x must be \[\.\.\., in=4\]"):
+        ops.layer_sensitivity(W, torch.randn(3, 5), torch.randn(3, 6))
+    with pytest.raises(RuntimeError, match="same number of rows"):
+        ops.layer_sensitivity(W, torch.randn(3, 4), torch.randn(2, 6))
+
+
+def test_layer_sensitivity_opcheck(device):
+    g = torch.Generator().manual_seed(9)
+    W = torch.randn(12, 10, generator=g).to(device)
+    x = torch.randn(2, 5, 10, generator=g).to(device)
+    d = torch.randn(2, 5, 12, generator=g).to(device)
+    torch.library.opcheck(torch.ops.tsqlora_ext.layer_sensitivity.default, (W, x, d))

@@ -1,0 +1,110 @@
+"""The training loop on a tiny seeded task: ranks really move, the budget schedule holds at every
+reallocation, rank work happens once per optimizer step, metrics are right."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from tsqlora_ext.allocator import RankAllocator, budget_schedule  # noqa: E402
+from tsqlora_ext.train import TrainArgs, classification_metrics, train  # noqa: E402
+from tsqlora_ext.wrap import wrap  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("train_worker", Path(__file__).with_name("train_worker.py"))
+tw = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tw)
+
+
+def _args(**kw):
+    base = dict(lr=5e-3, batch_size=16, progress=False, num_workers=1)
+    base.update(kw)
+    return TrainArgs(**base)
+
+
+def test_ranks_move_and_budget_schedule_holds():
+    torch.set_num_threads(1)
+    train_data, eval_data = tw.tiny_task()
+    config = tw.tiny_config()
+    model = wrap(tw.tiny_bert(), config, verbose=False)
+    steps = 16
+    config = config.replace(total_steps=steps)
+    alloc = RankAllocator(model, config)
+    seen = []
+    result = train(model, train_data, eval_data, config, _args(max_steps=steps), allocator=alloc,
+                   on_step=lambda step, rec: seen.append((step, rec["total_rank"])))
+    n_layers = len(result.final_ranks)
+    b0, bT = config.budget(n_layers)
+    end = steps - config.t_final
+    expected = [t for t in range(1, steps + 1)
+                if t <= end and (t == end or (t > config.t_init and t % config.delta_t == 0))]
+    # one allocator step per optimizer step; reallocation exactly on the schedule's steps
+    assert result.optimizer_steps == steps == alloc.global_step
+    assert result.reallocations == len(expected)
+    realloc_steps = [h["step"] for h in result.rank_history[1:]]
+    assert realloc_steps == expected
+    for h in result.rank_history[1:]:
+        want = budget_schedule(h["step"], b0, bT, config.t_init, config.t_final, steps)
+        assert sum(h["ranks"].values()) == h["budget"] == want
+    # between reallocations the total rank stays put, and it ends at the final budget
+    ranks_at = dict(seen)
+    assert ranks_at[steps] == bT
+    assert all(ranks_at[t] == b0 for t in range(1, config.t_init + 1))
+    # ranks really moved between layers, not only shrank uniformly
+    initial = result.rank_history[0]["ranks"]
+    assert len({result.final_ranks[n] - initial[n] for n in initial}) > 1
+    assert result.metrics["n"] == len(eval_data) and 0 <= result.metrics["accuracy"] <= 1
+
+
+def test_grad_accumulation_counts_optimizer_steps():
+    torch.set_num_threads(1)
+    train_data, _ = tw.tiny_task(n=128)
+    config = tw.tiny_config()
+    model = wrap(tw.tiny_bert(), config, verbose=False)
+    alloc_box = {}
+    result = train(model, train_data, None, config, _args(max_steps=6, grad_accum=2, batch_size=8),
+                   on_step=lambda s, r: alloc_box.setdefault("n", []).append(s))
+    assert result.optimizer_steps == 6 and alloc_box["n"] == [1, 2, 3, 4, 5, 6]
+    assert result.rank_history[-1]["step"] <= 6
+    # 128 rows / 8 = 16 micro-batches = 8 optimizer steps per epoch; 6 steps is 12 micro-batches
+    assert len(result.loss_history) == 6
+
+
+def test_training_learns_the_tiny_task():
+    torch.set_num_threads(1)
+    train_data, eval_data = tw.tiny_task(n=512)
+    config = tw.tiny_config(dynamic=False, sensitivity_init=False)
+    model = wrap(tw.tiny_bert(), config, verbose=False)
+    before = classification_metrics(np.zeros(len(eval_data), dtype=np.int64), eval_data.labels, 2)
+    result = train(model, train_data, eval_data, config, _args(epochs=3, lr=1e-2))
+    losses = [h["loss"] for h in result.loss_history]
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    assert result.metrics["accuracy"] > before["accuracy"]
+    assert len(result.eval_history) == 3  # one evaluation per epoch
+
+
+def test_classification_metrics_macro_f1():
+    preds = np.array([0, 1, 2, 2, 1, 0])
+    labels = np.array([0, 1, 2, 1, 1, 2])
+    m = classification_metrics(preds, labels, 3)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    # per class F1: c0 2/3 (tp1 fp1 fn0), c1 0.8 (tp2 fp0 fn1), c2 0.5 (tp1 fp1 fn1)
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8 + 0.5) / 3)
+    assert "macro_f1" not in classification_metrics(preds % 2, labels % 2, 2)
+
+
+def test_bad_inputs_name_the_problem():
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        TrainArgs(lr=0)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        TrainArgs(checkpoint_every=5)
+    model = wrap(tw.tiny_bert(), tw.tiny_config(), verbose=False)
+    with pytest.raises(TypeError, match="train_data"):
+        train(model, "not data", None, tw.tiny_config(), _args(max_steps=1))
+    with pytest.raises(ValueError, match="tokenizer"):
+        train(model, (["a b c"], [0]), None, tw.tiny_config(), _args(max_steps=1))

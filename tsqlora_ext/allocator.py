@@ -1,0 +1,358 @@
+"""RankAllocator: moves rank budget between the VarRankLoRALinear layers of a model.
+
+It drives three native ops:
+- ``layer_sensitivity`` on calibration batches gives each layer's S_l, and the starting budget
+  B_0 is shared in proportion to S_l (``calibrate``);
+- ``sensitivity_update`` after every optimizer step refreshes the EMAs of |p ⊙ ∇p| and the
+  component scores of all layers in one call, with no host sync;
+- ``topk_realloc`` every ``delta_t`` steps of the budget phase keeps the b(t) best components.
+
+Typical loop::
+
+    alloc = RankAllocator(model, config)
+    alloc.calibrate(calibration_batches)      # optional: sensitivity-proportional initial ranks
+    for batch in data:
+        loss = model(**batch).loss + alloc.orthogonality_penalty()
+        loss.backward()
+        optimizer.step()
+        alloc.step()                          # after optimizer.step(), before zero_grad()
+        optimizer.zero_grad()
+
+It counts optimizer steps: call ``step()`` once per optimizer step, never per micro-batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import ops
+from .config import TsqLoRAConfig
+from .layers import VarRankLoRALinear
+
+
+def budget_schedule(step: int, b0: int, b_t: int, t_init: int, t_final: int, total_steps: int) -> int:
+    """b(t): B_0 up to t_init, then b_T + (B_0 − b_T)(1 − (t − t_init)/(T − t_final − t_init))³
+    (rounded down, as PEFT), and b_T from T − t_final on."""
+    if step <= t_init:
+        return b0
+    span = total_steps - t_final - t_init
+    if step >= total_steps - t_final or span <= 0:
+        return b_t
+    frac = 1.0 - (step - t_init) / span
+    return int(b_t + (b0 - b_t) * frac**3)
+
+
+def proportional_ranks(weights: list[float], total: int, r_min: int, r_max: int) -> list[int]:
+    """Share ``total`` among layers in proportion to ``weights``, each within [r_min, r_max].
+
+    Layers whose share falls outside the bounds are clipped and the rest is re-shared among the
+    others (water-filling); the real-valued shares are then rounded by largest remainder (ties to
+    the lower layer index), so the ranks add up to total clamped to [n r_min, n r_max]. All-zero
+    weights share equally.
+    """
+    n = len(weights)
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise ValueError(f"proportional_ranks: weights must be finite and >= 0, got {weights}")
+    total = min(max(total, n * r_min), n * r_max)
+    w = list(weights) if sum(weights) > 0 else [1.0] * n
+    fixed: dict[int, int] = {}
+    while True:
+        free = [i for i in range(n) if i not in fixed]
+        left = total - sum(fixed.values())
+        wsum = sum(w[i] for i in free)
+        share = {i: (left * w[i] / wsum if wsum > 0 else left / len(free)) for i in free}
+        low = [i for i in free if share[i] < r_min]
+        high = [i for i in free if share[i] > r_max]
+        if not low and not high:
+            break
+        for i in low:
+            fixed[i] = r_min
+        for i in high:
+            fixed[i] = r_max
+    ranks = [fixed.get(i, 0) for i in range(n)]
+    for i, s in share.items():
+        ranks[i] = int(math.floor(s))
+    rest = total - sum(ranks)
+    by_remainder = sorted(share, key=lambda i: (-(share[i] - math.floor(share[i])), i))
+    for i in by_remainder[:rest]:
+        ranks[i] += 1
+    return ranks
+
+
+def orthogonality_penalty(layers: Iterable[VarRankLoRALinear], weight: float) -> torch.Tensor:
+    """weight · Σ_l (‖A_act A_actᵀ − I‖_F + ‖B_actᵀ B_act − I‖_F) over each layer's active
+    components (differentiable; 0 for an empty set of layers or weight 0)."""
+    total = None
+    for layer in layers:
+        idx = layer.active
+        if idx.numel() == 0:
+            continue
+        a = layer.lora_A.index_select(0, idx)
+        b = layer.lora_B.index_select(1, idx)
+        eye = torch.eye(idx.numel(), device=a.device, dtype=a.dtype)
+        term = torch.linalg.matrix_norm(a @ a.T - eye) + torch.linalg.matrix_norm(b.T @ b - eye)
+        total = term if total is None else total + term
+    if total is None or weight == 0:
+        return torch.zeros(())
+    return weight * total
+
+
+def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over processes (in place) so every rank makes the same decision."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(dist.get_world_size())
+    return t
+
+
+class RankAllocator:
+    """Sensitivity-driven rank allocation over every ``VarRankLoRALinear`` in ``model``.
+
+    Args:
+        model: the adapted model (its ``VarRankLoRALinear`` modules are found by name).
+        config: ``TsqLoRAConfig``; uses r_init, target_r, r_min, r_max, t_init, t_final, delta_t,
+            total_steps, beta1, beta2, orth_reg_weight, allow_growth, sensitivity_init, dynamic,
+            calibration_batches.
+
+    Attributes:
+        history: one entry per allocation decision, ``{"step", "budget", "ranks": {name: rank}}``
+            (the initial one at step 0), ready for a rank heatmap.
+        layer_sensitivity: {name: S_l} after ``calibrate``.
+    """
+
+    def __init__(self, model: nn.Module, config: TsqLoRAConfig) -> None:
+        self.config = config
+        self.layers: dict[str, VarRankLoRALinear] = {
+            name: m for name, m in model.named_modules() if isinstance(m, VarRankLoRALinear)
+        }
+        if not self.layers:
+            raise ValueError("RankAllocator: the model holds no VarRankLoRALinear layer to allocate")
+        self.names = list(self.layers)
+        mods = list(self.layers.values())
+        self.sizes = [m.r_max for m in mods]
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(mods))]
+        self.b0, self.b_t = config.budget(len(mods))
+        device = mods[0].lora_A.device
+        # EMA state, one flat float32 buffer per layer holding A's, E's, B's elements in order.
+        self.ipt_avg = [torch.zeros(m.lora_A.numel() + m.lora_E.numel() + m.lora_B.numel(),
+                                    device=device, dtype=torch.float32) for m in mods]
+        self.unc_avg = [torch.zeros_like(t) for t in self.ipt_avg]
+        self.scores = torch.zeros(sum(self.sizes), device=device, dtype=torch.float32)
+        # [updates applied, steps skipped for non-finite gradients]; read on demand only.
+        self.counters = torch.zeros(2, device=device, dtype=torch.long)
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.layer_sensitivity: dict[str, float] = {}
+        self._refresh_mask()
+        self._record(budget=sum(m.rank for m in mods))
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+    def _refresh_mask(self) -> None:
+        mask = torch.zeros(sum(self.sizes), dtype=torch.bool)
+        for off, m in zip(self.offsets, self.layers.values()):
+            mask[off + m.active.cpu()] = True
+        self.active_mask = mask.to(self.scores.device)
+
+    def _record(self, budget: int) -> None:
+        self.history.append({"step": self.global_step, "budget": int(budget), "ranks": self.ranks()})
+
+    def ranks(self) -> dict[str, int]:
+        """{layer name: current rank}."""
+        return {name: m.rank for name, m in self.layers.items()}
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Fill in T (the trainer knows it once the data is known)."""
+        self.config = self.config.replace(total_steps=int(total_steps))
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps whose gradients held NaN/inf and left the scores untouched (syncs)."""
+        return int(self.counters[1])
+
+    def orthogonality_penalty(self) -> torch.Tensor:
+        """config.orth_reg_weight · Σ (‖A_act A_actᵀ − I‖_F + ‖B_actᵀ B_act − I‖_F)."""
+        return orthogonality_penalty(self.layers.values(), self.config.orth_reg_weight)
+
+    # ---- initial allocation --------------------------------------------------------------------
+    def calibrate(
+        self,
+        batches: Iterable[Any],
+        model: nn.Module | None = None,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    ) -> dict[str, int]:
+        """Measure S_l = mean over K batches of Σ|W_l ⊙ δᵀX| and share B_0 in proportion.
+
+        ``batches`` yields model inputs (a dict is passed as ``model(**batch)``, anything else as
+        ``model(batch)``); the loss is ``loss_fn(output, batch)``, or ``output.loss``. At most
+        ``config.calibration_batches`` batches are used. Gradients the calibration leaves on
+        parameters are cleared. With ``sensitivity_init=False`` every layer gets r_init and no
+        batch is run. Returns the new ranks.
+        """
+        cfg = self.config
+        mods = list(self.layers.values())
+        if not cfg.sensitivity_init:
+            ranks = [cfg.r_init] * len(mods)
+        else:
+            if model is None:
+                raise ValueError("RankAllocator.calibrate: pass the model to run the batches through")
+            sens = self._measure_sensitivity(model, batches, loss_fn)
+            self.layer_sensitivity = dict(zip(self.names, sens))
+            ranks = proportional_ranks(sens, self.b0, cfg.r_min, cfg.r_max)
+        for m, r in zip(mods, ranks):
+            m.set_active(torch.arange(r))
+        self._refresh_mask()
+        self.history = [h for h in self.history if h["step"] != self.global_step]
+        self._record(budget=sum(ranks))
+        return self.ranks()
+
+    def _measure_sensitivity(self, model, batches, loss_fn) -> list[float]:
+        mods = list(self.layers.values())
+        totals = torch.zeros(len(mods), dtype=torch.float64, device=self.scores.device)
+        had_grad = {p: p.grad is not None for p in model.parameters()}
+        handles = []
+
+        def hook(i: int, layer: VarRankLoRALinear):
+            def forward_hook(module, args, output):
+                x = args[0].detach()
+
+                def grad_hook(g: torch.Tensor) -> None:
+                    # y = base(x) + adapter(x): the gradient of the base output is that of y.
+                    s = ops.layer_sensitivity(layer.base_layer.weight.detach(), x, g.detach())
+                    totals[i] += s.to(totals.dtype)
+
+                if output.requires_grad:
+                    output.register_hook(grad_hook)
+            return forward_hook
+
+        for i, m in enumerate(mods):
+            handles.append(m.register_forward_hook(hook(i, m)))
+        n = 0
+        was_training = model.training
+        try:
+            model.eval()  # no dropout: the sensitivity of the model itself
+            for batch in batches:
+                if n >= self.config.calibration_batches:
+                    break
+                with torch.enable_grad():
+                    out = model(**batch) if isinstance(batch, dict) else model(batch)
+                    loss = loss_fn(out, batch) if loss_fn is not None else out.loss
+                    loss.backward()
+                n += 1
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+            for p, had in had_grad.items():
+                if not had:
+                    p.grad = None
+        if n == 0:
+            raise ValueError("RankAllocator.calibrate: no calibration batch was given")
+        totals /= n
+        _all_reduce_mean(totals)
+        return totals.tolist()
+
+    # ---- per-step work -------------------------------------------------------------------------
+    def budget(self, step: int | None = None) -> int:
+        """b(t) at ``step`` (default: the current optimizer step)."""
+        cfg = self.config
+        if cfg.total_steps is None:
+            raise ValueError("RankAllocator: config.total_steps is unset; call set_total_steps(T)")
+        t = self.global_step if step is None else step
+        return budget_schedule(t, self.b0, self.b_t, cfg.t_init, cfg.t_final, cfg.total_steps)
+
+    @torch.no_grad()
+    def update_scores(self) -> None:
+        """One fused sensitivity update from the current gradients (no host sync)."""
+        mods = list(self.layers.values())
+        grads = []
+        for m in mods:
+            for p in (m.lora_A, m.lora_E, m.lora_B):
+                grads.append(p.grad if p.grad is not None else torch.zeros_like(p))
+        ops.sensitivity_update(
+            [m.lora_A.detach() for m in mods], [m.lora_E.detach() for m in mods],
+            [m.lora_B.detach() for m in mods], grads[0::3], grads[1::3], grads[2::3],
+            self.ipt_avg, self.unc_avg, self.active_mask, self.scores, self.counters,
+            self.config.beta1, self.config.beta2)
+
+    def step(self) -> dict[str, int] | None:
+        """Call once after each optimizer step. Updates the scores and, every delta_t steps of
+        the budget phase (and once when it ends), reallocates. Returns the new ranks when it
+        reallocated, else None."""
+        cfg = self.config
+        self.global_step += 1
+        if not cfg.dynamic:
+            return None
+        if cfg.total_steps is None:
+            raise ValueError("RankAllocator.step: config.total_steps is unset; call set_total_steps(T)")
+        t, end = self.global_step, cfg.total_steps - cfg.t_final
+        if t > end:
+            return None  # ranks frozen for the final t_final steps
+        self.update_scores()
+        if t == end or (t > cfg.t_init and t % cfg.delta_t == 0):
+            return self.reallocate(self.budget(t))
+        return None
+
+    @torch.no_grad()
+    def reallocate(self, budget: int) -> dict[str, int]:
+        """Keep the ``budget`` best components over all layers (within [r_min, r_max] each) and
+        apply them as the new active sets. One host sync."""
+        cfg = self.config
+        mods = list(self.layers.values())
+        scores = _all_reduce_mean(self.scores.clone())
+        r_min = [min(cfg.r_min, s) for s in self.sizes]
+        r_max = [min(cfg.r_max, s) for s in self.sizes]
+        if not cfg.allow_growth:
+            # Only ever prune: a layer may keep at most its current components, and no inactive
+            # one can outrank an active one.
+            r_max = [min(h, m.rank) for h, m in zip(r_max, mods)]
+            r_min = [min(lo, h) for lo, h in zip(r_min, r_max)]
+            scores = scores.masked_fill(~self.active_mask, float("-inf"))
+        budget = max(int(budget), sum(r_min))
+        keep = ops.topk_realloc(scores, self.sizes, r_min, r_max, budget)
+        keep_cpu = keep.cpu()
+        for off, size, m in zip(self.offsets, self.sizes, mods):
+            m.set_active(torch.nonzero(keep_cpu[off:off + size]).flatten())
+        self.active_mask = keep
+        self._record(budget=budget)
+        return self.ranks()
+
+    # ---- checkpointing ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: EMAs, scores, counters, step, active sets, history."""
+        return {
+            "global_step": self.global_step,
+            "ipt_avg": [t.clone() for t in self.ipt_avg],
+            "unc_avg": [t.clone() for t in self.unc_avg],
+            "scores": self.scores.clone(),
+            "counters": self.counters.clone(),
+            "active": {name: m.active.clone() for name, m in self.layers.items()},
+            "history": [dict(h, ranks=dict(h["ranks"])) for h in self.history],
+            "layer_sensitivity": dict(self.layer_sensitivity),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state["active"]) != set(self.names):
+            raise ValueError(
+                "RankAllocator.load_state_dict: the checkpoint's layers "
+                f"{sorted(set(state['active']) ^ set(self.names))} do not match this model's")
+        for name, tgt, src_list in (("ipt_avg", self.ipt_avg, state["ipt_avg"]),
+                                    ("unc_avg", self.unc_avg, state["unc_avg"])):
+            for i, (t, s) in enumerate(zip(tgt, src_list)):
+                if t.shape != s.shape:
+                    raise ValueError(f"RankAllocator.load_state_dict: {name}[{i}] has shape "
+                                     f"{tuple(s.shape)}, expected {tuple(t.shape)}")
+                t.copy_(s)
+        self.scores.copy_(state["scores"])
+        self.counters.copy_(state["counters"])
+        self.global_step = int(state["global_step"])
+        for name, m in self.layers.items():
+            m.set_active(state["active"][name])
+        self._refresh_mask()
+        self.history = [dict(h, ranks=dict(h["ranks"])) for h in state["history"]]
+        self.layer_sensitivity = dict(state["layer_sensitivity"])

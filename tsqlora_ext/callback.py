@@ -1,0 +1,131 @@
+"""TsqLoRACallback: dynamic rank reallocation inside a ``transformers.Trainer``.
+
+PEFT's AdaLoRA asks the user to call ``update_and_allocate`` by hand inside a custom training
+loop; with a stock Trainer it is easy to forget, and then ranks silently never move. This
+callback does the work at the one correct moment and refuses to be silent about it:
+
+- ``on_optimizer_step`` (after ``optimizer.step()``, before the gradients are zeroed, once per
+  optimizer step and never on a gradient-accumulation micro-step) runs ``allocator.step()``:
+  the sensitivity update from the current gradients and, every delta_t steps, reallocation;
+- ``on_train_begin`` builds the allocator when none was given (``total_steps`` from the
+  Trainer's ``max_steps``), checks that the model is wrapped and that the schedule leaves room
+  for at least one reallocation, and holds inactive components still in the Trainer's optimizer
+  (``protect_inactive``);
+- ``on_step_end`` checks that ``on_optimizer_step`` really ran for that step (a Trainer too old to
+  emit the event fails loudly instead of training at fixed rank), and when the budget phase has
+  ended without a single reallocation it warns once, saying why.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from .config import TsqLoRAConfig
+from .layers import protect_inactive
+from .train import lora_layers
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module  # DistributedDataParallel / accelerate wrappers
+    return model
+
+
+class TsqLoRACallback(TrainerCallback):
+    """Pass to ``Trainer(callbacks=[TsqLoRACallback()])`` with a ``tsqlora_ext.wrap``-ed model.
+
+    Args:
+        allocator: a RankAllocator (one is built on train begin when None).
+        config: the TsqLoRAConfig for that allocator; the model's own (``model.tsqlora_config``)
+            when None.
+
+    After training, ``allocator_steps`` (sensitivity updates, one per optimizer step),
+    ``reallocations`` and ``allocator.history`` say what happened.
+    """
+
+    def __init__(self, allocator=None, config: TsqLoRAConfig | None = None) -> None:
+        self.allocator = allocator
+        self.config = config
+        self.allocator_steps = 0
+        self.reallocations = 0
+        self._guard = None
+        self._warned = False
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _budget_end(self) -> int:
+        return self.config.total_steps - self.config.t_final
+
+    # ---- events --------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        from .allocator import RankAllocator
+
+        model = _unwrap(model)
+        if not lora_layers(model):
+            raise ValueError("TsqLoRACallback: the model has no VarRankLoRALinear layer; wrap it "
+                             "first with tsqlora_ext.wrap(model, config)")
+        if self.allocator is None:
+            config = self.config or getattr(model, "tsqlora_config", None) or TsqLoRAConfig()
+            if config.total_steps is None:
+                config = config.replace(total_steps=state.max_steps)
+            self.config = config
+            self.allocator = RankAllocator(model, config)
+        else:
+            if self.allocator.config.total_steps is None:
+                self.allocator.set_total_steps(state.max_steps)
+            self.config = self.allocator.config
+        cfg = self.config
+        if not cfg.dynamic:
+            warnings.warn("TsqLoRACallback: config.dynamic is False, so ranks stay fixed; drop "
+                          "the callback or set dynamic=True", stacklevel=2)
+        elif cfg.total_steps != state.max_steps:
+            warnings.warn(f"TsqLoRACallback: the rank schedule spans total_steps={cfg.total_steps} "
+                          f"optimizer steps but the Trainer will run {state.max_steps}", stacklevel=2)
+        first = cfg.t_init + cfg.delta_t
+        if cfg.dynamic and first > min(state.max_steps, cfg.total_steps - cfg.t_final):
+            warnings.warn(f"TsqLoRACallback: no periodic reallocation falls in the budget phase "
+                          f"(the first would come at step {first} = t_init {cfg.t_init} + delta_t "
+                          f"{cfg.delta_t}; the phase ends at step {cfg.total_steps - cfg.t_final} of "
+                          f"{state.max_steps}): ranks jump once to the final budget and never follow "
+                          "sensitivity; lower t_init / delta_t / t_final", stacklevel=2)
+        if optimizer is not None:
+            # accelerate wraps the optimizer; its step() calls the inner one, where hooks live.
+            while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+                optimizer = optimizer.optimizer
+            self._guard = protect_inactive(optimizer, model)
+        self._seen_step = state.global_step
+        self.allocator_steps = 0
+        self.reallocations = 0
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.config.dynamic:
+            if self.allocator.step() is not None:
+                self.reallocations += 1
+            self.allocator_steps += 1
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.config.dynamic and self.allocator_steps != state.global_step - self._seen_step:
+            raise RuntimeError(
+                f"TsqLoRACallback: {state.global_step - self._seen_step} optimizer steps but "
+                f"{self.allocator_steps} sensitivity updates; this Trainer does not emit "
+                "on_optimizer_step (transformers >= 4.41 does), so ranks would never move")
+        if (self.config.dynamic and not self._warned and self.reallocations == 0
+                and state.global_step >= self._budget_end()):
+            self._warned = True
+            warnings.warn(
+                f"TsqLoRACallback: the budget phase ended at step {state.global_step} without a "
+                f"single reallocation (t_init={self.config.t_init}, delta_t={self.config.delta_t}, "
+                f"t_final={self.config.t_final}, total_steps={self.config.total_steps}); ranks "
+                "stayed at their initial values", stacklevel=2)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.config.dynamic and not self._warned and self.reallocations == 0:
+            self._warned = True
+            warnings.warn(f"TsqLoRACallback: training ended after {state.global_step} steps "
+                          "without a single reallocation; ranks never moved", stacklevel=2)
+        if self._guard is not None:
+            self._guard.remove()
+            self._guard = None

@@ -1,0 +1,101 @@
+"""Wrong-label guard: P(label is wrong) from each example's post-warm-up loss.
+
+After a short warm-up a model has fitted the bulk of the (mostly clean) data but not the examples
+whose label contradicts their text, so the losses form two populations: a large low-loss one (clean)
+and a smaller high-loss one (mostly wrong labels). A two-component 1-D Gaussian mixture is fitted to
+the losses by EM (DivideMix, Li et al. 2020, does the same on raw losses); an example's probability
+of a wrong label is the posterior of the higher-mean component. The fit is deterministic: quantile
+initialisation, no random restarts.
+
+Gaussian tails can make that posterior fall again for very large losses (when the low component is
+the wider one), which would spare the most extreme examples. The posterior is therefore made
+non-decreasing in the loss (running maximum over the sorted losses): a larger loss is never judged
+less likely to be wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LossMixture:
+    """A fitted two-component mixture; component 1 is the high-loss (likely wrong-label) one."""
+
+    weights: tuple[float, float]
+    means: tuple[float, float]
+    stds: tuple[float, float]
+    iterations: int
+    converged: bool
+
+
+def _log_normal(x: np.ndarray, mean: float, var: float) -> np.ndarray:
+    return -0.5 * (np.log(2 * np.pi * var) + (x - mean) ** 2 / var)
+
+
+def fit_loss_mixture(losses, max_iter: int = 200, tol: float = 1e-8) -> tuple[LossMixture, np.ndarray]:
+    """Fit a two-component Gaussian mixture to 1-D losses by EM.
+
+    Returns the mixture and each example's posterior of the high-mean component (not yet made
+    monotone; see ``mislabel_probability``).
+    """
+    x = np.asarray(losses, dtype=np.float64).ravel()
+    if x.size < 2:
+        raise ValueError(f"fit_loss_mixture: need at least 2 losses, got {x.size}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"fit_loss_mixture: losses must be finite; {int((~np.isfinite(x)).sum())} are not")
+    total_var = float(x.var())
+    if total_var == 0.0:  # every loss equal: nothing to separate
+        return LossMixture((1.0, 0.0), (float(x[0]),) * 2, (0.0, 0.0), 0, True), np.zeros_like(x)
+    floor = 1e-6 * total_var
+    mean = np.quantile(x, [0.25, 0.9])
+    var = np.full(2, total_var / 4)
+    w = np.array([0.5, 0.5])
+    prev = -np.inf
+    converged = False
+    it = 0
+    for it in range(1, max_iter + 1):
+        # E step in log space (losses far in a tail would underflow).
+        logp = np.stack([np.log(w[k]) + _log_normal(x, mean[k], var[k]) for k in range(2)], axis=1)
+        top = logp.max(axis=1, keepdims=True)
+        log_norm = top + np.log(np.exp(logp - top).sum(axis=1, keepdims=True))
+        resp = np.exp(logp - log_norm)
+        ll = float(log_norm.sum())
+        # M step.
+        nk = resp.sum(axis=0) + 1e-12
+        w = nk / x.size
+        mean = (resp * x[:, None]).sum(axis=0) / nk
+        var = np.maximum((resp * (x[:, None] - mean) ** 2).sum(axis=0) / nk, floor)
+        if abs(ll - prev) <= tol * max(1.0, abs(ll)):
+            converged = True
+            break
+        prev = ll
+    logp = np.stack([np.log(max(w[k], 1e-300)) + _log_normal(x, mean[k], var[k]) for k in range(2)], axis=1)
+    logp -= logp.max(axis=1, keepdims=True)
+    post = np.exp(logp)
+    post /= post.sum(axis=1, keepdims=True)
+    hi = int(np.argmax(mean))
+    lo = 1 - hi
+    mix = LossMixture((float(w[lo]), float(w[hi])), (float(mean[lo]), float(mean[hi])),
+                      (float(np.sqrt(var[lo])), float(np.sqrt(var[hi]))), it, converged)
+    return mix, post[:, hi]
+
+
+def mislabel_probability(losses) -> tuple[np.ndarray, LossMixture]:
+    """Each example's probability of a wrong label, non-decreasing in its loss, and the mixture."""
+    x = np.asarray(losses, dtype=np.float64).ravel()
+    mix, post = fit_loss_mixture(x)
+    order = np.argsort(x, kind="stable")
+    p = np.empty_like(post)
+    p[order] = np.maximum.accumulate(post[order])
+    return p, mix
+
+
+def flag_mislabeled(losses, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray, LossMixture]:
+    """(p_mislabeled, likely_mislabeled = p > threshold, mixture)."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"flag_mislabeled: threshold must be in (0, 1), got {threshold}")
+    p, mix = mislabel_probability(losses)
+    return p, p > threshold, mix

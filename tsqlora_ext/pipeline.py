@@ -1,0 +1,336 @@
+"""The whole TsqLoRA pipeline, as ``tsqlora train`` and ``tsqlora demo`` run it.
+
+    gate (C++)  ->  warm-up (score_warmup steps on a random sample; the adapter carries on)
+      ->  quality score Q of every gated example  ->  wrong-label guard + Gumbel-top-k selection
+      ->  layer-sensitivity calibration (initial ranks)  ->  training with reallocation
+      ->  evaluation  ->  adapter + report folder
+
+and, for the demo, a plain-LoRA baseline at the same budget: the same number of training
+examples drawn uniformly at random, the same epochs, batch and learning rate, and a fixed rank
+equal to TsqLoRA's final average rank (``target_r``) in every layer.
+
+Every phase is timed; the selection (indices) and the scores are written to the output folder
+before training starts, so ``resume`` continues the training phase of an interrupted run without
+repeating the warm-up and scoring (their effect on the adapter is in the checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import TsqLoRAConfig
+from .report import fmt_seconds, format_ranks, write_json, write_report
+from .train import TokenizedData, TrainArgs, make_loader, pad_id_of, train
+
+
+@dataclass
+class TextTask:
+    """A text-classification task: train and held-out texts with integer labels."""
+
+    name: str
+    label_names: list[str]
+    train_texts: list[str]
+    train_labels: list[int]
+    eval_texts: list[str]
+    eval_labels: list[int]
+
+
+def _load_model(model_dir, num_labels: int, seed: int):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # The head is newly initialised from the torch RNG: seed it so runs repeat.
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)
+    return model, tokenizer
+
+
+def _gate(task: TextTask, seed: int):
+    """Heuristic gate over the training texts: (pool mask, drop counts per reason)."""
+    import pandas as pd
+
+    from .selector import select
+
+    df = pd.DataFrame({"text": task.train_texts, "label": task.train_labels})
+    sel = select(df, text_field="text", label_field="label", fraction=1.0, seed=seed, stratify=False)
+    pool = np.asarray(sel.reasons == "kept")
+    drops = {r: c for r, c in sel.reason_counts.items() if c and r not in ("kept", "not_selected")}
+    return pool, drops
+
+
+def _select(task: TextTask, q: np.ndarray, mislabeled: np.ndarray, pool: np.ndarray,
+            config: TsqLoRAConfig):
+    import pandas as pd
+
+    from .selector import select
+
+    df = pd.DataFrame({"text": task.train_texts, "label": task.train_labels})
+    drop = {"likely_mislabeled": mislabeled & pool} if config.mislabel_guard else None
+    return select(df, text_field="text", label_field="label", scores=np.where(pool, q, 0.0),
+                  fraction=config.data_fraction, temperature=config.temperature, seed=config.seed,
+                  stratify=config.stratify, drop=drop)
+
+
+def _score(model, tokenizer, pool_tok: TokenizedData, config: TsqLoRAConfig, args: TrainArgs):
+    from . import quality
+
+    warm = None
+    if config.score_warmup > 0:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                weight_decay=args.weight_decay)
+        warm = quality.warmup(model, opt, pool_tok.padded(args.max_length, pad_id_of(tokenizer)),
+                              config.score_warmup, batch_size=args.batch_size, seed=config.seed,
+                              progress=args.progress)
+    batches = make_loader(pool_tok, batch_size=args.eval_batch_size, max_length=args.max_length,
+                          pad_id=pad_id_of(tokenizer), shuffle=False, seed=0,
+                          num_workers=args.num_workers)
+    scores = quality.score_pool_from_config(model, list(batches), config, eta=args.lr,
+                                            progress=args.progress)
+    return warm, scores
+
+
+def run_pipeline(model_dir, task: TextTask, out, config: TsqLoRAConfig, args: TrainArgs, *,
+                 baseline: bool = False, resume: bool = False, verbose: bool = True) -> dict[str, Any]:
+    """Run TsqLoRA end to end on ``task`` and write the report folder ``out``; returns the metrics
+    (also in ``out/metrics.json``). ``baseline``: also train the plain-LoRA baseline. ``resume``:
+    continue the interrupted run whose folder is ``out``."""
+    from . import quality
+    from .wrap import wrap
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    say = print if verbose else (lambda *a, **k: None)
+    t_all = time.perf_counter()
+    phases: dict[str, float] = {}
+    n_labels = len(task.label_names)
+    ckpt_dir = out / "checkpoints"
+    if args.checkpoint_every and args.checkpoint_dir is None:
+        args = TrainArgs.from_dict({**args.to_dict(), "checkpoint_dir": str(ckpt_dir)})
+    selection_file, scores_file = out / "selection.json", out / "scores.jsonl"
+    resuming = resume and selection_file.is_file() and args.checkpoint_dir is not None and \
+        any(Path(args.checkpoint_dir).glob("step-*.ckpt"))
+
+    t = time.perf_counter()
+    model, tokenizer = _load_model(model_dir, n_labels, config.seed)
+    model = wrap(model, config, verbose=False)
+    train_all = TokenizedData.from_texts(tokenizer, task.train_texts, task.train_labels, args.max_length)
+    eval_tok = TokenizedData.from_texts(tokenizer, task.eval_texts, task.eval_labels, args.max_length)
+    phases["load_and_tokenize_s"] = time.perf_counter() - t
+
+    if resuming:
+        saved = json.loads(selection_file.read_text())
+        say(f"resuming {out}: selection of {len(saved['indices'])} examples from {selection_file.name}")
+        indices = np.asarray(saved["indices"], dtype=np.int64)
+        selection_info, warm, score_meta = saved["selection"], saved["warmup"], saved["scoring"]
+        pool = np.asarray(saved["pool"], dtype=bool)
+        scores = quality.read_scores(scores_file)
+    else:
+        t = time.perf_counter()
+        pool, gate_drops = _gate(task, config.seed)
+        phases["gate_s"] = time.perf_counter() - t
+        pool_rows = np.flatnonzero(pool)
+        say(f"gate: {len(pool_rows):,} of {len(pool):,} training examples pass "
+            f"({', '.join(f'{k} {v}' for k, v in gate_drops.items()) or 'none dropped'})")
+        t = time.perf_counter()
+        warm, scores = _score(model, tokenizer, train_all.subset(pool_rows), config, args)
+        scores.index = pool_rows[scores.index]  # pool position -> training row
+        phases["warmup_and_scoring_s"] = time.perf_counter() - t
+        q = np.zeros(len(pool))
+        mislabeled = np.zeros(len(pool), dtype=bool)
+        q[scores.index] = scores.Q
+        mislabeled[scores.index] = scores.likely_mislabeled
+        t = time.perf_counter()
+        sel = _select(task, q, mislabeled, pool, config)
+        phases["select_s"] = time.perf_counter() - t
+        indices = np.sort(np.asarray(sel.indices, dtype=np.int64))
+        score_meta = scores.meta
+        selection_info = {"rows": len(pool), "pool": int(pool.sum()), "kept": int(len(indices)),
+                          "fraction_of_rows": len(indices) / len(pool),
+                          "data_fraction": config.data_fraction, "reasons": sel.reason_counts,
+                          "temperature": config.temperature, "stratify": config.stratify}
+        quality.write_scores(scores_file, scores)
+        write_json({"indices": indices.tolist(), "pool": pool.tolist(), "selection": selection_info,
+                    "warmup": warm, "scoring": score_meta}, selection_file)
+    say(f"selected {len(indices):,} of {len(pool):,} training examples "
+        f"({100 * len(indices) / len(pool):.1f}%)")
+
+    t = time.perf_counter()
+    result = train(model, train_all.subset(indices), eval_tok, config, args, tokenizer=tokenizer,
+                   resume=args.checkpoint_dir if resuming else None)
+    phases["train_s"] = time.perf_counter() - t
+    tsq_wall = time.perf_counter() - t_all
+
+    runs = {"TsqLoRA": result.to_dict()}
+    base = None
+    if baseline:
+        t = time.perf_counter()
+        base = run_baseline(model_dir, train_all, eval_tok, len(indices), n_labels, config, args,
+                            tokenizer)
+        phases["baseline_s"] = time.perf_counter() - t
+        runs["LoRA baseline"] = base
+
+    kept_in_pool = np.zeros(len(pool), dtype=bool)
+    kept_in_pool[indices] = True
+    metrics = {
+        "task": task.name, "model": str(model_dir),
+        "config": config.to_dict(), "train_args": args.to_dict(),
+        "selection": selection_info, "warmup": warm, "scoring": score_meta,
+        "tsqlora": {**result.to_dict(), "wall_time_s": tsq_wall},
+        "baseline": base,
+        "phases_s": phases,
+        "wall_time_s": time.perf_counter() - t_all,
+        "torch_threads": torch.get_num_threads(),
+    }
+    write_report(out, metrics=metrics, rank_history=result.rank_history,
+                 layer_names=list(result.final_ranks), runs=runs,
+                 scores=scores.Q, kept=kept_in_pool[scores.index],
+                 dropped_reasons={k: v for k, v in selection_info["reasons"].items()
+                                  if v and k not in ("kept", "not_selected")},
+                 model=model)
+    if verbose:
+        print(summary(metrics, out))
+    return metrics
+
+
+def run_baseline(model_dir, train_all: TokenizedData, eval_tok: TokenizedData, count: int,
+                 n_labels: int, config: TsqLoRAConfig, args: TrainArgs, tokenizer) -> dict[str, Any]:
+    """Plain LoRA at TsqLoRA's budget: ``count`` examples drawn uniformly at random (seeded),
+    a fixed rank of ``target_r`` in every layer, no gate, scoring or reallocation."""
+    from .wrap import wrap
+
+    t = time.perf_counter()
+    r = max(1, int(round(config.target_r)))
+    base_cfg = config.replace(r_init=r, r_min=0, r_max=r, target_r=r, dynamic=False,
+                              sensitivity_init=False, total_steps=None)
+    model, _ = _load_model(model_dir, n_labels, config.seed)
+    model = wrap(model, base_cfg, verbose=False)
+    rows = np.sort(np.random.default_rng(config.seed).choice(len(train_all), count, replace=False))
+    base_args = TrainArgs.from_dict({**args.to_dict(), "checkpoint_dir": None, "checkpoint_every": 0})
+    res = train(model, train_all.subset(rows), eval_tok, base_cfg, base_args, tokenizer=tokenizer)
+    out = res.to_dict()
+    out["rank"] = r
+    out["examples"] = int(count)
+    out["wall_time_s"] = time.perf_counter() - t
+    return out
+
+
+def summary(metrics: dict[str, Any], out) -> str:
+    tsq, base, sel = metrics["tsqlora"], metrics["baseline"], metrics["selection"]
+    acc = tsq["metrics"].get("accuracy", float("nan"))
+    lines = [
+        "",
+        f"== TsqLoRA on {metrics['task']} ==",
+        f"selected fraction    {sel['fraction_of_rows']:.3f}  ({sel['kept']:,} of {sel['rows']:,} "
+        f"training examples; {sel['pool']:,} passed the gate)",
+        f"held-out accuracy    TsqLoRA {acc:.4f}"
+        + (f"   |   plain LoRA r={base['rank']} on a random {base['examples']:,}: "
+           f"{base['metrics']['accuracy']:.4f}" if base else ""),
+    ]
+    if "macro_f1" in tsq["metrics"]:
+        lines.append(f"macro-F1             TsqLoRA {tsq['metrics']['macro_f1']:.4f}"
+                     + (f"   |   baseline {base['metrics']['macro_f1']:.4f}" if base else ""))
+    lines += [
+        f"wall time            TsqLoRA {fmt_seconds(tsq['wall_time_s'])} (gate, warm-up, scoring, "
+        f"calibration, training, evaluation)"
+        + (f"   |   baseline {fmt_seconds(base['wall_time_s'])}" if base else "")
+        + f"   |   total {fmt_seconds(metrics['wall_time_s'])}",
+        f"trainable params     {tsq['params']['trainable']:,} allocated, "
+        f"{tsq['params']['active']:,} in use at the end"
+        + (f"   |   baseline {base['params']['trainable']:,}" if base else ""),
+        f"optimizer steps      {tsq['optimizer_steps']} ({tsq['reallocations']} reallocations)"
+        + (f"   |   baseline {base['optimizer_steps']}" if base else ""),
+        f"final rank per layer (total {sum(tsq['final_ranks'].values())}):",
+        format_ranks(tsq["final_ranks"]),
+        f"report               {out}",
+    ]
+    return "\n".join(lines)
+
+
+# ---- the data sources of `tsqlora train` / `tsqlora demo` -----------------------------------------
+def bundled_task(name: str) -> TextTask:
+    from . import bundled
+
+    if name not in bundled.TASKS:
+        raise ValueError(f"unknown bundled data set {name!r}; bundled: {sorted(bundled.TASKS)}")
+    t = bundled.TASKS[name]()
+    return TextTask(t.name, t.label_names, t.train_texts, t.train_labels, t.test_texts, t.test_labels)
+
+
+def _read_rows(path: Path, text_field: str, label_field: str) -> tuple[list[str], list]:
+    from .selector import load_rows
+
+    rows = load_rows(path, text_field, label_field)
+    if rows.table is None:
+        raise ValueError(f"{path}: only jsonl / csv / tsv / parquet files are supported here")
+    texts = list(rows.table.texts) if hasattr(rows.table, "texts") else \
+        rows.table.column(text_field).to_pylist()
+    labels = list(rows.labels) if rows.labels is not None else None
+    if labels is None:
+        raise ValueError(f"{path}: no label field {label_field!r}")
+    return texts, labels
+
+
+def file_task(path, text_field: str, label_field: str, eval_path=None, eval_fraction: float = 0.1,
+              seed: int = 0) -> TextTask:
+    """A task from a jsonl/csv/tsv/parquet file; without ``eval_path`` a seeded ``eval_fraction``
+    of it is held out for evaluation. Labels may be strings or ints; they are numbered in sorted
+    order."""
+    path = Path(path)
+    texts, labels = _read_rows(path, text_field, label_field)
+    names = sorted({str(x) for x in labels})
+    if len(names) < 2:
+        raise ValueError(f"{path}: field {label_field!r} holds {len(names)} distinct label(s); "
+                         "classification needs at least 2")
+    ids = [names.index(str(x)) for x in labels]
+    if eval_path is not None:
+        e_texts, e_labels = _read_rows(Path(eval_path), text_field, label_field)
+        unknown = sorted({str(x) for x in e_labels} - set(names))
+        if unknown:
+            raise ValueError(f"{eval_path}: labels {unknown[:5]} do not occur in {path}")
+        return TextTask(path.stem, names, texts, ids, e_texts, [names.index(str(x)) for x in e_labels])
+    order = np.random.default_rng(seed).permutation(len(texts))
+    n_eval = max(1, int(round(eval_fraction * len(texts))))
+    ev, tr = order[:n_eval], order[n_eval:]
+    return TextTask(path.stem, names, [texts[i] for i in tr], [ids[i] for i in tr],
+                    [texts[i] for i in ev], [ids[i] for i in ev])
+
+
+# ---- the demo ---------------------------------------------------------------------------------------
+def demo_settings(reduced: bool = False) -> tuple[TsqLoRAConfig, TrainArgs, dict[str, int]]:
+    """The demo's embedded defaults (see README for how they were chosen) and, in ``reduced``
+    mode (the test suite), a few-step version on a tiny subset of the same data and model."""
+    config = TsqLoRAConfig(r_init=12, target_r=8, r_max=16, r_min=2, lora_alpha=16.0,
+                           data_fraction=0.3, score_warmup=40, calibration_batches=4,
+                           t_init=30, t_final=30, delta_t=10, quality_weights=(0.5, 0.5, 0.0),
+                           seed=0)
+    args = TrainArgs(lr=1e-3, epochs=2, batch_size=32, max_length=64, eval_batch_size=64)
+    limits = {"train": 0, "eval": 0}
+    if reduced:
+        config = config.replace(score_warmup=2, calibration_batches=1, t_init=1, t_final=1,
+                                delta_t=1, data_fraction=0.5)
+        args = TrainArgs.from_dict({**args.to_dict(), "epochs": 1, "batch_size": 8,
+                                    "max_length": 32, "eval_batch_size": 32, "progress": False})
+        limits = {"train": 64, "eval": 32}
+    return config, args, limits
+
+
+def run_demo(out="tsqlora-demo", reduced: bool = False, verbose: bool = True) -> dict[str, Any]:
+    from . import bundled
+
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    config, args, limits = demo_settings(reduced)
+    task = bundled_task("rotten_tomatoes")
+    if limits["train"]:
+        task = TextTask(task.name, task.label_names, task.train_texts[:limits["train"]],
+                        task.train_labels[:limits["train"]], task.eval_texts[:limits["eval"]],
+                        task.eval_labels[:limits["eval"]])
+    return run_pipeline(bundled.minilm_dir(), task, out, config, args, baseline=True, verbose=verbose)
+

@@ -1,0 +1,639 @@
+"""Model-based quality score: one batched pass giving every example's G, D, C and Q.
+
+For example i with loss ℓ_i and per-example gradient g_i = ∇_θ ℓ_i over the scored parameters θ:
+- G_i = ‖g_i‖₂;
+- D_i = ℓ_i(θ) − ℓ_i(θ − η g_i), the loss drop of one SGD step on that example alone
+  ('exact'), or its first-order value η·G_i² ('first_order');
+- C_i = cos(g_i, ḡ), ḡ the mean gradient of the pool;
+- Q_i = α1·z(G_i) + α2·z(D_i) + α3·z(C_i), z = (v − median) / (1.4826·MAD) over the pool.
+
+Per-example gradients are never materialised for the whole model. Every scored parameter belongs to
+an ``nn.Linear`` (the task head) or to a ``VarRankLoRALinear`` adapter; a forward hook keeps each
+such layer's input x [B, T, in] and a hook on its output keeps the output gradient δ [B, T, out]
+of the sum-reduced loss, which is exactly example i's own δ for rows of example i (attention and
+layer norm never mix examples). From x and δ:
+- nn.Linear: g_W,i = Σ_t δ_t x_tᵀ. Its squared norm is either Σ_{t,t'} (δ_t·δ_t')(x_t·x_t')
+  ("ghost norm", cost T²(in+out)) or ‖bmm(δᵀ, x)‖² (cost T·in·out), whichever is cheaper — the
+  choice Opacus' ghost clipping makes; bias: ‖Σ_t δ_t‖².
+- VarRankLoRALinear (y = base(x) + s·((x A_actᵀ) ⊙ E_act) B_actᵀ): with h = x A_actᵀ and
+  u = δ B_act, both [B, T, r], g_B,i = s Σ_t δ_t (h_t⊙E)ᵀ, g_A,i = s Σ_t (u_t⊙E)ᵀ x_t,
+  g_E,i = s Σ_t u_t⊙h_t. Only active components count (inactive ones get no gradient).
+Dot products with a fixed gradient Ḡ (for C) are Σ_t δ_t·(Ḡ x_t) per linear, so C costs one more
+pass once ḡ is known. The exact look-ahead D runs one more batched forward in which every scored
+layer computes its output with its own per-example weights θ − η g_i (x' (W − η g_W,i)ᵀ =
+x' Wᵀ − η (x' xᵀ) δ for a linear; the r-sized per-example adapter factors for an adapter): exact,
+batched, at the cost of one extra forward per batch.
+
+Modes: 'full' scores every trainable parameter; 'head' scores the task head and the adapters of the
+last adapted block only; everything else is frozen during the pass, so autograd stops early and
+the backward is a small fraction of the forward.
+
+The pass runs in eval mode (dropout off, deterministic) and leaves ``.grad`` untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import VarRankLoRALinear
+from .mislabel import flag_mislabeled
+
+SCORE_FIELDS = ("index", "loss", "G", "D", "C", "Q", "p_mislabeled")
+MODES = ("full", "head")
+LOOKAHEADS = ("exact", "first_order")
+_NON_INPUT_KEYS = ("labels", "index")
+
+
+# ---- robust standardization ---------------------------------------------------------------------
+def robust_z(values) -> np.ndarray:
+    """(v − median) / (1.4826·MAD): the standard score that a few extreme values cannot dominate.
+
+    Falls back to the standard deviation when more than half the values are equal (MAD = 0) and
+    returns zeros for a constant input.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return v.copy()
+    med = float(np.median(v))
+    scale = 1.4826 * float(np.median(np.abs(v - med)))
+    if scale == 0.0:
+        scale = float(v.std())
+    if scale == 0.0:
+        return np.zeros_like(v)
+    return (v - med) / scale
+
+
+def combine(G, D, C, weights: Sequence[float]) -> np.ndarray:
+    """Q = α1·z(G) + α2·z(D) + α3·z(C); a zero weight leaves its term out (C may then be NaN)."""
+    a1, a2, a3 = (float(w) for w in weights)
+    q = np.zeros(len(G))
+    for a, v in ((a1, G), (a2, D), (a3, C)):
+        if a != 0.0:
+            q += a * robust_z(v)
+    return q
+
+
+# ---- which parameters are scored ----------------------------------------------------------------
+def _block_key(name: str) -> str:
+    """The block a module belongs to: its name up to its last numeric component
+    ('bert.encoder.layer.5.attention.self.query' -> 'bert.encoder.layer.5')."""
+    parts = name.split(".")
+    for k in range(len(parts) - 1, -1, -1):
+        if parts[k].isdigit():
+            return ".".join(parts[: k + 1])
+    return name
+
+
+def scored_modules(model: nn.Module, mode: str = "full") -> list[tuple[str, nn.Module]]:
+    """The layers whose trainable parameters the score covers, in model order.
+
+    'full': every layer holding a trainable parameter. 'head': the trainable layers that are not
+    adapters (the task head, modules_to_save) plus the adapters of the last adapted block.
+    Raises ValueError naming any trainable parameter held by a layer type the pass cannot handle.
+    """
+    if mode not in MODES:
+        raise ValueError(f"score_mode must be one of {MODES}, got {mode!r}")
+    owners: list[tuple[str, nn.Module]] = []
+    for mname, module in model.named_modules():
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        full = f"{mname}.{own[0][0]}" if mname else own[0][0]
+        parent_lora = mname.endswith(".base_layer") or mname == "base_layer"
+        if isinstance(module, VarRankLoRALinear):
+            owners.append((mname, module))
+        elif isinstance(module, nn.Linear) and not parent_lora:
+            owners.append((mname, module))
+        elif parent_lora:
+            raise ValueError(
+                f"quality score: trainable parameter {full!r} is the frozen base of an adapter; the "
+                "scoring pass covers adapters and task heads only — freeze it (requires_grad_(False))")
+        else:
+            raise ValueError(
+                f"quality score: trainable parameter {full!r} belongs to a {type(module).__name__}, "
+                "which the ghost-norm pass does not handle (only nn.Linear heads and "
+                "VarRankLoRALinear adapters); freeze it or leave it out of modules_to_save")
+    if not owners:
+        raise ValueError("quality score: the model has no trainable parameters to score")
+    if mode == "full":
+        return owners
+    adapters = [(n, m) for n, m in owners if isinstance(m, VarRankLoRALinear)]
+    last_block = _block_key(adapters[-1][0]) if adapters else None
+    return [(n, m) for n, m in owners
+            if not isinstance(m, VarRankLoRALinear) or _block_key(n) == last_block]
+
+
+def _module_params(module: nn.Module) -> list[nn.Parameter]:
+    if isinstance(module, VarRankLoRALinear):
+        return [p for p in (module.lora_A, module.lora_E, module.lora_B) if p.requires_grad]
+    return [p for p in module.parameters(recurse=False) if p.requires_grad]
+
+
+# ---- per-layer tap: inputs, output grads, and what follows from them ----------------------------
+def _outer_sq_norms(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """‖Σ_t g_t x_tᵀ‖_F² per example; x [B, T, d], g [B, T, p] -> [B]."""
+    T, d, p = x.shape[1], x.shape[2], g.shape[2]
+    if T * (d + p) < d * p:  # ghost form: two [B, T, T] Gram matrices
+        return (torch.bmm(x, x.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+    return torch.bmm(g.transpose(1, 2), x).square().sum((1, 2))
+
+
+class _Tap:
+    """Hooks on one scored layer: keeps its input and output gradient for the current batch, and,
+    while ``perturb`` is set, replaces its output by the per-example look-ahead output."""
+
+    def __init__(self, name: str, module: nn.Module):
+        self.name = name
+        self.module = module
+        self.is_lora = isinstance(module, VarRankLoRALinear)
+        self.x: torch.Tensor | None = None
+        self.g: torch.Tensor | None = None
+        self.perturb: dict | None = None
+        self.out_shape: torch.Size | None = None
+        self.handle = module.register_forward_hook(self._forward)
+
+    def reset(self) -> None:
+        self.x = self.g = None
+        self.perturb = None
+
+    def _forward(self, module, inputs, output):
+        if self.perturb is not None:
+            return self._perturbed_output(inputs[0], output)
+        if self.x is not None:
+            raise RuntimeError(
+                f"quality score: layer {self.name!r} ran twice in one forward; shared (tied) scored "
+                "layers are not supported")
+        x = inputs[0].detach()
+        self.out_shape = output.shape
+        self.x = x.reshape(x.shape[0], -1, x.shape[-1])
+        if output.requires_grad:
+            output.register_hook(self._grad)
+        return None
+
+    def _grad(self, grad: torch.Tensor) -> None:
+        self.g = grad.detach().reshape(grad.shape[0], -1, grad.shape[-1])
+
+    # -- quantities of the current batch ---------------------------------------------------------
+    def _lora_parts(self):
+        m = self.module
+        act = m.active
+        a = m.lora_A.detach().index_select(0, act)    # [r, in]
+        e = m.lora_E.detach().index_select(0, act)    # [r]
+        b = m.lora_B.detach().index_select(1, act)    # [out, r]
+        h = self.x @ a.t()                            # [B, T, r]
+        u = self.g @ b                                # [B, T, r]
+        return act, a, e, b, h, u
+
+    def sq_norms(self) -> torch.Tensor:
+        """‖g_i‖² over this layer's scored parameters, [B]."""
+        if self.g is None:  # the loss does not depend on this layer: zero gradient
+            return torch.zeros(self.x.shape[0], dtype=self.x.dtype, device=self.x.device)
+        if self.is_lora:
+            m = self.module
+            if m.rank == 0:
+                return torch.zeros(self.x.shape[0], dtype=self.x.dtype, device=self.x.device)
+            _, _, e, _, h, u = self._lora_parts()
+            s2 = m.scaling ** 2
+            total = torch.zeros(self.x.shape[0], dtype=self.x.dtype, device=self.x.device)
+            if m.lora_B.requires_grad:
+                total = total + s2 * _outer_sq_norms(h * e, self.g)
+            if m.lora_A.requires_grad:
+                total = total + s2 * _outer_sq_norms(self.x, u * e)
+            if m.lora_E.requires_grad:
+                total = total + s2 * (u * h).sum(1).square().sum(1)
+            return total
+        total = torch.zeros(self.x.shape[0], dtype=self.x.dtype, device=self.x.device)
+        if self.module.weight.requires_grad:
+            total = total + _outer_sq_norms(self.x, self.g)
+        if self.module.bias is not None and self.module.bias.requires_grad:
+            total = total + self.g.sum(1).square().sum(1)
+        return total
+
+    def dots(self, ref: dict[str, torch.Tensor]) -> torch.Tensor:
+        """g_i · Ḡ over this layer's scored parameters, [B]; ref maps parameter attr -> Ḡ."""
+        B = self.x.shape[0]
+        zero = torch.zeros(B, dtype=self.x.dtype, device=self.x.device)
+        if self.g is None:
+            return zero
+        if self.is_lora:
+            m = self.module
+            if m.rank == 0:
+                return zero
+            act, _, e, _, h, u = self._lora_parts()
+            s = m.scaling
+            total = zero
+            if "lora_B" in ref:
+                rb = ref["lora_B"].index_select(1, act)                     # [out, r]
+                total = total + s * (((h * e) @ rb.t()) * self.g).sum((1, 2))
+            if "lora_A" in ref:
+                ra = ref["lora_A"].index_select(0, act)                     # [r, in]
+                total = total + s * ((self.x @ ra.t()) * (u * e)).sum((1, 2))
+            if "lora_E" in ref:
+                re_ = ref["lora_E"].index_select(0, act)                    # [r]
+                total = total + s * ((u * h).sum(1) @ re_)
+            return total
+        total = zero
+        if "weight" in ref:
+            total = total + ((self.x @ ref["weight"].t()) * self.g).sum((1, 2))
+        if "bias" in ref:
+            total = total + self.g.sum(1) @ ref["bias"]
+        return total
+
+    def arm_lookahead(self, eta: float) -> None:
+        """Prepare the per-example weights θ − η g_i for the look-ahead forward."""
+        m = self.module
+        if self.is_lora:
+            if self.g is None or m.rank == 0:
+                self.perturb = {"skip": True}
+                return
+            act, a, e, b, h, u = self._lora_parts()
+            s = m.scaling
+            B = self.x.shape[0]
+            pa = a.expand(B, -1, -1)
+            pe = e.expand(B, -1)
+            pb = b.expand(B, -1, -1)
+            if m.lora_A.requires_grad:
+                pa = a - eta * s * torch.bmm((u * e).transpose(1, 2), self.x)       # [B, r, in]
+            if m.lora_E.requires_grad:
+                pe = e - eta * s * (u * h).sum(1)                                   # [B, r]
+            if m.lora_B.requires_grad:
+                pb = b - eta * s * torch.bmm(self.g.transpose(1, 2), h * e)         # [B, out, r]
+            self.perturb = {"A": pa, "E": pe, "B": pb}
+        else:
+            if self.g is None:
+                self.perturb = {"skip": True}
+                return
+            self.perturb = {"x": self.x, "g": self.g, "eta": eta,
+                            "w": m.weight.requires_grad,
+                            "b": m.bias is not None and m.bias.requires_grad}
+
+    def _perturbed_output(self, x_new: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        p = self.perturb
+        if p.get("skip"):
+            return output
+        B = x_new.shape[0]
+        x3 = x_new.reshape(B, -1, x_new.shape[-1])
+        if self.is_lora:
+            m = self.module
+            base = m.base_layer(x3)
+            lora = torch.bmm(torch.bmm(x3, p["A"].transpose(1, 2)) * p["E"][:, None, :],
+                             p["B"].transpose(1, 2))
+            return (base + m.scaling * lora).reshape(output.shape)
+        out3 = output.reshape(B, -1, output.shape[-1])
+        corr = torch.zeros_like(out3)
+        if p["w"]:
+            corr = corr + torch.bmm(torch.bmm(x3, p["x"].transpose(1, 2)), p["g"])
+        if p["b"]:
+            corr = corr + p["g"].sum(1, keepdim=True)
+        return (out3 - p["eta"] * corr).reshape(output.shape)
+
+
+# ---- the pass -----------------------------------------------------------------------------------
+@dataclass
+class QualityScores:
+    """Per-example scores of one pool, aligned with ``index`` (the examples' ids in the pool)."""
+
+    index: np.ndarray
+    loss: np.ndarray
+    G: np.ndarray
+    D: np.ndarray
+    C: np.ndarray
+    Q: np.ndarray
+    p_mislabeled: np.ndarray
+    likely_mislabeled: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.index.size)
+
+    def rows(self) -> list[dict]:
+        cols = [getattr(self, f) for f in SCORE_FIELDS]
+        out = []
+        for vals in zip(*cols):
+            row = {"index": int(vals[0])}
+            for f, v in zip(SCORE_FIELDS[1:], vals[1:]):
+                v = float(v)
+                row[f] = v if math.isfinite(v) else None
+            out.append(row)
+        return out
+
+
+def sequence_classification_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Per-example cross-entropy [B] of a sequence-classification model on one batch."""
+    inputs = {k: v for k, v in batch.items() if k not in _NON_INPUT_KEYS}
+    out = model(**inputs)
+    logits = out.logits if hasattr(out, "logits") else out
+    labels = batch["labels"]
+    if logits.dim() != 2 or labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"quality score: expected logits [B, classes] and labels [B], got "
+                         f"{tuple(logits.shape)} and {tuple(labels.shape)}")
+    return F.cross_entropy(logits.float(), labels.long(), reduction="none")
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    if "labels" not in batch:
+        raise ValueError(f"quality score: every batch needs 'labels'; got keys {sorted(batch)}")
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def make_batches(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels, batch_size: int = 32,
+                 index=None) -> list[dict]:
+    """Cut a tokenized pool into scoring batches (each keeps the examples' pool ``index``)."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    n = labels.shape[0]
+    if input_ids.shape[0] != n or attention_mask.shape[0] != n:
+        raise ValueError(f"make_batches: input_ids {tuple(input_ids.shape)}, attention_mask "
+                         f"{tuple(attention_mask.shape)} and labels ({n},) disagree on the pool size")
+    if batch_size < 1:
+        raise ValueError(f"make_batches: batch_size must be >= 1, got {batch_size}")
+    index = torch.arange(n) if index is None else torch.as_tensor(index, dtype=torch.long)
+    return [{"input_ids": input_ids[i:i + batch_size], "attention_mask": attention_mask[i:i + batch_size],
+             "labels": labels[i:i + batch_size], "index": index[i:i + batch_size]}
+            for i in range(0, n, batch_size)]
+
+
+def _progress(it, total, desc, enabled):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+    return tqdm(it, total=total, desc=desc, unit="batch", leave=False)
+
+
+def score_pool(
+    model: nn.Module,
+    batches: Iterable[dict],
+    *,
+    mode: str = "head",
+    lookahead: str = "first_order",
+    eta: float = 1e-3,
+    weights: Sequence[float] = (1 / 3, 1 / 3, 1 / 3),
+    compute_alignment: bool | None = None,
+    mislabel_guard: bool = True,
+    mislabel_threshold: float = 0.5,
+    loss_fn=sequence_classification_loss,
+    progress: bool = True,
+) -> QualityScores:
+    """Score every example of a pool in batched passes.
+
+    Args:
+        model: a model whose trainable parameters are held by ``VarRankLoRALinear`` adapters and
+            ``nn.Linear`` heads (what ``tsqlora_ext.wrap`` produces).
+        batches: dicts of tensors with ``labels`` [B], the model's inputs (``input_ids``,
+            ``attention_mask``, ...) and optionally ``index`` [B] (the examples' ids; else their
+            running position). Iterated once, twice when C is computed.
+        mode: 'full' or 'head' (see the module docstring).
+        lookahead: 'exact' (one extra batched forward) or 'first_order' (D = η·G², free).
+        eta: the look-ahead step size η.
+        weights: α1..α3 of Q.
+        compute_alignment: compute C (a second pass); default: only when α3 > 0. Without it C is
+            NaN (written as null).
+        mislabel_guard: flag examples whose loss marks them as likely mislabeled.
+        mislabel_threshold: flag when P(wrong label) exceeds it.
+        loss_fn: (model, batch) -> per-example losses [B]; the default is cross-entropy on
+            ``model(**inputs).logits``.
+        progress: show a tqdm bar.
+    """
+    if lookahead not in LOOKAHEADS:
+        raise ValueError(f"lookahead must be one of {LOOKAHEADS}, got {lookahead!r}")
+    if not eta > 0:
+        raise ValueError(f"eta must be > 0, got {eta}")
+    if len(weights) != 3:
+        raise ValueError(f"weights must be 3 numbers (alpha1..3), got {weights}")
+    if compute_alignment is None:
+        compute_alignment = float(weights[2]) != 0.0
+    layers = scored_modules(model, mode)
+    params = [p for _, m in layers for p in _module_params(m)]
+    scored = {id(p) for p in params}
+    if not isinstance(batches, (list, tuple)) and compute_alignment:
+        batches = list(batches)  # iterated twice
+    try:
+        n_batches = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        n_batches = None
+    device = params[0].device
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in scored]
+    was_training = model.training
+    taps = [_Tap(n, m) for n, m in layers]
+    t0 = time.perf_counter()
+    try:
+        for p in frozen:  # 'head' mode: autograd stops at the first scored layer
+            p.requires_grad_(False)
+        model.eval()
+        idx_l, loss_l, sq_l, d_l = [], [], [], []
+        grad_sum = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+        seen = 0
+        for batch in _progress(batches, n_batches, f"scoring ({mode})", progress):
+            batch = _to_device(batch, device)
+            for t in taps:
+                t.reset()
+            with torch.enable_grad():
+                losses = loss_fn(model, batch)
+                grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+            B = losses.shape[0]
+            for t in taps:
+                if t.x is None:
+                    raise RuntimeError(f"quality score: scored layer {t.name!r} was not called in "
+                                       "the forward; its parameters cannot be scored")
+                if t.x.shape[0] != B:
+                    raise RuntimeError(f"quality score: layer {t.name!r} saw a batch of "
+                                       f"{t.x.shape[0]}, the loss has {B}; the first dimension of "
+                                       "every scored layer's input must be the batch")
+            for acc, g in zip(grad_sum, grads):
+                if g is not None:
+                    acc += g.double()
+            sq = sum(t.sq_norms().double() for t in taps)
+            if lookahead == "exact":
+                for t in taps:
+                    t.arm_lookahead(eta)
+                with torch.no_grad():
+                    after = loss_fn(model, batch)
+                for t in taps:
+                    t.perturb = None
+                d_l.append((losses.detach() - after).double().cpu())
+            idx = batch.get("index")
+            idx = torch.arange(seen, seen + B) if idx is None else torch.as_tensor(idx).cpu()
+            seen += B
+            idx_l.append(idx.long())
+            loss_l.append(losses.detach().double().cpu())
+            sq_l.append(sq.cpu())
+        if seen == 0:
+            raise ValueError("quality score: the pool is empty")
+        index = torch.cat(idx_l).numpy()
+        if np.unique(index).size != index.size:
+            raise ValueError("quality score: batch 'index' values repeat; each example needs a unique id")
+        loss = torch.cat(loss_l).numpy()
+        G = torch.cat(sq_l).clamp_min(0).sqrt().numpy()
+        D = torch.cat(d_l).numpy() if lookahead == "exact" else eta * G ** 2
+        C = np.full(seen, np.nan)
+        if compute_alignment:
+            mean_grad = [(g / seen) for g in grad_sum]
+            ref_norm = math.sqrt(sum(float(g.square().sum()) for g in mean_grad))
+            refs = []
+            pos = 0
+            for t in taps:
+                names = (["lora_A", "lora_E", "lora_B"] if t.is_lora else ["weight", "bias"])
+                ref = {}
+                for nm in names:
+                    p = getattr(t.module, nm, None)
+                    if isinstance(p, nn.Parameter) and p.requires_grad:
+                        ref[nm] = mean_grad[pos].to(p.dtype)
+                        pos += 1
+                refs.append(ref)
+            dots = []
+            for batch in _progress(batches, n_batches, f"alignment ({mode})", progress):
+                batch = _to_device(batch, device)
+                for t in taps:
+                    t.reset()
+                with torch.enable_grad():
+                    losses = loss_fn(model, batch)
+                    torch.autograd.grad(losses.sum(), params, allow_unused=True)
+                dots.append(sum(t.dots(r).double() for t, r in zip(taps, refs)).cpu())
+            dot = torch.cat(dots).numpy()
+            denom = G * ref_norm
+            C = np.where(denom > 0, dot / np.where(denom > 0, denom, 1.0), 0.0)
+    finally:
+        for t in taps:
+            t.handle.remove()
+            t.reset()
+        for p in frozen:
+            p.requires_grad_(True)
+        model.train(was_training)
+    # P(wrong label) is reported even with the guard off; only the guard flags examples.
+    if seen >= 2:
+        p_wrong, flagged, mix = flag_mislabeled(loss, mislabel_threshold)
+        mixture = {"weights": mix.weights, "means": mix.means, "stds": mix.stds,
+                   "converged": mix.converged}
+    else:
+        p_wrong, flagged, mixture = np.zeros(seen), np.zeros(seen, bool), None
+    if not mislabel_guard:
+        flagged = np.zeros(seen, bool)
+    Q = combine(G, D, C, weights)
+    meta = {"mode": mode, "lookahead": lookahead, "eta": eta, "weights": [float(w) for w in weights],
+            "alignment": bool(compute_alignment), "n": int(seen),
+            "scored_parameters": int(sum(p.numel() for p in params)),
+            "scored_layers": [n for n, _ in layers],
+            "mislabel_guard": bool(mislabel_guard), "mislabel_threshold": float(mislabel_threshold),
+            "n_likely_mislabeled": int(flagged.sum()), "mixture": mixture,
+            "seconds": round(time.perf_counter() - t0, 3)}
+    return QualityScores(index, loss, G, D, C, Q, p_wrong, flagged, meta)
+
+
+def score_pool_from_config(model: nn.Module, batches: Iterable[dict], config, *, eta: float = 1e-3,
+                           progress: bool = True) -> QualityScores:
+    """``score_pool`` with mode, look-ahead, weights and guard taken from a ``TsqLoRAConfig``."""
+    return score_pool(model, batches, mode=config.score_mode, lookahead=config.lookahead, eta=eta,
+                      weights=config.quality_weights, mislabel_guard=config.mislabel_guard,
+                      mislabel_threshold=config.mislabel_threshold, progress=progress)
+
+
+# ---- warm-up ------------------------------------------------------------------------------------
+def warmup(model: nn.Module, optimizer: torch.optim.Optimizer, pool: dict, steps: int, *,
+           batch_size: int = 32, seed: int = 0, loss_fn=sequence_classification_loss,
+           progress: bool = True) -> dict:
+    """Run ``steps`` optimizer steps on random minibatches of ``pool`` before scoring.
+
+    ``pool`` maps input names (``input_ids``, ``attention_mask``, ``labels``, ...) to tensors with
+    the pool on the first dimension. The model and optimizer carry on into training afterwards, so
+    the steps are not lost. Returns a record for the report: steps, examples drawn, seed, the mean
+    loss of the first and last steps.
+    """
+    if steps < 0:
+        raise ValueError(f"warmup: steps must be >= 0, got {steps}")
+    if "labels" not in pool:
+        raise ValueError(f"warmup: the pool needs 'labels'; got keys {sorted(pool)}")
+    n = int(pool["labels"].shape[0])
+    if n == 0 and steps > 0:
+        raise ValueError("warmup: the pool is empty")
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    was_training = model.training
+    model.train()
+    t0 = time.perf_counter()
+    try:
+        for _ in _progress(range(steps), steps, "warm-up", progress):
+            pick = torch.randint(n, (min(batch_size, n),), generator=gen)
+            batch = {k: v[pick].to(device) for k, v in pool.items() if k != "index"}
+            loss = loss_fn(model, batch).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        optimizer.zero_grad(set_to_none=True)
+    finally:
+        model.train(was_training)
+    k = max(1, min(5, len(losses)))
+    return {"steps": steps, "batch_size": batch_size, "examples": steps * min(batch_size, n),
+            "seed": seed, "first_loss": float(np.mean(losses[:k])) if losses else None,
+            "last_loss": float(np.mean(losses[-k:])) if losses else None,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+# ---- scores file --------------------------------------------------------------------------------
+def write_scores(path: str | os.PathLike, scores: QualityScores) -> Path:
+    """Write one JSON object per example (index, loss, G, D, C, Q, p_mislabeled) atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in scores.rows():
+            f.write(json.dumps(row, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_scores(path: str | os.PathLike, mislabel_threshold: float = 0.5) -> QualityScores:
+    """Read a scores file; a malformed line raises ValueError naming the file and the line."""
+    path = Path(path)
+    cols: dict[str, list] = {f: [] for f in SCORE_FIELDS}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}: line {lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in SCORE_FIELDS if k not in row]
+            if missing:
+                raise ValueError(f"{where}: field(s) {missing} missing")
+            if not isinstance(row["index"], int) or isinstance(row["index"], bool) or row["index"] < 0:
+                raise ValueError(f"{where}: field 'index' must be a non-negative integer, got {row['index']!r}")
+            for k in SCORE_FIELDS[1:]:
+                v = row[k]
+                if v is None and k in ("C", "D"):
+                    v = math.nan
+                elif not isinstance(v, (int, float)) or isinstance(v, bool):
+                    raise ValueError(f"{where}: field {k!r} must be a number, got {v!r}")
+                cols[k].append(float(v))
+            cols["index"].append(row["index"])
+    if not cols["index"]:
+        raise ValueError(f"{path}: no scores (the file is empty)")
+    index = np.asarray(cols["index"], dtype=np.int64)
+    if np.unique(index).size != index.size:
+        raise ValueError(f"{path}: an 'index' appears more than once")
+    p = np.asarray(cols["p_mislabeled"])
+    arrays = {k: np.asarray(cols[k]) for k in SCORE_FIELDS[1:]}
+    return QualityScores(index=index, likely_mislabeled=p > mislabel_threshold,
+                         meta={"source": str(path)}, **arrays)
+
+
+__all__ = [
+    "QualityScores", "SCORE_FIELDS", "combine", "make_batches", "read_scores", "robust_z",
+    "score_pool", "score_pool_from_config", "scored_modules", "sequence_classification_loss",
+    "warmup", "write_scores",
+]
