@@ -136,6 +136,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
               with_last(x, r), ", got ", xa.sizes());
   TORCH_CHECK(grad_y.scalar_type() == x.scalar_type() && xa.scalar_type() == x.scalar_type(),
               "varrank_lora_backward: grad_y and xa must have x's dtype ", x.scalar_type());
+  TORCH_CHECK(grad_y.device() == x.device() && xa.device() == x.device(),
+              "varrank_lora_backward: grad_y and xa must be on x's device ", x.device());
   const at::Tensor dy = grad_y.reshape({-1, out});
   // dx_lora only exists when the adapter had its own input; an empty tensor means "no gradient"
   // (the autograd formula in ops.py maps it to None).
