@@ -3,9 +3,9 @@
 // varrank_lora.h: the GEMMs run on cuBLAS through ATen on the current stream; this file holds the
 // three small fused kernels around them.
 //
-//   gather_scale_B : Bse[o, k] = s·E[act[k]]·B[o, act[k]]        [out, r]   (forward and backward)
-//   scatter_dB     : dB[o, act[k]] = s·E[act[k]]·P[o, k]           [out, r_max], zeros elsewhere
-//   reduce_dE      : dE[act[k]] = s·Σ_o B[o, act[k]]·P[o, k]       [r_max],      zeros elsewhere
+//   gather_scale_B : BseT[k, o] = s·E[act[k]]·B[o, act[k]]       [r, out]   (forward and backward)
+//   scatter_dB     : dB[o, act[k]] = s·E[act[k]]·Pt[k, o]          [out, r_max], zeros elsewhere
+//   reduce_dE      : dE[act[k]] = s·Σ_o B[o, act[k]]·Pt[k, o]      [r_max],      zeros elsewhere
 //
 // Each touches O(out·r) values, against O(N·out·r) FLOPs in the GEMMs, so they are written for
 // clarity: one thread per element (grid-stride) for the first two, one block per component for the
@@ -36,19 +36,19 @@ template <typename scalar_t>
 __global__ void gather_scale_B_kernel(const scalar_t* __restrict__ B,      // [out, r_max]
                                       const scalar_t* __restrict__ E,      // [r_max]
                                       const int64_t* __restrict__ act,     // [r]
-                                      scalar_t* __restrict__ Bse,          // [out, r]
+                                      scalar_t* __restrict__ BseT,         // [r, out]
                                       int64_t out, int64_t r_max, int64_t r, float s) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < out * r;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t o = i / r, id = act[i % r];
+    const int64_t o = i % out, id = act[i / out];
     CUDA_KERNEL_ASSERT(id >= 0 && id < r_max);
-    Bse[i] = static_cast<scalar_t>(acc_t(s) * acc_t(E[id]) * acc_t(B[o * r_max + id]));
+    BseT[i] = static_cast<scalar_t>(acc_t(s) * acc_t(E[id]) * acc_t(B[o * r_max + id]));
   }
 }
 
 template <typename scalar_t>
-__global__ void scatter_dB_kernel(const scalar_t* __restrict__ P,          // [out, r]
+__global__ void scatter_dB_kernel(const scalar_t* __restrict__ Pt,         // [r, out]
                                   const scalar_t* __restrict__ E,          // [r_max]
                                   const int64_t* __restrict__ act,         // [r]
                                   scalar_t* __restrict__ dB,               // [out, r_max], zeroed
@@ -56,15 +56,15 @@ __global__ void scatter_dB_kernel(const scalar_t* __restrict__ P,          // [o
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < out * r;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t o = i / r, id = act[i % r];
+    const int64_t o = i % out, id = act[i / out];
     CUDA_KERNEL_ASSERT(id >= 0 && id < r_max);
-    dB[o * r_max + id] = static_cast<scalar_t>(acc_t(s) * acc_t(E[id]) * acc_t(P[i]));
+    dB[o * r_max + id] = static_cast<scalar_t>(acc_t(s) * acc_t(E[id]) * acc_t(Pt[i]));
   }
 }
 
 // One block per active component k; the block's threads stride over the out rows.
 template <typename scalar_t>
-__global__ void reduce_dE_kernel(const scalar_t* __restrict__ P,           // [out, r]
+__global__ void reduce_dE_kernel(const scalar_t* __restrict__ Pt,          // [r, out]
                                  const scalar_t* __restrict__ B,           // [out, r_max]
                                  const int64_t* __restrict__ act,          // [r]
                                  scalar_t* __restrict__ dE,                // [r_max], zeroed
@@ -75,7 +75,7 @@ __global__ void reduce_dE_kernel(const scalar_t* __restrict__ P,           // [o
   CUDA_KERNEL_ASSERT(id >= 0 && id < r_max);
   acc_t sum = 0;
   for (int64_t o = threadIdx.x; o < out; o += blockDim.x)
-    sum += acc_t(B[o * r_max + id]) * acc_t(P[o * r + k]);
+    sum += acc_t(B[o * r_max + id]) * acc_t(Pt[k * out + o]);
   partial[threadIdx.x] = sum;
   __syncthreads();
   for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
@@ -101,38 +101,39 @@ at::Tensor gather_scale_B_cuda(const at::Tensor& B, const at::Tensor& E, const a
   check_kernel_args("gather_scale_B", B, E, act);
   const c10::cuda::CUDAGuard guard(B.device());
   const int64_t out = B.size(0), r_max = B.size(1), r = act.numel();
-  at::Tensor Bse = at::empty({out, r}, B.options());
-  if (Bse.numel() == 0) return Bse;
+  at::Tensor BseT = at::empty({r, out}, B.options());
+  if (BseT.numel() == 0) return BseT;
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, B.scalar_type(), "gather_scale_B", [&] {
     gather_scale_B_kernel<scalar_t><<<blocks_for(out * r), kThreads, 0, stream>>>(
         B.data_ptr<scalar_t>(), E.data_ptr<scalar_t>(), act.data_ptr<int64_t>(),
-        Bse.data_ptr<scalar_t>(), out, r_max, r, static_cast<float>(s));
+        BseT.data_ptr<scalar_t>(), out, r_max, r, static_cast<float>(s));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return Bse;
+  return BseT;
 }
 
-std::tuple<at::Tensor, at::Tensor> grad_B_E_cuda(const at::Tensor& P, const at::Tensor& B,
+std::tuple<at::Tensor, at::Tensor> grad_B_E_cuda(const at::Tensor& Pt_in, const at::Tensor& B,
                                                  const at::Tensor& E, const at::Tensor& act,
                                                  double s) {
   check_kernel_args("grad_B_E", B, E, act);
   const int64_t out = B.size(0), r_max = B.size(1), r = act.numel();
-  TORCH_CHECK(P.is_cuda() && P.is_contiguous() && P.scalar_type() == B.scalar_type() &&
-                  P.dim() == 2 && P.size(0) == out && P.size(1) == r,
-              "grad_B_E: P = dyᵀ xa must be a contiguous [out, r] tensor of lora_B's dtype");
+  TORCH_CHECK(Pt_in.is_cuda() && Pt_in.scalar_type() == B.scalar_type() && Pt_in.dim() == 2 &&
+                  Pt_in.size(0) == r && Pt_in.size(1) == out,
+              "grad_B_E: Pt = xaᵀ dy must be an [r, out] tensor of lora_B's dtype");
+  const at::Tensor Pt = Pt_in.contiguous();
   const c10::cuda::CUDAGuard guard(B.device());
   at::Tensor dB = at::zeros_like(B);
   at::Tensor dE = at::zeros_like(E);
-  if (P.numel() == 0) return {dB, dE};
+  if (Pt.numel() == 0) return {dB, dE};
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, B.scalar_type(), "grad_B_E", [&] {
     scatter_dB_kernel<scalar_t><<<blocks_for(out * r), kThreads, 0, stream>>>(
-        P.data_ptr<scalar_t>(), E.data_ptr<scalar_t>(), act.data_ptr<int64_t>(),
+        Pt.data_ptr<scalar_t>(), E.data_ptr<scalar_t>(), act.data_ptr<int64_t>(),
         dB.data_ptr<scalar_t>(), out, r_max, r, static_cast<float>(s));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     reduce_dE_kernel<scalar_t><<<static_cast<unsigned>(r), kThreads, 0, stream>>>(
-        P.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(), act.data_ptr<int64_t>(),
+        Pt.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(), act.data_ptr<int64_t>(),
         dE.data_ptr<scalar_t>(), out, r_max, r, static_cast<float>(s));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
