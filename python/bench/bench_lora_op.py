@@ -199,7 +199,12 @@ def cpu_goals(rows) -> list[dict]:
 
 
 def main() -> None:
-    args = common.parse_args(__doc__.splitlines()[0])
+    args = common.parse_args(__doc__.splitlines()[0], lambda p: p.add_argument(
+        "--threads", type=int, default=0,
+        help="CPU threads for torch (default: torch's own choice). On a shared, oversubscribed "
+             "machine 1 thread gives far steadier ratios: a descheduled BLAS thread stalls its peer"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         import peft  # noqa: F401
     except ImportError:
@@ -214,7 +219,8 @@ def main() -> None:
                 rows += bench_shape(n_in, n_out, tokens, CONFIGS, "cpu", torch.float32,
                                     3 if args.quick else repeats)
         goals = cpu_goals(rows)
-        notes = ("float32, fwd+bwd with dx, medians of round-robin repeats (3-15 by size). "
+        notes = (f"float32, {torch.get_num_threads()} thread(s), fwd+bwd with dx, medians of "
+                 "round-robin repeats (3-15 by size). "
                  "adalora_ms at a given r_max is one timing shared by the rows of that r_max.")
     else:
         # The GPU goal: d = 4096, r = 16, 8192 tokens, bf16: adapter adds <= 10% to the frozen base.
