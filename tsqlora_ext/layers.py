@@ -5,6 +5,11 @@ active set take part in compute and receive gradients. The Parameters are alloca
 and never re-created, so optimizer state stays attached to them when the active set changes; the
 rank is a runtime argument of the op (the length of the active-index tensor), never a compile-time
 constant. scaling = alpha / r_init is fixed, so moving rank does not rescale the layer.
+
+Inactive components get exactly zero gradient, but an optimizer with weight decay or momentum
+(AdamW) would still move them; `protect_inactive(optimizer, model)` keeps them (and their optimizer
+state) bit-for-bit unchanged across steps, so a component that is switched back on resumes from
+where it was switched off.
 """
 
 from __future__ import annotations
@@ -228,7 +233,9 @@ def protect_inactive(optimizer: torch.optim.Optimizer, modules) -> _InactiveGuar
     registers a step pre-hook that copies the inactive rows of lora_A / lora_E / columns of lora_B
     (and the same slices of every per-element optimizer state tensor) and a post-hook that writes
     them back. The active sets are read at each step, so they may change between steps. Cost per
-    step: one gather and one scatter of the inactive slices, no host synchronisation.
+    step: one gather and one scatter of the inactive slices, no host synchronisation. Shared scalar
+    state (AdamW's ``step``) keeps counting for all components, so a reactivated component's bias
+    correction follows the parameter's step count while its moment rows resume where they stopped.
 
     ``modules``: a module (searched for VarRankLoRALinear layers) or an iterable of modules.
     Returns a handle whose ``remove()`` detaches the hooks.

@@ -5,16 +5,20 @@
 //
 //     y  = x Wᵀ + b                                   one GEMM (+ bias)
 //     xa = x_lora A_actᵀ                 [N, r]        saved for backward
-//     y += xa · Bseᵀ,  Bse[o,k] = s·E[act[k]]·B[o,act[k]]   [out, r]
+//     y += xa · BseT,  BseT[k,o] = s·E[act[k]]·B[o,act[k]]  [r, out]
 //
 // Backward, with g = dy: [N, out]:
 //
-//     ge  = dy · Bse                     [N, r]   (= s·(dy B_act) ⊙ E_act)
-//     dA[act[k], :] = (geᵀ x_lora)[k, :]
-//     P   = dyᵀ xa                       [out, r]
-//     dB[:, act[k]] = s·E[act[k]]·P[:, k]
-//     dE[act[k]]    = s·Σ_o B[o, act[k]]·P[o, k]
-//     dx  = dy W (+ ge A_act when x_lora is x itself), dx_lora = ge A_act otherwise
+//     geT = BseT · dyᵀ                   [r, N]   (= (s·(dy B_act) ⊙ E_act)ᵀ)
+//     dA[act[k], :] = (geT x_lora)[k, :]
+//     Pt  = xaᵀ dy                       [r, out]
+//     dB[:, act[k]] = s·E[act[k]]·Pt[k, :]
+//     dE[act[k]]    = s·Σ_o B[o, act[k]]·Pt[k, o]
+//     dx  = dy W (+ geTᵀ A_act when x_lora is x itself), dx_lora = geTᵀ A_act otherwise
+//
+// The thin products are laid out rank-major ([r, N], [r, out]): measured with MKL on these
+// machines, xaᵀ·dy runs 3-5x faster than dyᵀ·xa at 512x384 (the [out, r] output with r = 8 is a
+// degenerate GEMM shape for it), and no slower at 4096x2048x5632.
 //
 // dA, dE, dB have the full [r_max, ...] shapes with exact zeros outside the active set, so an
 // optimizer sees parameters that never change shape. W and b are frozen: no gradient.
@@ -41,10 +45,10 @@ namespace tsq::lora {
 // The backend's fused element-wise kernels. All tensors contiguous, on one device, one dtype
 // (active: int64).
 struct Kernels {
-  // Bse[o, k] = s·E[act[k]]·B[o, act[k]]. B: [out, r_max], E: [r_max], act: [r] -> Bse: [out, r].
+  // BseT[k, o] = s·E[act[k]]·B[o, act[k]]. B: [out, r_max], E: [r_max], act: [r] -> [r, out].
   at::Tensor (*gather_scale_B)(const at::Tensor& B, const at::Tensor& E, const at::Tensor& act,
                                double s);
-  // From P = dyᵀ xa [out, r]: dB [out, r_max] and dE [r_max], zero outside the active set.
+  // From Pt = xaᵀ dy [r, out]: dB [out, r_max] and dE [r_max], zero outside the active set.
   std::tuple<at::Tensor, at::Tensor> (*grad_B_E)(const at::Tensor& P, const at::Tensor& B,
                                                  const at::Tensor& E, const at::Tensor& act,
                                                  double s);
@@ -119,7 +123,7 @@ inline std::tuple<at::Tensor, at::Tensor> forward(const Kernels& k, const at::Te
     const at::Tensor act = active.contiguous();
     const at::Tensor xl2 = x_lora.has_value() ? x_lora->reshape({-1, in}) : x2;
     xa = at::mm(xl2, A.index_select(0, act).t());                      // [N, r]
-    y.addmm_(xa, k.gather_scale_B(B.contiguous(), E.contiguous(), act, scaling).t());
+    y.addmm_(xa, k.gather_scale_B(B.contiguous(), E.contiguous(), act, scaling));
   }
   return {y.view(with_last(x, out)), xa.view(with_last(x, r))};
 }
@@ -136,6 +140,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
               with_last(x, r), ", got ", xa.sizes());
   TORCH_CHECK(grad_y.scalar_type() == x.scalar_type() && xa.scalar_type() == x.scalar_type(),
               "varrank_lora_backward: grad_y and xa must have x's dtype ", x.scalar_type());
+  TORCH_CHECK(grad_y.device() == x.device() && xa.device() == x.device(),
+              "varrank_lora_backward: grad_y and xa must be on x's device ", x.device());
   const at::Tensor dy = grad_y.reshape({-1, out});
   // dx_lora only exists when the adapter had its own input; an empty tensor means "no gradient"
   // (the autograd formula in ops.py maps it to None).
@@ -153,14 +159,13 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
   const at::Tensor Bc = B.contiguous(), Ec = E.contiguous();
   const at::Tensor xl2 = separate ? x_lora->reshape({-1, in}) : x.reshape({-1, in});
   const at::Tensor A_act = A.index_select(0, act);                          // [r, in]
-  const at::Tensor ge = at::mm(dy, k.gather_scale_B(Bc, Ec, act, scaling));   // [N, r]
+  const at::Tensor geT = at::mm(k.gather_scale_B(Bc, Ec, act, scaling), dy.t());  // [r, N]
 
   at::Tensor dA = at::zeros_like(A);
-  dA.index_copy_(0, act, at::mm(ge.t(), xl2));
-  auto [dB, dE] = k.grad_B_E(at::mm(dy.t(), xa.reshape({-1, r})).contiguous(), Bc, Ec, act,
-                             scaling);
-  if (!separate && need_dx) dx.addmm_(ge, A_act);
-  if (separate && need_dx_lora) dx_lora = at::mm(ge, A_act).view(x.sizes());
+  dA.index_copy_(0, act, at::mm(geT, xl2));
+  auto [dB, dE] = k.grad_B_E(at::mm(xa.reshape({-1, r}).t(), dy), Bc, Ec, act, scaling);
+  if (!separate && need_dx) dx.addmm_(geT.t(), A_act);
+  if (separate && need_dx_lora) dx_lora = at::mm(geT.t(), A_act).view(x.sizes());
   return {need_dx ? dx.view(x.sizes()) : dx, dx_lora, dA, dE, dB};
 }
 

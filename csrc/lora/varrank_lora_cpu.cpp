@@ -45,22 +45,22 @@ std::vector<at::opmath_type<scalar_t>> scaled_E(const scalar_t* E, const int64_t
 at::Tensor gather_scale_B_cpu(const at::Tensor& B, const at::Tensor& E, const at::Tensor& act,
                               double s) {
   const int64_t out = B.size(0), r_max = B.size(1), r = act.numel();
-  at::Tensor Bse = at::empty({out, r}, B.options());
+  at::Tensor BseT = at::empty({r, out}, B.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, B.scalar_type(), "gather_scale_B", [&] {
     const scalar_t* b = B.data_ptr<scalar_t>();        // [out, r_max]
     const int64_t* a = act.data_ptr<int64_t>();        // [r]
-    scalar_t* o = Bse.data_ptr<scalar_t>();            // [out, r]
+    scalar_t* o = BseT.data_ptr<scalar_t>();           // [r, out]
     const auto se = scaled_E(E.data_ptr<scalar_t>(), a, r, s);
     at::parallel_for(0, out, kRowGrain, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row)
         for (int64_t k = 0; k < r; ++k)
-          o[row * r + k] = static_cast<scalar_t>(se[k] * b[row * r_max + a[k]]);
+          o[k * out + row] = static_cast<scalar_t>(se[k] * b[row * r_max + a[k]]);
     });
   });
-  return Bse;
+  return BseT;
 }
 
-std::tuple<at::Tensor, at::Tensor> grad_B_E_cpu(const at::Tensor& P, const at::Tensor& B,
+std::tuple<at::Tensor, at::Tensor> grad_B_E_cpu(const at::Tensor& Pt, const at::Tensor& B,
                                                 const at::Tensor& E, const at::Tensor& act,
                                                 double s) {
   const int64_t out = B.size(0), r_max = B.size(1), r = act.numel();
@@ -68,7 +68,8 @@ std::tuple<at::Tensor, at::Tensor> grad_B_E_cpu(const at::Tensor& P, const at::T
   at::Tensor dE = at::zeros_like(E);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, B.scalar_type(), "grad_B_E", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* p = P.data_ptr<scalar_t>();        // [out, r]
+    const at::Tensor Pc = Pt.contiguous();
+    const scalar_t* p = Pc.data_ptr<scalar_t>();       // [r, out]
     const scalar_t* b = B.data_ptr<scalar_t>();        // [out, r_max]
     const int64_t* a = act.data_ptr<int64_t>();        // [r]
     scalar_t* db = dB.data_ptr<scalar_t>();            // [out, r_max]
@@ -77,14 +78,14 @@ std::tuple<at::Tensor, at::Tensor> grad_B_E_cpu(const at::Tensor& P, const at::T
     at::parallel_for(0, out, kRowGrain, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row)
         for (int64_t k = 0; k < r; ++k)
-          db[row * r_max + a[k]] = static_cast<scalar_t>(se[k] * acc_t(p[row * r + k]));
+          db[row * r_max + a[k]] = static_cast<scalar_t>(se[k] * acc_t(p[k * out + row]));
     });
-    // dE[act[k]] = s·Σ_o B[o, act[k]]·P[o, k]: one task per component, accumulated in acc_t.
+    // dE[act[k]] = s·Σ_o B[o, act[k]]·Pt[k, o]: one task per component, accumulated in acc_t.
     at::parallel_for(0, r, 1, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         acc_t sum = 0;
         for (int64_t row = 0; row < out; ++row)
-          sum += acc_t(b[row * r_max + a[k]]) * acc_t(p[row * r + k]);
+          sum += acc_t(b[row * r_max + a[k]]) * acc_t(p[k * out + row]);
         de[a[k]] = static_cast<scalar_t>(acc_t(s) * sum);
       }
     });
