@@ -153,13 +153,23 @@ def main() -> None:
     args = common.parse_args(__doc__.splitlines()[0])
     repeats = 5 if args.quick else 20
     rows, goals, gpu_rows = [], [], {}
-    for name in ("minilm", "llama2048"):
-        row, gpu = run_set(name, args.device, repeats)
-        print(row)
-        rows.append(row)
-        gpu_rows[name] = gpu
-        if args.device == "cpu":
-            goals.append(common.goal(f"{name}: update+realloc speedup vs PEFT", row["speedup_step"], 5.0, True, "x"))
+    # On CPU, both one thread and all threads: ATen's multi-threaded ops (PEFT's path) and our
+    # parallel_for react very differently to a loaded machine, so the single-thread ratio is the
+    # conservative figure.
+    thread_counts = sorted({1, torch.get_num_threads()}) if args.device == "cpu" else [torch.get_num_threads()]
+    default_threads = torch.get_num_threads()
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        for name in ("minilm", "llama2048"):
+            row, gpu = run_set(name, args.device, repeats)
+            row["threads"] = threads
+            print(row)
+            rows.append(row)
+            gpu_rows[name] = gpu
+            if args.device == "cpu":
+                goals.append(common.goal(f"{name}, {threads} thread(s): update+realloc speedup vs PEFT",
+                                         row["speedup_step"], 5.0, True, "x"))
+    torch.set_num_threads(default_threads)
     if args.device == "cuda":
         g = gpu_rows["llama2048"]
         print(g)

@@ -30,6 +30,7 @@ grep -E "passed|failed" "$results/pytest.log" | tail -1 > "$results/pytest-summa
 step "benchmarks"
 # Each entry: a benchmark script taking --device cuda --out DIR (see python/bench/common.py).
 BENCHES=(
+  bench_allocator.py
 )
 for b in "${BENCHES[@]}"; do
   echo "-- $b"
