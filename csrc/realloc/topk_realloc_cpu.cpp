@@ -43,7 +43,9 @@ at::Tensor topk_realloc_impl(const at::Tensor& scores_in, const Bounds& b) {
   std::iota(order.begin(), order.end(), 0);
   at::Tensor keep = at::zeros({n}, scores.options().dtype(at::kBool));
   bool* kp = keep.data_ptr<bool>();
-  at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
+  // ~32k components per parallel task: a small model sorts on one thread.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) * L / std::max<int64_t>(n, 1));
+  at::parallel_for(0, L, grain, [&](int64_t begin, int64_t end) {
     for (int64_t l = begin; l < end; ++l) {
       const int64_t off = b.offset[l];
       const int64_t size = (l + 1 < L ? b.offset[l + 1] : n) - off;

@@ -15,6 +15,9 @@
 //   order), whose per-column partial sums go to a small per-item slot of `col_part`. The element
 //   data is read once in memory order; a final per-layer loop adds the parts into the scores.
 //   The finite check is a first read of the active gradients only (a NaN must not half-apply).
+//   The inner loops are branch-free elementwise spans (vectorized for float); a layer with
+//   inactive components updates its B tiles into temporaries and commits the active columns with a
+//   blend. Parallel tasks get ~kTaskElems elements each, so a small adapter set runs serially.
 //
 // layer_sensitivity — S = sum |W ⊙ (δᵀX)| with W [out, in], X [N, in], δ [N, out]. Output rows are
 //   cut into tiles of ~kTileElems elements; each tile's δ_tileᵀX is one small GEMM into a
@@ -27,8 +30,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 
 #include "sensitivity/sensitivity_checks.h"
 
@@ -67,20 +72,74 @@ Plan make_plan(const LayerShapes& s) {
   return plan;
 }
 
-template <typename T>
-inline bool finite(T v) {
-  return std::isfinite(static_cast<float>(v));
+// Elementwise kernels, written branch-free over __restrict__ spans so the compiler vectorizes
+// them for float (the common case); half/bfloat16 convert per element.
+inline bool nonfinite_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  return (u & 0x7f800000u) == 0x7f800000u;
 }
 
-// One element's EMA update; returns its score s = Ibar * Ubar.
+// Any non-finite g[i] among those with m[i] != 0 (m == nullptr: all).
 template <typename T>
-inline float update_element(T p, T g, float& ipt, float& unc, float b1, float b2) {
-  const float I = std::fabs(static_cast<float>(p) * static_cast<float>(g));
-  const float ib = b1 * ipt + (1.f - b1) * I;
-  const float ub = b2 * unc + (1.f - b2) * std::fabs(I - ib);
-  ipt = ib;
-  unc = ub;
-  return ib * ub;
+bool any_nonfinite(const T* __restrict__ g, const uint8_t* __restrict__ m, int64_t n) {
+  uint32_t bad = 0;
+  if (m == nullptr) {
+    for (int64_t i = 0; i < n; ++i) bad |= nonfinite_bits(static_cast<float>(g[i]));
+  } else {
+    for (int64_t i = 0; i < n; ++i) bad |= m[i] & nonfinite_bits(static_cast<float>(g[i]));
+  }
+  return bad != 0;
+}
+
+// The EMA update of n elements in place; s[i] receives each element's score Ibar * Ubar.
+template <typename T>
+void update_span(const T* __restrict__ p, const T* __restrict__ g, float* __restrict__ ipt,
+                 float* __restrict__ unc, float* __restrict__ s, int64_t n, float b1, float b2) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float I = std::fabs(static_cast<float>(p[i]) * static_cast<float>(g[i]));
+    const float ib = b1 * ipt[i] + (1.f - b1) * I;
+    const float ub = b2 * unc[i] + (1.f - b2) * std::fabs(I - ib);
+    ipt[i] = ib;
+    unc[i] = ub;
+    s[i] = ib * ub;
+  }
+}
+
+// The same update, written to new buffers (for a later masked commit).
+template <typename T>
+void update_span_to(const T* __restrict__ p, const T* __restrict__ g,
+                    const float* __restrict__ ipt, const float* __restrict__ unc,
+                    float* __restrict__ ipt_new, float* __restrict__ unc_new,
+                    float* __restrict__ s, int64_t n, float b1, float b2) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float I = std::fabs(static_cast<float>(p[i]) * static_cast<float>(g[i]));
+    const float ib = b1 * ipt[i] + (1.f - b1) * I;
+    const float ub = b2 * unc[i] + (1.f - b2) * std::fabs(I - ib);
+    ipt_new[i] = ib;
+    unc_new[i] = ub;
+    s[i] = ib * ub;
+  }
+}
+
+// Sum with 8 independent accumulators (vectorizable; no serial add chain).
+inline float sum_span(const float* __restrict__ s, int64_t n) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int q = 0; q < 8; ++q) acc[q] += s[i + q];
+  float total = 0.f;
+  for (; i < n; ++i) total += s[i];
+  for (float a : acc) total += a;
+  return total;
+}
+
+// Grain (in items) giving each parallel task ~kTaskElems elements, so small adapter sets run on
+// one thread instead of paying for a parallel region.
+constexpr int64_t kTaskElems = 1 << 20;
+int64_t item_grain(int64_t n_items, int64_t total_elems) {
+  const int64_t tasks = std::max<int64_t>(1, total_elems / kTaskElems);
+  return std::max<int64_t>(1, (n_items + tasks - 1) / tasks);
 }
 
 template <typename T>
@@ -90,29 +149,47 @@ void update_cpu(at::TensorList A, at::TensorList E, at::TensorList B, at::Tensor
                 const LayerShapes& s) {
   const Plan plan = make_plan(s);
   const int64_t n_items = (int64_t)plan.items.size();
+  int64_t total_elems = 0;
+  std::vector<bool> all_active(s.r.size());
+  for (size_t l = 0; l < s.r.size(); ++l) {
+    total_elems += s.r[l] * (s.in[l] + 1 + s.out[l]);
+    all_active[l] = std::all_of(active + s.comp_offset[l], active + s.comp_offset[l] + s.r[l],
+                                [](bool a) { return a; });
+  }
+  const int64_t grain = item_grain(n_items, total_elems);
+  // mask pattern of a B item: pattern[j * r + k] = active[k] for the item's rows
+  auto b_pattern = [&](const Item& it, std::vector<uint8_t>& pat) {
+    const int64_t r = s.r[it.layer];
+    const bool* act = active + s.comp_offset[it.layer];
+    pat.resize((it.row_end - it.row_begin) * r);
+    for (size_t t = 0; t < pat.size(); ++t) pat[t] = act[t % r];
+  };
 
   // Pass 1: is every gradient the update would consume finite?
   std::atomic<bool> bad{false};
-  at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_items, grain, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> pat;
     for (int64_t i = begin; i < end && !bad.load(std::memory_order_relaxed); ++i) {
       const Item& it = plan.items[i];
       const int64_t l = it.layer, r = s.r[l], in = s.in[l];
       const bool* act = active + s.comp_offset[l];
-      bool ok = true;
+      bool found = false;
       if (it.kind == Kind::A) {
         const T* ga = gA[l].const_data_ptr<T>();
         const T* ge = gE[l].const_data_ptr<T>();
-        for (int64_t k = it.row_begin; k < it.row_end; ++k) {
-          if (!act[k]) continue;
-          ok &= finite(ge[k]);
-          for (int64_t j = 0; j < in; ++j) ok &= finite(ga[k * in + j]);
-        }
+        for (int64_t k = it.row_begin; k < it.row_end; ++k)
+          if (act[k]) found |= any_nonfinite(ga + k * in, nullptr, in) || any_nonfinite(ge + k, nullptr, 1);
       } else {
-        const T* gb = gB[l].const_data_ptr<T>();
-        for (int64_t j = it.row_begin; j < it.row_end; ++j)
-          for (int64_t k = 0; k < r; ++k) ok &= !act[k] || finite(gb[j * r + k]);
+        const T* gb = gB[l].const_data_ptr<T>() + it.row_begin * r;
+        const int64_t len = (it.row_end - it.row_begin) * r;
+        if (all_active[l]) {
+          found = any_nonfinite(gb, nullptr, len);
+        } else {
+          b_pattern(it, pat);
+          found = any_nonfinite(gb, pat.data(), len);
+        }
       }
-      if (!ok) bad.store(true, std::memory_order_relaxed);
+      if (found) bad.store(true, std::memory_order_relaxed);
     }
   });
   if (bad.load()) {
@@ -124,7 +201,9 @@ void update_cpu(at::TensorList A, at::TensorList E, at::TensorList B, at::Tensor
   // column sums of s(B_jk).
   std::vector<float> row_part(s.n_components, 0.f);
   std::vector<float> col_part(plan.col_part_size, 0.f);
-  at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_items, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> sbuf, tmp_ipt, tmp_unc;
+    std::vector<uint8_t> pat;
     for (int64_t i = begin; i < end; ++i) {
       const Item& it = plan.items[i];
       const int64_t l = it.layer, r = s.r[l], in = s.in[l];
@@ -137,29 +216,40 @@ void update_cpu(at::TensorList A, at::TensorList E, at::TensorList B, at::Tensor
         const T* e = E[l].const_data_ptr<T>();
         const T* ge = gE[l].const_data_ptr<T>();
         const int64_t e_base = r * in;  // E's elements follow A's in the state buffers
+        sbuf.resize(in);
         for (int64_t k = it.row_begin; k < it.row_end; ++k) {
           if (!act[k]) continue;
-          float sum = 0.f;
-          for (int64_t j = 0; j < in; ++j) {
-            const int64_t x = k * in + j;
-            sum += update_element(a[x], ga[x], ipt_l[x], unc_l[x], b1, b2);
-          }
-          const float se =
-              update_element(e[k], ge[k], ipt_l[e_base + k], unc_l[e_base + k], b1, b2);
-          row_part[s.comp_offset[l] + k] = se + sum / static_cast<float>(in);
+          const int64_t x = k * in;
+          update_span(a + x, ga + x, ipt_l + x, unc_l + x, sbuf.data(), in, b1, b2);
+          float se;
+          update_span(e + k, ge + k, ipt_l + e_base + k, unc_l + e_base + k, &se, 1, b1, b2);
+          row_part[s.comp_offset[l] + k] = se + sum_span(sbuf.data(), in) / static_cast<float>(in);
         }
       } else {
-        const T* b = B[l].const_data_ptr<T>();
-        const T* gb = gB[l].const_data_ptr<T>();
-        const int64_t b_base = r * in + r;  // B's elements follow A's and E's
-        float* part = col_part.data() + it.col_part_offset;
-        for (int64_t j = it.row_begin; j < it.row_end; ++j) {
-          for (int64_t k = 0; k < r; ++k) {
-            if (!act[k]) continue;
-            const int64_t x = j * r + k;
-            part[k] += update_element(b[x], gb[x], ipt_l[b_base + x], unc_l[b_base + x], b1, b2);
+        const int64_t x0 = it.row_begin * r, len = (it.row_end - it.row_begin) * r;
+        const T* b = B[l].const_data_ptr<T>() + x0;
+        const T* gb = gB[l].const_data_ptr<T>() + x0;
+        float* ib = ipt_l + r * in + r + x0;  // B's elements follow A's and E's
+        float* ub = unc_l + r * in + r + x0;
+        sbuf.resize(len);
+        if (all_active[l]) {
+          update_span(b, gb, ib, ub, sbuf.data(), len, b1, b2);
+        } else {
+          // Update into temporaries, then commit active columns only (a vectorizable blend
+          // instead of a branch per element); inactive elements score 0 in the sums below.
+          tmp_ipt.resize(len);
+          tmp_unc.resize(len);
+          b_pattern(it, pat);
+          update_span_to(b, gb, ib, ub, tmp_ipt.data(), tmp_unc.data(), sbuf.data(), len, b1, b2);
+          for (int64_t t = 0; t < len; ++t) {
+            ib[t] = pat[t] ? tmp_ipt[t] : ib[t];
+            ub[t] = pat[t] ? tmp_unc[t] : ub[t];
+            sbuf[t] = pat[t] ? sbuf[t] : 0.f;
           }
         }
+        float* part = col_part.data() + it.col_part_offset;
+        for (int64_t t = 0; t < len; t += r)
+          for (int64_t k = 0; k < r; ++k) part[k] += sbuf[t + k];
       }
     }
   });
@@ -170,18 +260,17 @@ void update_cpu(at::TensorList A, at::TensorList E, at::TensorList B, at::Tensor
     const Item& it = plan.items[i];
     if (it.kind == Kind::B && first_b_item[it.layer] < 0) first_b_item[it.layer] = i;
   }
-  at::parallel_for(0, (int64_t)s.r.size(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t l = begin; l < end; ++l) {
-      const int64_t r = s.r[l], off = s.comp_offset[l];
-      for (int64_t k = 0; k < r; ++k) {
-        if (!active[off + k]) continue;
-        float col = 0.f;
-        for (int64_t i = first_b_item[l]; i < n_items && plan.items[i].layer == l; ++i)
-          if (plan.items[i].kind == Kind::B) col += col_part[plan.items[i].col_part_offset + k];
-        scores[off + k] = row_part[off + k] + col / static_cast<float>(s.out[l]);
-      }
+  // (O(n_components x B items per layer): tiny, so serial.)
+  for (int64_t l = 0; l < (int64_t)s.r.size(); ++l) {
+    const int64_t r = s.r[l], off = s.comp_offset[l];
+    for (int64_t k = 0; k < r; ++k) {
+      if (!active[off + k]) continue;
+      float col = 0.f;
+      for (int64_t i = first_b_item[l]; i < n_items && plan.items[i].layer == l; ++i)
+        if (plan.items[i].kind == Kind::B) col += col_part[plan.items[i].col_part_offset + k];
+      scores[off + k] = row_part[off + k] + col / static_cast<float>(s.out[l]);
     }
-  });
+  }
   counters[0] += 1;
 }
 

@@ -31,6 +31,7 @@ step "benchmarks"
 # Each entry: a benchmark script taking --device cuda --out DIR (see python/bench/common.py).
 BENCHES=(
   bench_lora_op.py
+  bench_allocator.py
 )
 for b in "${BENCHES[@]}"; do
   echo "-- $b"
