@@ -38,6 +38,16 @@ def test_probability_is_monotone_in_loss():
     assert p[-1] > 0.5  # the most extreme loss is flagged
 
 
+def test_guard_flags_nothing_without_a_minority_of_misfits():
+    rng = np.random.default_rng(2)
+    # an untrained model: losses spread broadly, the "high" component takes most of the pool
+    losses = np.concatenate([rng.normal(0.1, 0.02, 300), rng.normal(0.8, 0.3, 700)])
+    p, flagged, mix = flag_mislabeled(losses)
+    assert mix.weights[1] > 0.5 and (p > 0.5).sum() > 500
+    assert not flagged.any()
+    assert flag_mislabeled(losses, max_share=0.8)[1].sum() > 500
+
+
 def test_guard_input_errors():
     with pytest.raises(ValueError, match="threshold"):
         flag_mislabeled([0.1, 0.2, 3.0], threshold=1.0)

@@ -261,3 +261,17 @@ def test_pool_index_kept_and_guard_switch():
     np.testing.assert_array_equal(s.index, np.arange(100, 112))
     assert not s.likely_mislabeled.any() and np.all((s.p_mislabeled >= 0) & (s.p_mislabeled <= 1))
     assert np.isfinite(s.Q).all() and s.meta["alignment"] is None
+
+
+def test_score_pool_from_config_follows_the_config():
+    from tsqlora_ext.config import TsqLoRAConfig
+    from tsqlora_ext.quality import score_pool_from_config
+    model = tiny_bert(dropout=0.0)
+    ids, mask, labels = tiny_pool(n=8)
+    batches = make_batches(ids, mask, labels, batch_size=4)
+    cfg = TsqLoRAConfig(score_mode="full", lookahead="exact", quality_weights=(1.0, 0.0, 0.0),
+                        mislabel_guard=False, mislabel_threshold=0.3)
+    s = score_pool_from_config(model, batches, cfg, progress=False)
+    assert (s.meta["mode"], s.meta["lookahead"], s.meta["alignment"]) == ("full", "exact", None)
+    assert s.meta["mislabel_threshold"] == 0.3 and not s.likely_mislabeled.any()
+    np.testing.assert_allclose(s.Q, robust_z(s.G))

@@ -35,3 +35,14 @@ def build_info() -> dict:
 
 
 __all__ = ["build_info", "__version__"]
+
+# ---- quality score and wrong-label guard (issue 5 model-based score, issue 9) ----------------------
+from .mislabel import flag_mislabeled, mislabel_probability  # noqa: E402
+from .quality import (  # noqa: E402
+    QualityScores, read_scores, score_pool, score_pool_from_config, warmup, write_scores,
+)
+
+__all__ += [
+    "QualityScores", "flag_mislabeled", "mislabel_probability", "read_scores", "score_pool",
+    "score_pool_from_config", "warmup", "write_scores",
+]

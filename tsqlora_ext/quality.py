@@ -543,7 +543,8 @@ def score_pool(
     if seen >= 2:
         p_wrong, flagged, mix = flag_mislabeled(loss, mislabel_threshold)
         mixture = {"weights": mix.weights, "means": mix.means, "stds": mix.stds,
-                   "converged": mix.converged}
+                   "converged": mix.converged,
+                   "high_loss_majority_flags_nothing": bool(mix.weights[1] > 0.5)}
     else:
         p_wrong, flagged, mixture = np.zeros(seen), np.zeros(seen, bool), None
     if not mislabel_guard:
@@ -560,10 +561,13 @@ def score_pool(
 
 
 def score_pool_from_config(model: nn.Module, batches: Iterable[dict], config, *, eta: float = 1e-3,
+                           alignment_reference: Iterable[dict] | None = None,
                            progress: bool = True) -> QualityScores:
-    """``score_pool`` with mode, look-ahead, weights and guard taken from a ``TsqLoRAConfig``."""
+    """``score_pool`` with mode, look-ahead, weights and guard taken from a ``TsqLoRAConfig``
+    (warm up first with ``warmup(model, optimizer, pool, config.score_warmup, seed=config.seed)``)."""
     return score_pool(model, batches, mode=config.score_mode, lookahead=config.lookahead, eta=eta,
-                      weights=config.quality_weights, mislabel_guard=config.mislabel_guard,
+                      weights=config.quality_weights, alignment_reference=alignment_reference,
+                      mislabel_guard=config.mislabel_guard,
                       mislabel_threshold=config.mislabel_threshold, progress=progress)
 
 
