@@ -18,6 +18,15 @@ from tsqlora_ext.quality import (
 
 transformers = pytest.importorskip("transformers")
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: on a shared 2-core machine intra-op threads only add synchronisation cost.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 
 
@@ -128,6 +137,14 @@ def test_scores_equal_brute_force(mode):
                         compute_alignment=False, progress=False)
         np.testing.assert_allclose(fo.D, eta * G ** 2, rtol=1e-9)
         assert np.all(np.isnan(fo.C))
+        # C against a held-out reference set: ḡ is that set's mean gradient, no second pool pass
+        ref_ids, ref_mask, ref_labels = tiny_pool(n=6, seed=7)
+        ref_batches = make_batches(ref_ids, ref_mask, ref_labels, batch_size=4)
+        held = score_pool(model, batches, mode=mode, alignment_reference=ref_batches, progress=False)
+        ref_mean = brute_force(model, ref_batches, params, eta)[1].mean(0)
+        np.testing.assert_allclose(held.C, (grads @ ref_mean / (grads.norm(dim=1) * ref_mean.norm())).numpy(),
+                                   rtol=1e-8, atol=1e-10)
+        assert held.meta["alignment"] == "held_out"
         if mode == "head":  # the head mode scores fewer parameters than the full one
             assert scores.meta["scored_parameters"] < sum(p.numel() for p in scored_params(model, "full"))
             assert all(".layer.1." in n or n == "classifier" for n in scores.meta["scored_layers"])
@@ -243,4 +260,18 @@ def test_pool_index_kept_and_guard_switch():
                    mislabel_guard=False)
     np.testing.assert_array_equal(s.index, np.arange(100, 112))
     assert not s.likely_mislabeled.any() and np.all((s.p_mislabeled >= 0) & (s.p_mislabeled <= 1))
-    assert np.isfinite(s.Q).all() and not s.meta["alignment"]
+    assert np.isfinite(s.Q).all() and s.meta["alignment"] is None
+
+
+def test_score_pool_from_config_follows_the_config():
+    from tsqlora_ext.config import TsqLoRAConfig
+    from tsqlora_ext.quality import score_pool_from_config
+    model = tiny_bert(dropout=0.0)
+    ids, mask, labels = tiny_pool(n=8)
+    batches = make_batches(ids, mask, labels, batch_size=4)
+    cfg = TsqLoRAConfig(score_mode="full", lookahead="exact", quality_weights=(1.0, 0.0, 0.0),
+                        mislabel_guard=False, mislabel_threshold=0.3)
+    s = score_pool_from_config(model, batches, cfg, progress=False)
+    assert (s.meta["mode"], s.meta["lookahead"], s.meta["alignment"]) == ("full", "exact", None)
+    assert s.meta["mislabel_threshold"] == 0.3 and not s.likely_mislabeled.any()
+    np.testing.assert_allclose(s.Q, robust_z(s.G))

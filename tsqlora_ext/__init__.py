@@ -47,10 +47,26 @@ __all__ += [
     "save_adapter", "load_adapter", "export_peft",
 ]
 
+# ---- rank allocation (issue 4) -------------------------------------------------------------------
+from .allocator import RankAllocator  # noqa: E402
+
+__all__ += ["RankAllocator"]
+
 # ---- data selection (issue 5) --------------------------------------------------------------------
 from .selector import GateConfig, SelectionResult, select  # noqa: E402
 
 __all__ += ["GateConfig", "SelectionResult", "select"]
+
+# ---- quality score and wrong-label guard (issues 5 and 9) ----------------------------------------
+from .mislabel import flag_mislabeled, mislabel_probability  # noqa: E402
+from .quality import (  # noqa: E402
+    QualityScores, read_scores, score_pool, score_pool_from_config, warmup, write_scores,
+)
+
+__all__ += [
+    "QualityScores", "flag_mislabeled", "mislabel_probability", "read_scores", "score_pool",
+    "score_pool_from_config", "warmup", "write_scores",
+]
 
 # ---- training: loop, Trainer callback, pipeline (issue 7) ----------------------------------------
 from .train import TokenizedData, TrainArgs, TrainResult, evaluate  # noqa: E402
@@ -65,8 +81,3 @@ def __getattr__(name: str):
         from .callback import TsqLoRACallback
         return TsqLoRACallback
     raise AttributeError(f"module 'tsqlora_ext' has no attribute {name!r}")
-
-# ---- rank allocation (issue 4) ---------------------------------------------------------------------
-from .allocator import RankAllocator  # noqa: E402
-
-__all__ += ["RankAllocator"]

@@ -11,6 +11,11 @@ Gaussian tails can make that posterior fall again for very large losses (when th
 the wider one), which would spare the most extreme examples. The posterior is therefore made
 non-decreasing in the loss (running maximum over the sorted losses): a larger loss is never judged
 less likely to be wrong.
+
+Wrong labels are a minority by assumption. When the fitted high-loss component holds more than
+``max_share`` of the pool (default one half), the losses did not split into "most fit, a few do
+not" — typically the model has not learned enough yet — and the guard flags nothing rather than
+drop a large, barely enriched share of the data; ``flag_mislabeled`` reports this.
 """
 
 from __future__ import annotations
@@ -93,9 +98,16 @@ def mislabel_probability(losses) -> tuple[np.ndarray, LossMixture]:
     return p, mix
 
 
-def flag_mislabeled(losses, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray, LossMixture]:
-    """(p_mislabeled, likely_mislabeled = p > threshold, mixture)."""
+def flag_mislabeled(losses, threshold: float = 0.5,
+                    max_share: float = 0.5) -> tuple[np.ndarray, np.ndarray, LossMixture]:
+    """(p_mislabeled, likely_mislabeled, mixture): flag p > threshold, unless the high-loss
+    component's weight exceeds ``max_share`` (no minority of misfits: flag nothing)."""
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"flag_mislabeled: threshold must be in (0, 1), got {threshold}")
+    if not 0.0 < max_share <= 1.0:
+        raise ValueError(f"flag_mislabeled: max_share must be in (0, 1], got {max_share}")
     p, mix = mislabel_probability(losses)
-    return p, p > threshold, mix
+    flagged = p > threshold
+    if mix.weights[1] > max_share:
+        flagged[:] = False
+    return p, flagged, mix

@@ -371,6 +371,47 @@ def _progress(it, total, desc, enabled):
     return tqdm(it, total=total, desc=desc, unit="batch", leave=False)
 
 
+def _batch_pass(model, batches, taps, params, loss_fn, desc, progress, on_batch) -> None:
+    """One forward and backward per batch (sum-reduced loss, so each example's output gradients
+    are its own); ``on_batch(batch, losses, grads)`` then reads the taps."""
+    device = params[0].device
+    try:
+        total = len(batches)
+    except TypeError:
+        total = None
+    for batch in _progress(batches, total, desc, progress):
+        batch = _to_device(batch, device)
+        for t in taps:
+            t.reset()
+        with torch.enable_grad():
+            losses = loss_fn(model, batch)
+            grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+        B = losses.shape[0]
+        for t in taps:
+            if t.x is None:
+                raise RuntimeError(f"quality score: scored layer {t.name!r} was not called in the "
+                                   "forward; its parameters cannot be scored")
+            if t.x.shape[0] != B:
+                raise RuntimeError(f"quality score: layer {t.name!r} saw a batch of {t.x.shape[0]}, "
+                                   f"the loss has {B}; the first dimension of every scored layer's "
+                                   "input must be the batch")
+        on_batch(batch, losses.detach(), grads)
+
+
+def _per_layer_refs(taps, flat: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Split a gradient given per scored parameter (in ``params`` order) into per-tap dicts."""
+    refs, pos = [], 0
+    for t in taps:
+        ref = {}
+        for nm in (("lora_A", "lora_E", "lora_B") if t.is_lora else ("weight", "bias")):
+            p = getattr(t.module, nm, None)
+            if isinstance(p, nn.Parameter) and p.requires_grad:
+                ref[nm] = flat[pos].to(p.dtype)
+                pos += 1
+        refs.append(ref)
+    return refs
+
+
 def score_pool(
     model: nn.Module,
     batches: Iterable[dict],
@@ -380,6 +421,7 @@ def score_pool(
     eta: float = 1e-3,
     weights: Sequence[float] = (1 / 3, 1 / 3, 1 / 3),
     compute_alignment: bool | None = None,
+    alignment_reference: Iterable[dict] | None = None,
     mislabel_guard: bool = True,
     mislabel_threshold: float = 0.5,
     loss_fn=sequence_classification_loss,
@@ -392,13 +434,15 @@ def score_pool(
             ``nn.Linear`` heads (what ``tsqlora_ext.wrap`` produces).
         batches: dicts of tensors with ``labels`` [B], the model's inputs (``input_ids``,
             ``attention_mask``, ...) and optionally ``index`` [B] (the examples' ids; else their
-            running position). Iterated once, twice when C is computed.
+            running position). Iterated once, or twice when C is aligned with the pool's own mean.
         mode: 'full' or 'head' (see the module docstring).
-        lookahead: 'exact' (one extra batched forward) or 'first_order' (D = η·G², free).
+        lookahead: 'exact' (one extra batched forward per batch) or 'first_order' (D = η·G²).
         eta: the look-ahead step size η.
         weights: α1..α3 of Q.
-        compute_alignment: compute C (a second pass); default: only when α3 > 0. Without it C is
-            NaN (written as null).
+        compute_alignment: compute C; default: only when α3 > 0. Without it C is NaN (null).
+        alignment_reference: None: ḡ is the pool's mean gradient (the paper's C; a second pass
+            over the pool). Batches of a held-out set with trusted labels: ḡ is their mean
+            gradient, computed in a pass over them before the pool, and C costs nothing extra.
         mislabel_guard: flag examples whose loss marks them as likely mislabeled.
         mislabel_threshold: flag when P(wrong label) exceeds it.
         loss_fn: (model, batch) -> per-example losses [B]; the default is cross-entropy on
@@ -412,97 +456,71 @@ def score_pool(
     if len(weights) != 3:
         raise ValueError(f"weights must be 3 numbers (alpha1..3), got {weights}")
     if compute_alignment is None:
-        compute_alignment = float(weights[2]) != 0.0
+        compute_alignment = float(weights[2]) != 0.0 or alignment_reference is not None
+    pool_reference = compute_alignment and alignment_reference is None
     layers = scored_modules(model, mode)
     params = [p for _, m in layers for p in _module_params(m)]
     scored = {id(p) for p in params}
-    if not isinstance(batches, (list, tuple)) and compute_alignment:
+    if pool_reference and not isinstance(batches, (list, tuple)):
         batches = list(batches)  # iterated twice
-    try:
-        n_batches = len(batches)  # type: ignore[arg-type]
-    except TypeError:
-        n_batches = None
-    device = params[0].device
     frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in scored]
     was_training = model.training
     taps = [_Tap(n, m) for n, m in layers]
     t0 = time.perf_counter()
+    idx_l, loss_l, sq_l, d_l, dot_l = [], [], [], [], []
+    grad_sum = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    count = [0]
+    refs = None
+
+    def accumulate(batch, losses, grads):
+        for acc, g in zip(grad_sum, grads):
+            if g is not None:
+                acc += g.double()
+        count[0] += losses.shape[0]
+
+    def main(batch, losses, grads):
+        B = losses.shape[0]
+        if pool_reference:
+            accumulate(batch, losses, grads)
+        sq_l.append(sum(t.sq_norms().double() for t in taps).cpu())
+        if refs is not None:
+            dot_l.append(sum(t.dots(r).double() for t, r in zip(taps, refs)).cpu())
+        if lookahead == "exact":
+            for t in taps:
+                t.arm_lookahead(eta)
+            with torch.no_grad():
+                after = loss_fn(model, batch)
+            for t in taps:
+                t.perturb = None
+            d_l.append((losses - after).double().cpu())
+        idx = batch.get("index")
+        start = sum(x.numel() for x in idx_l)
+        idx_l.append(torch.arange(start, start + B) if idx is None else torch.as_tensor(idx).cpu().long())
+        loss_l.append(losses.double().cpu())
+
+    def reference():
+        mean = [g / count[0] for g in grad_sum]
+        return _per_layer_refs(taps, mean), math.sqrt(sum(float(g.square().sum()) for g in mean))
+
     try:
         for p in frozen:  # 'head' mode: autograd stops at the first scored layer
             p.requires_grad_(False)
         model.eval()
-        idx_l, loss_l, sq_l, d_l = [], [], [], []
-        grad_sum = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-        seen = 0
-        for batch in _progress(batches, n_batches, f"scoring ({mode})", progress):
-            batch = _to_device(batch, device)
-            for t in taps:
-                t.reset()
-            with torch.enable_grad():
-                losses = loss_fn(model, batch)
-                grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
-            B = losses.shape[0]
-            for t in taps:
-                if t.x is None:
-                    raise RuntimeError(f"quality score: scored layer {t.name!r} was not called in "
-                                       "the forward; its parameters cannot be scored")
-                if t.x.shape[0] != B:
-                    raise RuntimeError(f"quality score: layer {t.name!r} saw a batch of "
-                                       f"{t.x.shape[0]}, the loss has {B}; the first dimension of "
-                                       "every scored layer's input must be the batch")
-            for acc, g in zip(grad_sum, grads):
-                if g is not None:
-                    acc += g.double()
-            sq = sum(t.sq_norms().double() for t in taps)
-            if lookahead == "exact":
-                for t in taps:
-                    t.arm_lookahead(eta)
-                with torch.no_grad():
-                    after = loss_fn(model, batch)
-                for t in taps:
-                    t.perturb = None
-                d_l.append((losses.detach() - after).double().cpu())
-            idx = batch.get("index")
-            idx = torch.arange(seen, seen + B) if idx is None else torch.as_tensor(idx).cpu()
-            seen += B
-            idx_l.append(idx.long())
-            loss_l.append(losses.detach().double().cpu())
-            sq_l.append(sq.cpu())
+        if alignment_reference is not None and compute_alignment:
+            _batch_pass(model, alignment_reference, taps, params, loss_fn,
+                        "alignment reference", progress, accumulate)
+            if count[0] == 0:
+                raise ValueError("quality score: alignment_reference holds no examples")
+            refs, ref_norm = reference()
+        _batch_pass(model, batches, taps, params, loss_fn, f"scoring ({mode})", progress, main)
+        seen = sum(x.numel() for x in idx_l)
         if seen == 0:
             raise ValueError("quality score: the pool is empty")
-        index = torch.cat(idx_l).numpy()
-        if np.unique(index).size != index.size:
-            raise ValueError("quality score: batch 'index' values repeat; each example needs a unique id")
-        loss = torch.cat(loss_l).numpy()
-        G = torch.cat(sq_l).clamp_min(0).sqrt().numpy()
-        D = torch.cat(d_l).numpy() if lookahead == "exact" else eta * G ** 2
-        C = np.full(seen, np.nan)
-        if compute_alignment:
-            mean_grad = [(g / seen) for g in grad_sum]
-            ref_norm = math.sqrt(sum(float(g.square().sum()) for g in mean_grad))
-            refs = []
-            pos = 0
-            for t in taps:
-                names = (["lora_A", "lora_E", "lora_B"] if t.is_lora else ["weight", "bias"])
-                ref = {}
-                for nm in names:
-                    p = getattr(t.module, nm, None)
-                    if isinstance(p, nn.Parameter) and p.requires_grad:
-                        ref[nm] = mean_grad[pos].to(p.dtype)
-                        pos += 1
-                refs.append(ref)
-            dots = []
-            for batch in _progress(batches, n_batches, f"alignment ({mode})", progress):
-                batch = _to_device(batch, device)
-                for t in taps:
-                    t.reset()
-                with torch.enable_grad():
-                    losses = loss_fn(model, batch)
-                    torch.autograd.grad(losses.sum(), params, allow_unused=True)
-                dots.append(sum(t.dots(r).double() for t, r in zip(taps, refs)).cpu())
-            dot = torch.cat(dots).numpy()
-            denom = G * ref_norm
-            C = np.where(denom > 0, dot / np.where(denom > 0, denom, 1.0), 0.0)
+        if pool_reference:
+            refs, ref_norm = reference()
+            _batch_pass(model, batches, taps, params, loss_fn, f"alignment ({mode})", progress,
+                        lambda b, l, g: dot_l.append(
+                            sum(t.dots(r).double() for t, r in zip(taps, refs)).cpu()))
     finally:
         for t in taps:
             t.handle.remove()
@@ -510,19 +528,31 @@ def score_pool(
         for p in frozen:
             p.requires_grad_(True)
         model.train(was_training)
+    index = torch.cat(idx_l).numpy()
+    if np.unique(index).size != index.size:
+        raise ValueError("quality score: batch 'index' values repeat; each example needs a unique id")
+    loss = torch.cat(loss_l).numpy()
+    G = torch.cat(sq_l).clamp_min(0).sqrt().numpy()
+    D = torch.cat(d_l).numpy() if lookahead == "exact" else eta * G ** 2
+    C = np.full(seen, np.nan)
+    if compute_alignment:
+        dot = torch.cat(dot_l).numpy()
+        denom = G * ref_norm
+        C = np.where(denom > 0, dot / np.where(denom > 0, denom, 1.0), 0.0)
     # P(wrong label) is reported even with the guard off; only the guard flags examples.
     if seen >= 2:
         p_wrong, flagged, mix = flag_mislabeled(loss, mislabel_threshold)
         mixture = {"weights": mix.weights, "means": mix.means, "stds": mix.stds,
-                   "converged": mix.converged}
+                   "converged": mix.converged,
+                   "high_loss_majority_flags_nothing": bool(mix.weights[1] > 0.5)}
     else:
         p_wrong, flagged, mixture = np.zeros(seen), np.zeros(seen, bool), None
     if not mislabel_guard:
         flagged = np.zeros(seen, bool)
     Q = combine(G, D, C, weights)
     meta = {"mode": mode, "lookahead": lookahead, "eta": eta, "weights": [float(w) for w in weights],
-            "alignment": bool(compute_alignment), "n": int(seen),
-            "scored_parameters": int(sum(p.numel() for p in params)),
+            "alignment": (None if not compute_alignment else "pool" if pool_reference else "held_out"),
+            "n": int(seen), "scored_parameters": int(sum(p.numel() for p in params)),
             "scored_layers": [n for n, _ in layers],
             "mislabel_guard": bool(mislabel_guard), "mislabel_threshold": float(mislabel_threshold),
             "n_likely_mislabeled": int(flagged.sum()), "mixture": mixture,
@@ -531,10 +561,13 @@ def score_pool(
 
 
 def score_pool_from_config(model: nn.Module, batches: Iterable[dict], config, *, eta: float = 1e-3,
+                           alignment_reference: Iterable[dict] | None = None,
                            progress: bool = True) -> QualityScores:
-    """``score_pool`` with mode, look-ahead, weights and guard taken from a ``TsqLoRAConfig``."""
+    """``score_pool`` with mode, look-ahead, weights and guard taken from a ``TsqLoRAConfig``
+    (warm up first with ``warmup(model, optimizer, pool, config.score_warmup, seed=config.seed)``)."""
     return score_pool(model, batches, mode=config.score_mode, lookahead=config.lookahead, eta=eta,
-                      weights=config.quality_weights, mislabel_guard=config.mislabel_guard,
+                      weights=config.quality_weights, alignment_reference=alignment_reference,
+                      mislabel_guard=config.mislabel_guard,
                       mislabel_threshold=config.mislabel_threshold, progress=progress)
 
 

@@ -1,0 +1,142 @@
+"""Scoring-pass throughput: the batched ghost-norm pass against the naive per-example loop.
+
+MiniLM-L6 with all 36 encoder linears adapted (r_init 12, r_max 24) plus its classification head,
+real Rotten Tomatoes reviews padded to 64 tokens, batch 32. For each mode ('full': adapters of
+every layer + head; 'head': head + last block's adapters) it times
+- ours: `score_pool` (G and first-order D, one forward + backward per batch; and with the exact
+  look-ahead, one more forward),
+- the peer: one forward + backward per example, gradient norm from the materialised gradients
+  (what a per-example-gradient loop costs; the way G is computed without ghost norms),
+and checks on the same examples that both give the same G. Figures are examples per second.
+
+    python python/bench/bench_quality.py [--quick] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import common  # noqa: E402
+
+from tsqlora_ext import bundled  # noqa: E402
+from tsqlora_ext.layers import VarRankLoRALinear  # noqa: E402
+from tsqlora_ext.quality import (  # noqa: E402
+    make_batches, score_pool, scored_modules, sequence_classification_loss,
+)
+
+TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+
+
+def adapt(model: nn.Module) -> nn.Module:
+    for name, module in list(model.named_modules()):
+        for cname, child in list(module.named_children()):
+            full = f"{name}.{cname}" if name else cname
+            if isinstance(child, nn.Linear) and any(full.endswith(t) for t in TARGETS):
+                setattr(module, cname, VarRankLoRALinear(child, r_max=24, r_init=12, alpha=16.0))
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith("classifier") or ".lora_" in n)
+    # B = 0 at a LoRA start would zero every dA term; give the adapters a trained-like state.
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, VarRankLoRALinear):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.01)
+    return model
+
+
+def naive_G(model, batches, mode, device) -> np.ndarray:
+    """One forward + backward per example; ‖g_i‖ from the materialised gradient."""
+    params = []
+    for _, m in scored_modules(model, mode):
+        params += ([m.lora_A, m.lora_E, m.lora_B] if isinstance(m, VarRankLoRALinear)
+                   else [p for p in m.parameters(recurse=False) if p.requires_grad])
+    ids = {id(p) for p in params}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    for p in others:
+        p.requires_grad_(False)
+    model.eval()
+    out = []
+    try:
+        for b in batches:
+            for i in range(b["labels"].shape[0]):
+                one = {k: v[i:i + 1].to(device) for k, v in b.items() if k != "index"}
+                loss = sequence_classification_loss(model, one).sum()
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                out.append(float(torch.sqrt(sum(g.double().square().sum() for g in grads if g is not None))))
+    finally:
+        for p in others:
+            p.requires_grad_(True)
+    return np.array(out)
+
+
+def main() -> None:
+    args = common.parse_args(__doc__.splitlines()[0])
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    dev = args.device
+    n_pool = 64 if args.quick else 256
+    n_naive = 32 if args.quick else 64
+    task = bundled.rotten_tomatoes()
+    tok = AutoTokenizer.from_pretrained(bundled.minilm_dir())
+    enc = tok(task.train_texts[:n_pool], padding="max_length", truncation=True, max_length=64,
+              return_tensors="pt")
+    labels = torch.as_tensor(task.train_labels[:n_pool])
+    batches = make_batches(enc["input_ids"], enc["attention_mask"], labels, batch_size=32)
+    torch.manual_seed(0)
+    model = adapt(BertForSequenceClassification.from_pretrained(bundled.minilm_dir(), num_labels=2)).to(dev)
+    n_naive_batches = n_naive // 32
+
+    rows, goals = [], []
+    for mode in ("full", "head"):
+        def ours(lookahead):
+            return score_pool(model, batches, mode=mode, lookahead=lookahead, weights=(0.5, 0.5, 0.0),
+                              progress=False)
+        ours("first_order")  # warm up allocator / kernels
+        common.sync(dev)
+        t0 = time.perf_counter()
+        s = ours("first_order")
+        common.sync(dev)
+        t_fo = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ours("exact")
+        common.sync(dev)
+        t_ex = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        G_naive = naive_G(model, batches[:n_naive_batches], mode, dev)
+        common.sync(dev)
+        t_nv = time.perf_counter() - t0
+        rel = float(np.max(np.abs(s.G[:len(G_naive)] - G_naive) / G_naive))
+        ours_eps, exact_eps, naive_eps = n_pool / t_fo, n_pool / t_ex, len(G_naive) / t_nv
+        rows.append({"mode": mode, "pool": n_pool, "seq_len": 64, "batch": 32,
+                     "ours_first_order_ex_per_s": round(ours_eps, 2),
+                     "ours_exact_D_ex_per_s": round(exact_eps, 2),
+                     "naive_loop_ex_per_s": round(naive_eps, 2),
+                     "speedup_vs_naive": round(ours_eps / naive_eps, 2),
+                     "max_rel_diff_G_vs_naive": rel,
+                     "scored_parameters": s.meta["scored_parameters"]})
+        print(rows[-1])
+        goals.append(common.goal(f"{mode}: scoring pass vs naive per-example loop", ours_eps / naive_eps,
+                                 5.0, True, "x"))
+        goals.append(common.goal(f"{mode}: G equals the naive per-example G", rel, 1e-3, False, "rel"))
+    full = next(r for r in rows if r["mode"] == "full")
+    head = next(r for r in rows if r["mode"] == "head")
+    goals.append(common.goal("head mode vs full mode (ours)", head["ours_first_order_ex_per_s"]
+                             / full["ours_first_order_ex_per_s"], 1.5, True, "x"))
+    common.write_results("bench_quality", dev, args.out, rows, goals,
+                         notes=("quick run: 64-example pool, naive loop on 32" if args.quick else "")
+                         + "; MiniLM-L6, 36 adapted linears (r 12 of 24), seq 64, batch 32")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The wrong-label guard: the loss mixture on synthetic losses, and on real data with flipped labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tsqlora_ext.layers import VarRankLoRALinear
+from tsqlora_ext.mislabel import fit_loss_mixture, flag_mislabeled, mislabel_probability
+
+
+def test_mixture_recovers_planted_high_loss_cluster():
+    rng = np.random.default_rng(0)
+    clean = np.abs(rng.normal(0.2, 0.15, 800))
+    wrong = rng.normal(2.0, 0.4, 200)
+    losses = np.concatenate([clean, wrong])
+    planted = np.arange(losses.size) >= 800
+    p, flagged, mix = flag_mislabeled(losses, threshold=0.5)
+    assert mix.converged
+    assert mix.means[1] == pytest.approx(2.0, abs=0.1) and mix.weights[1] == pytest.approx(0.2, abs=0.03)
+    assert flagged[planted].mean() > 0.97   # recall
+    assert planted[flagged].mean() > 0.97   # precision
+    # deterministic: the same fit twice
+    np.testing.assert_array_equal(p, flag_mislabeled(losses)[0])
+
+
+def test_probability_is_monotone_in_loss():
+    rng = np.random.default_rng(1)
+    # a wide clean component and a narrow wrong one: raw Gaussian posteriors fall again far right
+    losses = np.concatenate([rng.normal(1.0, 1.0, 500), rng.normal(3.0, 0.2, 100), [9.0]])
+    _, post = fit_loss_mixture(losses)
+    p, _ = mislabel_probability(losses)
+    order = np.argsort(losses)
+    assert np.all(np.diff(p[order]) >= 0)
+    assert np.all(p >= post - 1e-15)
+    assert p[-1] > 0.5  # the most extreme loss is flagged
+
+
+def test_guard_flags_nothing_without_a_minority_of_misfits():
+    rng = np.random.default_rng(2)
+    # an untrained model: losses spread broadly, the "high" component takes most of the pool
+    losses = np.concatenate([rng.normal(0.1, 0.02, 300), rng.normal(0.8, 0.3, 700)])
+    p, flagged, mix = flag_mislabeled(losses)
+    assert mix.weights[1] > 0.5 and (p > 0.5).sum() > 500
+    assert not flagged.any()
+    assert flag_mislabeled(losses, max_share=0.8)[1].sum() > 500
+
+
+def test_guard_input_errors():
+    with pytest.raises(ValueError, match="threshold"):
+        flag_mislabeled([0.1, 0.2, 3.0], threshold=1.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        fit_loss_mixture([1.0])
+    with pytest.raises(ValueError, match="finite"):
+        fit_loss_mixture([0.1, float("nan"), 0.3])
+    p, flagged, _ = flag_mislabeled(np.full(5, 0.7))
+    assert not flagged.any() and np.all(p == 0)
+
+
+TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+
+
+def _adapt(model: nn.Module) -> nn.Module:
+    """Stand-in for tsqlora_ext.wrap: adapt the encoder linears, train adapters and head only."""
+    for name, module in list(model.named_modules()):
+        for cname, child in list(module.named_children()):
+            full = f"{name}.{cname}" if name else cname
+            if isinstance(child, nn.Linear) and any(full.endswith(t) for t in TARGETS):
+                setattr(module, cname, VarRankLoRALinear(child, r_max=24, r_init=12, alpha=16.0))
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith("classifier") or ".lora_" in n)
+    return model
+
+
+def test_guard_enriches_flipped_labels_on_rotten_tomatoes(minilm_dir, rotten_tomatoes):
+    """MiniLM, 4000 Rotten Tomatoes reviews with 20% of labels flipped, a 100-step warm-up on
+    them (under one epoch, so flipped labels are not memorised), then the 'head' scoring pass over
+    320 of them. Measured (seed 0, torch 2.13 CPU): loss AUC for flipped labels 0.69; 72 flagged,
+    31% of them flipped against 20% in the pool; 14.1% flipped among the kept. The bounds below
+    leave margin; a short warm-up separates the labels only weakly (see the report)."""
+    transformers = pytest.importorskip("transformers")
+    from tsqlora_ext.quality import make_batches, score_pool, warmup
+
+    n, n_scored, max_len = 4000, 320, 32
+    rng = np.random.default_rng(0)
+    pick = rng.permutation(len(rotten_tomatoes.train_texts))[:n]
+    labels = np.asarray(rotten_tomatoes.train_labels)[pick]
+    flipped = np.zeros(n, bool)
+    flipped[rng.choice(n, n // 5, replace=False)] = True
+    labels = np.where(flipped, 1 - labels, labels)
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    enc = tok([rotten_tomatoes.train_texts[i] for i in pick], padding="max_length", truncation=True,
+              max_length=max_len, return_tensors="pt")
+    torch.manual_seed(0)
+    model = _adapt(transformers.BertForSequenceClassification.from_pretrained(minilm_dir, num_labels=2))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    labels_t = torch.as_tensor(labels)
+    pool = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels_t}
+    warmup(model, opt, pool, steps=100, batch_size=32, seed=0, progress=False)
+    ids, mask = enc["input_ids"][:n_scored], enc["attention_mask"][:n_scored]
+    scores = score_pool(model, make_batches(ids, mask, labels_t[:n_scored], 64), mode="head",
+                        weights=(0.5, 0.5, 0.0), progress=False)
+    flipped = flipped[:n_scored]
+    order = np.argsort(scores.loss)
+    ranks = np.empty(n_scored)
+    ranks[order] = np.arange(1, n_scored + 1)
+    n_pos = flipped.sum()
+    loss_auc = (ranks[flipped].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (n_scored - n_pos))
+    assert loss_auc > 0.6, f"loss AUC for flipped labels {loss_auc:.3f}"
+    flagged = scores.likely_mislabeled
+    assert flagged.sum() >= 30, f"the guard flagged only {flagged.sum()} of {n_scored}"
+    precision = flipped[flagged].mean()
+    kept_share = flipped[~flagged].mean()
+    pool_share = flipped.mean()
+    assert precision > 0.25, f"flagged set holds {precision:.3f} flipped (pool {pool_share:.3f})"
+    assert kept_share < 0.17, f"kept set holds {kept_share:.3f} flipped (pool {pool_share:.3f})"
