@@ -15,6 +15,15 @@ from pathlib import Path
 from typing import Any
 
 
+def dataclass_from_dict(cls, d: dict[str, Any], source: str):
+    """cls(**d), refusing unknown keys with a message that names the source and the keys."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+    return cls(**d)
+
+
 def _f(default, help: str, **kw):
     if isinstance(default, (list, dict, tuple)):
         value = default
@@ -143,11 +152,7 @@ class TsqLoRAConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> TsqLoRAConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown TsqLoRAConfig field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, source)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

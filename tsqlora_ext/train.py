@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
-from .config import TsqLoRAConfig
+from .config import TsqLoRAConfig, dataclass_from_dict
 from .layers import VarRankLoRALinear, protect_inactive
 from .loader import TokenBatchLoader
 
@@ -98,11 +98,7 @@ class TrainArgs:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "train args") -> TrainArgs:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown TrainArgs field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, source)
 
 
 # ---- data ---------------------------------------------------------------------------------------
