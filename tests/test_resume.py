@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -14,7 +15,11 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from safetensors.torch import load_file  # noqa: E402
+pytest.importorskip("safetensors")
+
+_spec = importlib.util.spec_from_file_location("train_worker", Path(__file__).with_name("train_worker.py"))
+tw = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tw)
 
 from tsqlora_ext.checkpoint import CheckpointManager  # noqa: E402
 
@@ -29,8 +34,7 @@ def _run(out, *extra, **popen):
 
 
 def _adapter(out):
-    d = Path(out) / "adapter-rank0"
-    return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+    return tw.adapter_tensors(Path(out) / "adapter-rank0")
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):

@@ -50,6 +50,44 @@ def tiny_bert(seed: int = 0):
     return tf.BertForSequenceClassification(cfg)
 
 
+WORDS = [f"w{i}" for i in range(VOCAB - 5)]  # with [PAD] [UNK] [CLS] [SEP] [MASK]: VOCAB entries
+
+
+def tiny_model_dir(path, seed: int = 0):
+    """Save ``tiny_bert`` and a word-level BertTokenizerFast over ``WORDS`` to ``path`` (a model
+    folder ``tsqlora train --model`` accepts; built offline from a vocab file)."""
+    import transformers as tf
+
+    os.makedirs(path, exist_ok=True)
+    vocab = os.path.join(path, "vocab.txt")
+    with open(vocab, "w") as f:
+        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tf.BertTokenizerFast(vocab_file=vocab, do_lower_case=True).save_pretrained(path)
+    tiny_bert(seed).save_pretrained(path)
+    return path
+
+
+def tiny_texts(n: int, seed: int = 0):
+    """(texts, labels) of the majority-half task in words: 'pos' when most words come from the
+    upper half of WORDS, else 'neg'. Texts have 5-12 words, so the gate keeps them."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for _ in range(n):
+        idx = rng.integers(0, len(WORDS), size=int(rng.integers(5, 13)))
+        texts.append(" ".join(WORDS[i] for i in idx))
+        labels.append("pos" if (idx >= len(WORDS) // 2).sum() * 2 > len(idx) else "neg")
+    return texts, labels
+
+
+def adapter_tensors(directory) -> dict:
+    """Every tensor of the safetensors files in an adapter folder."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(Path(directory).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
 def tiny_config(**overrides):
     from tsqlora_ext.config import TsqLoRAConfig
 

@@ -264,18 +264,19 @@ def bundled_task(name: str) -> TextTask:
     return TextTask(t.name, t.label_names, t.train_texts, t.train_labels, t.test_texts, t.test_labels)
 
 
-def _read_rows(path: Path, text_field: str, label_field: str) -> tuple[list[str], list]:
+def _read_rows(path: Path, text_field: str, label_field: str) -> tuple[list[str], list, list[int] | None]:
+    """(texts, labels, line number of each row in the file, or None for parquet)."""
     from .selector import load_rows
 
     rows = load_rows(path, text_field, label_field)
     if rows.table is None:
         raise ValueError(f"{path}: only jsonl / csv / tsv / parquet files are supported here")
-    texts = list(rows.table.texts) if hasattr(rows.table, "texts") else \
-        rows.table.column(text_field).to_pylist()
+    native = hasattr(rows.table, "texts")
+    texts = list(rows.table.texts) if native else rows.table.column(text_field).to_pylist()
     labels = list(rows.labels) if rows.labels is not None else None
     if labels is None:
         raise ValueError(f"{path}: no label field {label_field!r}")
-    return texts, labels
+    return texts, labels, [int(n) for n in rows.table.line_numbers] if native else None
 
 
 def file_task(path, text_field: str, label_field: str, eval_path=None, eval_fraction: float = 0.1,
@@ -284,17 +285,21 @@ def file_task(path, text_field: str, label_field: str, eval_path=None, eval_frac
     of it is held out for evaluation. Labels may be strings or ints; they are numbered in sorted
     order."""
     path = Path(path)
-    texts, labels = _read_rows(path, text_field, label_field)
+    texts, labels, _ = _read_rows(path, text_field, label_field)
     names = sorted({str(x) for x in labels})
     if len(names) < 2:
         raise ValueError(f"{path}: field {label_field!r} holds {len(names)} distinct label(s); "
                          "classification needs at least 2")
     ids = [names.index(str(x)) for x in labels]
     if eval_path is not None:
-        e_texts, e_labels = _read_rows(Path(eval_path), text_field, label_field)
-        unknown = sorted({str(x) for x in e_labels} - set(names))
-        if unknown:
-            raise ValueError(f"{eval_path}: labels {unknown[:5]} do not occur in {path}")
+        eval_path = Path(eval_path)
+        e_texts, e_labels, e_lines = _read_rows(eval_path, text_field, label_field)
+        known = set(names)
+        for row, x in enumerate(e_labels):
+            if str(x) not in known:
+                where = f"line {e_lines[row]} of {eval_path}" if e_lines else f"{eval_path} row {row}"
+                raise ValueError(f"{where}: label {x!r} does not occur in the training data {path} "
+                                 f"(its labels: {', '.join(names[:20])})")
         return TextTask(path.stem, names, texts, ids, e_texts, [names.index(str(x)) for x in e_labels])
     order = np.random.default_rng(seed).permutation(len(texts))
     n_eval = max(1, int(round(eval_fraction * len(texts))))

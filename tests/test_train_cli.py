@@ -1,0 +1,184 @@
+"""`tsqlora train` end to end on user files with a tiny model folder: the report folder, the
+adapter loading back to the same predictions, bad input failing with exit code 2 and the file and
+line, and `--resume` after SIGKILL giving exactly the uninterrupted run."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+pytest.importorskip("safetensors")
+
+from tsqlora_ext import load_adapter  # noqa: E402
+from tsqlora_ext.cli import main  # noqa: E402
+from tsqlora_ext.report import REPORT_FILES  # noqa: E402
+from tsqlora_ext.train import TokenizedData, evaluate, lora_layers  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("train_worker", Path(__file__).with_name("train_worker.py"))
+tw = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tw)
+
+# A few steps of everything: 2 warm-up steps, scoring, selection, 1 calibration batch, 8 steps
+# with a reallocation every step between steps 1 and 7.
+FLAGS = ["--r-init", "4", "--target-r", "2", "--r-max", "6", "--lora-alpha", "8", "--t-init", "1",
+         "--t-final", "1", "--delta-t", "1", "--calibration-batches", "1", "--score-warmup", "2",
+         "--data-fraction", "0.5", "--batch-size", "8", "--max-steps", "8", "--lr", "5e-3",
+         "--max-length", "16", "--num-workers", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tw.tiny_model_dir(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def _write(path: Path, texts, labels) -> Path:
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts, labels)))
+    else:
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["label", "text"])
+            w.writerows(zip(labels, texts))
+    return path
+
+
+def _data(tmp_path: Path, fmt: str) -> tuple[Path, Path]:
+    train = _write(tmp_path / f"train.{fmt}", *tw.tiny_texts(160, seed=1))
+    held_out = _write(tmp_path / f"eval.{fmt}", *tw.tiny_texts(40, seed=2))
+    return train, held_out
+
+
+@pytest.mark.parametrize("fmt,bf16", [("jsonl", "off"), ("csv", "on")])
+def test_train_on_a_user_file_writes_the_report_and_a_loadable_adapter(tmp_path, model_dir, fmt, bf16, capsys):
+    torch.set_num_threads(1)
+    train_file, eval_file = _data(tmp_path, fmt)
+    out = tmp_path / "run"
+    rc = main(["train", "--model", str(model_dir), "--data", str(train_file), "--eval-data", str(eval_file),
+               "--out", str(out), "--bf16", bf16, *FLAGS])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "selected fraction" in printed and "final rank per layer" in printed
+
+    for name in (*REPORT_FILES, "run.json", "selection.json", "scores.jsonl"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    m = json.loads((out / "metrics.json").read_text())
+    tsq = m["tsqlora"]
+    assert m["task"] == "train" and m["train_args"]["bf16"] == bf16
+    selection = json.loads((out / "selection.json").read_text())
+    assert m["selection"]["rows"] == 160 and m["selection"]["kept"] == len(selection["indices"]) > 0
+    assert tsq["optimizer_steps"] == 8 and tsq["reallocations"] > 0
+    assert len(tsq["loss_history"]) == 8
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in tsq["loss_history"])
+    assert sum(tsq["final_ranks"].values()) == 2 * len(tsq["final_ranks"])  # target_r per layer
+    initial = tsq["rank_history"][0]["ranks"]
+    assert any(tsq["final_ranks"][n] != initial[n] for n in initial)
+    assert tsq["metrics"]["n"] == 40 and 0 <= tsq["metrics"]["accuracy"] <= 1
+    assert len(scores := (out / "scores.jsonl").read_text().splitlines()) == m["selection"]["pool"]
+    assert {"Q", "index"} <= set(json.loads(scores[0]))
+
+    # The saved adapter on a freshly loaded base model predicts exactly what the run measured.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    model = load_adapter(base, out / "adapter")
+    texts, labels = tw.tiny_texts(40, seed=2)
+    held_out = TokenizedData.from_texts(tokenizer, texts, [["neg", "pos"].index(y) for y in labels], 16)
+    again = evaluate(model, held_out, batch_size=m["train_args"]["eval_batch_size"], max_length=16,
+                     pad_id=tokenizer.pad_token_id, bf16=bf16, num_workers=1)
+    assert again["accuracy"] == tsq["metrics"]["accuracy"]
+    assert again["loss"] == pytest.approx(tsq["metrics"]["loss"], rel=1e-5)
+    assert {n: lay.rank for n, lay in lora_layers(model)} == tsq["final_ranks"]
+
+
+def test_bad_input_exits_2_naming_file_and_line(tmp_path, model_dir, capsys):
+    train_file, _ = _data(tmp_path, "jsonl")
+    lines = train_file.read_text().splitlines()
+    base = ["train", "--model", str(model_dir), "--out", str(tmp_path / "out"), *FLAGS]
+
+    no_text = tmp_path / "no_text.jsonl"
+    no_text.write_text("\n".join(lines[:3] + [json.dumps({"body": "w1 w2 w3 w4", "label": "pos"})]
+                                 + lines[3:]) + "\n")
+    assert main([*base, "--data", str(no_text)]) == 2
+    assert "line 4 of no_text.jsonl: field 'text' missing" in capsys.readouterr().err
+
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text("\n".join(lines[:6] + ['{"text": "w1 w2 w3", "label": '] + lines[6:]) + "\n")
+    assert main([*base, "--data", str(bad_json)]) == 2
+    assert "line 7 of bad.jsonl: malformed JSON" in capsys.readouterr().err
+
+    eval_file = _write(tmp_path / "eval.csv", ["w1 w2 w3 w4", "w5 w6 w7 w8", "w9 w10 w11"],
+                       ["pos", "neg", "maybe"])
+    assert main([*base, "--data", str(train_file), "--eval-data", str(eval_file)]) == 2
+    err = capsys.readouterr().err
+    assert f"line 4 of {eval_file}: label 'maybe' does not occur in the training data" in err
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+# ---- --resume through the CLI -----------------------------------------------------------------
+# `tsqlora train` that pauses once checkpoint PAUSE_AT is written, so the test kills it at a known
+# point: that checkpoint on disk, the steps after it not yet run.
+_PAUSING_CLI = """
+import sys, time
+from tsqlora_ext import checkpoint, cli
+save = checkpoint.CheckpointManager.save
+def pausing_save(self, step, state):
+    path = save(self, step, state)
+    if step == int(sys.argv[1]):
+        print(f"saved {step}", flush=True)
+        time.sleep(120)
+    return path
+checkpoint.CheckpointManager.save = pausing_save
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def _cli(*argv, pause_at: int | None = None, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    head = ["-c", _PAUSING_CLI, str(pause_at)] if pause_at is not None else ["-m", "tsqlora_ext.cli"]
+    return subprocess.Popen([sys.executable, *head, *map(str, argv)], env=env, text=True, **popen)
+
+
+@pytest.mark.slow
+def test_cli_resume_after_sigkill_matches_uninterrupted_run(tmp_path, model_dir):
+    train_file, eval_file = _data(tmp_path, "jsonl")
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    args = ["train", "--model", model_dir, "--data", train_file, "--eval-data", eval_file,
+            *FLAGS, "--checkpoint-every", "2", "--keep-checkpoints", "2"]
+
+    proc = _cli(*args, "--out", killed, pause_at=4, stdout=subprocess.PIPE)
+    uninterrupted = _cli(*args, "--out", full, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        if line.strip() == "saved 4" or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert [p.name for p in sorted((killed / "checkpoints").glob("step-*.ckpt"))] == \
+        ["step-000000002.ckpt", "step-000000004.ckpt"]
+    assert not (killed / "metrics.json").exists()
+
+    assert _cli("train", "--resume", killed, stdout=subprocess.DEVNULL).wait(timeout=120) == 0
+    assert uninterrupted.wait(timeout=120) == 0
+    a = json.loads((full / "metrics.json").read_text())
+    b = json.loads((killed / "metrics.json").read_text())
+    assert b["selection"] == a["selection"]
+    for key in ("metrics", "eval_history", "loss_history", "rank_history", "final_ranks",
+                "optimizer_steps", "reallocations"):
+        assert b["tsqlora"][key] == a["tsqlora"][key], key
+    assert b["tsqlora"]["optimizer_steps"] == 8
+    wa, wb = tw.adapter_tensors(full / "adapter"), tw.adapter_tensors(killed / "adapter")
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0, msg=k)
