@@ -108,3 +108,43 @@ def test_bad_inputs_name_the_problem():
         train(model, "not data", None, tw.tiny_config(), _args(max_steps=1))
     with pytest.raises(ValueError, match="tokenizer"):
         train(model, (["a b c"], [0]), None, tw.tiny_config(), _args(max_steps=1))
+
+
+# ---- bf16 autocast ------------------------------------------------------------------------------
+def test_varrank_lora_under_cpu_autocast_matches_float32():
+    from tsqlora_ext.layers import VarRankLoRALinear
+
+    torch.manual_seed(0)
+    layer = VarRankLoRALinear(torch.nn.Linear(24, 20), r_max=6, r_init=4, alpha=8.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()  # B = 0 at init would hide the adapter path
+    layer.set_active(torch.tensor([0, 2, 3, 5]))
+    x = torch.randn(3, 7, 24)
+    grads = {}
+    for mode in ("fp32", "bf16"):
+        layer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
+            y = layer(x)
+        assert y.dtype == (torch.bfloat16 if mode == "bf16" else torch.float32)
+        (y.float() ** 2).mean().backward()
+        grads[mode] = (y.detach().float(), {n: p.grad for n, p in layer.named_parameters() if p.requires_grad})
+    (y32, g32), (y16, g16) = grads["fp32"], grads["bf16"]
+    torch.testing.assert_close(y16, y32, rtol=3e-2, atol=3e-2)
+    for name, g in g16.items():
+        assert g.dtype == torch.float32, name  # float32 parameters keep float32 gradients
+        torch.testing.assert_close(g, g32[name], rtol=5e-2, atol=5e-2, msg=name)
+
+
+def test_bf16_training_on_cpu_learns_and_moves_ranks():
+    torch.set_num_threads(1)
+    train_data, eval_data = tw.tiny_task(n=512)
+    config = tw.tiny_config(t_init=4, t_final=4, delta_t=4)
+    model = wrap(tw.tiny_bert(), config, verbose=False)
+    result = train(model, train_data, eval_data, config, _args(epochs=2, lr=1e-2, bf16="on"))
+    losses = np.array([h["loss"] for h in result.loss_history])
+    assert np.isfinite(losses).all() and np.isfinite(result.metrics["loss"])
+    assert losses[-10:].mean() < losses[:10].mean() - 0.02
+    assert result.reallocations > 0
+    initial = result.rank_history[0]["ranks"]
+    assert len({result.final_ranks[n] - initial[n] for n in initial}) > 1
+    assert all(p.dtype == torch.float32 for p in model.parameters())
