@@ -106,6 +106,8 @@ def main(argv=None) -> None:
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--step-delay", type=float, default=0.0)
+    p.add_argument("--accelerator", action="store_true",
+                   help="let accelerate.Accelerator set up torch.distributed (under accelerate launch)")
     a = p.parse_args(argv)
 
     from tsqlora_ext.adapter_io import save_adapter
@@ -113,7 +115,12 @@ def main(argv=None) -> None:
     from tsqlora_ext.wrap import wrap
 
     torch.set_num_threads(1)
-    init_distributed_from_env()
+    if a.accelerator:
+        import accelerate
+
+        accelerate.Accelerator(cpu=True)
+    else:
+        init_distributed_from_env()
     rank, _ = dist_info()
     train_data, eval_data = tiny_task()
     config = tiny_config()

@@ -11,7 +11,8 @@ One optimizer step = ``grad_accum`` micro-batches from the C++ loader:
 Rank work happens only there, after the optimizer step, never on a micro-batch: that is what
 makes the allocator's step count equal the optimizer's (DESIGN "Dynamic reallocation").
 
-Multi-process (``torchrun --nproc_per_node=N``): when torch.distributed is initialised the model
+Multi-process (``torchrun --nproc_per_node=N``, or ``accelerate launch`` with a script that
+creates an ``accelerate.Accelerator`` first): when torch.distributed is initialised the model
 is wrapped in DistributedDataParallel, the loader shards the batches by rank (rank r takes batches
 r, r+N, ...: N processes at batch B see the same pairs of batches as one process at batch B with
 grad_accum N), gradients are averaged by DDP and the allocator all-reduces its statistics, so
