@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+import tsqlora_ext
+from tsqlora_ext.config import TsqLoRAConfig
 from tsqlora_ext.layers import VarRankLoRALinear
 from tsqlora_ext.quality import (
     SCORE_FIELDS, combine, make_batches, read_scores, robust_z, score_pool, scored_modules,
@@ -27,33 +29,21 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
-
-
 def adapt(model: nn.Module, r_max: int = 6, r_init: int = 4, seed: int = 0, scatter: bool = True):
-    """Stand-in for tsqlora_ext.wrap: adapt the encoder linears, freeze the rest but the head.
-    With ``scatter`` the adapters get random non-zero B and E and scattered active sets, so every
-    gradient term (dA, dE, dB) is non-zero and inactive components are exercised."""
+    """tsqlora_ext.wrap over the encoder linears (head trainable). With ``scatter`` the adapters get
+    random non-zero B and E and scattered active sets, so every gradient term (dA, dE, dB) is
+    non-zero and inactive components are exercised."""
     gen = torch.Generator().manual_seed(seed)
-    for name, module in list(model.named_modules()):
-        for cname, child in list(module.named_children()):
-            full = f"{name}.{cname}" if name else cname
-            if isinstance(child, nn.Linear) and any(full.endswith(t) for t in TARGETS):
-                setattr(module, cname, VarRankLoRALinear(child, r_max, r_init, alpha=8.0))
-    for p in model.parameters():
-        p.requires_grad_(False)
+    config = TsqLoRAConfig(r_max=r_max, r_init=r_init, target_r=r_init, lora_alpha=8.0, seed=seed)
+    tsqlora_ext.wrap(model, config, verbose=False)
     for m in model.modules():
         if isinstance(m, VarRankLoRALinear):
-            for p in (m.lora_A, m.lora_E, m.lora_B):
-                p.requires_grad_(True)
             if scatter:
                 with torch.no_grad():
                     m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=gen) * 0.2)
                     m.lora_E.copy_(torch.rand(m.lora_E.shape, generator=gen) + 0.5)
                 k = int(torch.randint(1, r_max + 1, (1,), generator=gen))
                 m.set_active(torch.randperm(r_max, generator=gen)[:k])
-    for p in model.classifier.parameters():
-        p.requires_grad_(True)
     return model
 
 
