@@ -33,9 +33,10 @@ class Tiny(nn.Module):
         return x
 
 
-def data(n_batches, seed=1):
+def data(n_batches, seed=1, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 8, generator=g), torch.randn(16, 4, generator=g)) for _ in range(n_batches)]
+    return [(torch.randn(16, 8, generator=g).to(device), torch.randn(16, 4, generator=g).to(device))
+            for _ in range(n_batches)]
 
 
 def train_step(model, opt, batch):
@@ -67,15 +68,15 @@ def test_proportional_ranks():
         proportional_ranks([1, float("nan")], 4, 0, 4)
 
 
-def test_schedule_is_followed_at_every_step():
-    model = Tiny(CFG)
+def test_schedule_is_followed_at_every_step(device):
+    model = Tiny(CFG).to(device)
     alloc = RankAllocator(model, CFG)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     # 4 layers: B_0 = 16, b_T = 8; b = 8 + 8 (1 - (t-2)/9)^3 rounded down, at t % 2 == 0 after
     # t_init = 2, and once more at T - t_final = 11
     realloc_steps = {4: 11, 6: 9, 8: 8, 10: 8, 11: 8}
     prev = alloc.ranks()
-    for t, batch in enumerate(data(CFG.total_steps), start=1):
+    for t, batch in enumerate(data(CFG.total_steps, device=device), start=1):
         train_step(model, opt, batch)
         result = alloc.step()
         opt.zero_grad()
@@ -93,16 +94,16 @@ def test_schedule_is_followed_at_every_step():
     assert alloc.counters.tolist() == [CFG.total_steps - CFG.t_final, 0]
 
 
-def test_active_mask_follows_the_layers():
-    model = Tiny(CFG)
+def test_active_mask_follows_the_layers(device):
+    model = Tiny(CFG).to(device)
     alloc = RankAllocator(model, CFG.replace(t_init=0, delta_t=1))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for batch in data(3):
+    for batch in data(3, device=device):
         train_step(model, opt, batch)
         alloc.step()
         opt.zero_grad()
     for off, layer in zip(alloc.offsets, alloc.layers.values()):
-        want = torch.zeros(layer.r_max, dtype=torch.bool)
+        want = torch.zeros(layer.r_max, dtype=torch.bool, device=device)
         want[layer.active] = True
         assert torch.equal(alloc.active_mask[off:off + layer.r_max], want)
 
@@ -136,11 +137,11 @@ def test_dynamic_off_keeps_ranks():
     assert alloc.ranks() == before and alloc.global_step == 6
 
 
-def test_non_finite_step_is_skipped():
-    model = Tiny(CFG)
+def test_non_finite_step_is_skipped(device):
+    model = Tiny(CFG).to(device)
     alloc = RankAllocator(model, CFG)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    train_step(model, opt, data(1)[0])
+    train_step(model, opt, data(1, device=device)[0])
     model.layers[1].lora_B.grad[0, 0] = float("inf")
     alloc.step()
     assert alloc.skipped_steps == 1 and alloc.counters.tolist() == [0, 1]
@@ -185,12 +186,12 @@ def test_calibration_off_gives_r_init():
     assert set(alloc.calibrate([]).values()) == {cfg.r_init}
 
 
-def test_state_dict_round_trip_resumes_exactly():
+def test_state_dict_round_trip_resumes_exactly(device):
     cfg = CFG.replace(t_init=0, delta_t=1, total_steps=12, t_final=2)
-    model = Tiny(cfg)
+    model = Tiny(cfg).to(device)
     alloc = RankAllocator(model, cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    batches = data(10)
+    batches = data(10, device=device)
     for batch in batches[:4]:
         train_step(model, opt, batch)
         alloc.step()

@@ -27,11 +27,11 @@ def _args(**kw):
     return TrainArgs(**base)
 
 
-def test_ranks_move_and_budget_schedule_holds():
+def test_ranks_move_and_budget_schedule_holds(device):
     torch.set_num_threads(1)
     train_data, eval_data = tw.tiny_task()
     config = tw.tiny_config()
-    model = wrap(tw.tiny_bert(), config, verbose=False)
+    model = wrap(tw.tiny_bert(), config, verbose=False).to(device)
     steps = 16
     config = config.replace(total_steps=steps)
     alloc = RankAllocator(model, config)
@@ -75,11 +75,11 @@ def test_grad_accumulation_counts_optimizer_steps():
     assert len(result.loss_history) == 6
 
 
-def test_training_learns_the_tiny_task():
+def test_training_learns_the_tiny_task(device):
     torch.set_num_threads(1)
     train_data, eval_data = tw.tiny_task(n=512)
     config = tw.tiny_config(dynamic=False, sensitivity_init=False)
-    model = wrap(tw.tiny_bert(), config, verbose=False)
+    model = wrap(tw.tiny_bert(), config, verbose=False).to(device)
     before = classification_metrics(np.zeros(len(eval_data), dtype=np.int64), eval_data.labels, 2)
     result = train(model, train_data, eval_data, config, _args(epochs=3, lr=1e-2))
     losses = [h["loss"] for h in result.loss_history]
