@@ -49,7 +49,10 @@ def _load_model(model_dir, num_labels: int, seed: int):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     # The head is newly initialised from the torch RNG: seed it so runs repeat.
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)
+    # float32 master weights whatever the checkpoint's dtype (transformers' default "auto" would
+    # train a half-precision checkpoint in half precision); bf16 is applied by autocast instead.
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels,
+                                                               dtype=torch.float32)
     return model, tokenizer
 
 
