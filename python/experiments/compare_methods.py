@@ -406,7 +406,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         load_s = time.perf_counter() - t0
         fn = run_peft if spec["method"] in ("lora", "adalora") else run_tsqlora
         out = fn(spec["method"], prep, settings, spec["lr"], spec["seed"], device)
-        return {**{k: spec[k] for k in ("key", "task", "method", "lr", "seed", "device", "settings_id")},
+        return {**{k: spec[k] for k in ("key", "task", "method", "lr", "seed", "device", "jobs",
+                                        "settings_id")},
                 **out, "prepare_s": load_s, "run_s": time.perf_counter() - t0,
                 "threads": torch.get_num_threads(), "pid": os.getpid(), "versions": _versions(),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -502,7 +503,7 @@ def run_grid(opts, store: RunStore, name: str) -> int:
     def spec(task, method, lr, seed):
         s = settings[task]
         return {"key": run_key(task, method, lr, seed), "task": task, "method": method, "lr": lr,
-                "seed": seed, "device": opts.device, "settings": dataclasses.asdict(s),
+                "seed": seed, "device": opts.device, "jobs": opts.jobs, "settings": dataclasses.asdict(s),
                 "settings_id": settings_id(s, task)}
 
     stage1, n_total, steps_total = [], 0, 0
@@ -722,7 +723,7 @@ def render_markdown(summary: dict[str, Any], title: str) -> str:
     return "\n".join(lines)
 
 
-def write_summary(store: RunStore, out: Path, name: str, opts, command: str, title: str) -> None:
+def write_summary(store: RunStore, out: Path, name: str, opts, title: str) -> None:
     """Summarise the finished runs made with the current settings of the selected tasks/methods."""
     from tsqlora_ext.report import write_json
     settings = QUICK if opts.quick else FULL
@@ -730,6 +731,9 @@ def write_summary(store: RunStore, out: Path, name: str, opts, command: str, tit
     runs = [r for r in store.runs if r["settings_id"] in sids and r["method"] in opts.methods]
     if not runs:
         raise SystemExit(f"no finished runs with the current settings in {store.path}: run the grid first")
+    # The command that made the runs (also when summarising elsewhere, e.g. after a GPU lease).
+    command = "python python/experiments/compare_methods.py" + (" --quick" if opts.quick else "") + \
+        f" --device {runs[0]['device']} --jobs {max(r.get('jobs', 1) for r in runs)}"
     summary = summarize(runs, opts.lrs, opts.seeds, command)
     write_json(summary, out / f"{name}.json")
     md = out / f"{name}.md"
@@ -769,14 +773,12 @@ def main(argv=None) -> int:
     name = f"compare_methods-quick-{opts.device}" if opts.quick else "compare_methods"
     opts.out.mkdir(parents=True, exist_ok=True)
     store = RunStore(opts.out / f"{name}-runs.jsonl")
-    command = "python python/experiments/compare_methods.py" + \
-        (f" --quick --device {opts.device}" if opts.quick else f" --device {opts.device} --jobs {opts.jobs}")
     title = ("Smoke run (--quick: tiny subsets, one seed, one learning rate; NOT a result)"
              if opts.quick else "TsqLoRA against PEFT LoRA and AdaLoRA (bundled MiniLM)")
     failed = 0 if opts.summarize else run_grid(opts, store, name)
     if opts.plan:
         return 0
-    write_summary(store, opts.out, name, opts, command, title)
+    write_summary(store, opts.out, name, opts, title)
     return 1 if failed else 0
 
 
