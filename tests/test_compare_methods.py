@@ -1,0 +1,84 @@
+"""python/experiments/compare_methods.py: learning-rate choice, paired differences, goals and the
+resumable run store, on synthetic run records (no model is trained here)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cm():
+    spec = importlib.util.spec_from_file_location("compare_methods",
+                                                  REPO / "python/experiments/compare_methods.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["compare_methods"] = mod  # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop("compare_methods", None)
+
+
+def _run(method, lr, seed, val, test, step_ms=10.0):
+    return {"key": f"t|{method}|lr={lr:g}|seed={seed}", "task": "t", "method": method, "lr": lr,
+            "seed": seed, "device": "cpu", "settings_id": "s", "val": {"accuracy": val},
+            "test": {"accuracy": test}, "params_active": 100, "final_ranks": {"a": 4, "b": 4},
+            "train_examples": 50, "optimizer_steps": 5, "wall_s": 1.0, "step_ms_median": step_ms,
+            "rank_history": [{"step": 0, "ranks": {"a": 4, "b": 4}}] if method == "tsqlora" else None}
+
+
+def test_lr_is_picked_on_validation_never_on_test(cm):
+    runs = [_run("lora", 1e-3, 0, val=0.80, test=0.50), _run("lora", 1e-2, 0, val=0.70, test=0.99)]
+    assert cm.pick_lr(runs, (1e-3, 1e-2), 0) == 1e-3
+    assert cm.pick_lr(runs, (1e-3, 3e-3, 1e-2), 0) is None  # grid not finished yet
+    tie = [_run("lora", 1e-3, 0, 0.8, 0.5), _run("lora", 1e-2, 0, 0.8, 0.6)]
+    assert cm.pick_lr(tie, (1e-3, 1e-2), 0) == 1e-3
+
+
+def test_summary_pairs_seeds_and_measures_goals(cm):
+    lrs, seeds = (1e-3, 1e-2), (0, 1, 2)
+    runs = []
+    for method, base, ms in (("adalora", 0.80, 12.0), ("lora", 0.78, 10.0), ("tsqlora", 0.83, 9.0),
+                             ("quality@0.3", 0.82, 9.0), ("random@0.3", 0.79, 9.0)):
+        runs.append(_run(method, 1e-2, 0, val=0.1, test=0.0))  # loses on validation: never reported
+        for s in seeds:
+            runs.append(_run(method, 1e-3, s, val=0.9, test=base + 0.01 * s, step_ms=ms))
+    summary = cm.summarize(runs, lrs, seeds, "cmd")
+    rows = summary["tasks"]["t"]["methods"]
+    assert rows["tsqlora"]["lr"] == 1e-3 and rows["tsqlora"]["seeds"] == [0, 1, 2]
+    assert rows["tsqlora"]["test_accuracy"][0] == pytest.approx(0.84)
+    assert rows["tsqlora"]["test_accuracy"][1] == pytest.approx(0.01)
+    assert rows["tsqlora"]["vs_adalora"]["mean"] == pytest.approx(0.03)
+    assert rows["tsqlora"]["vs_adalora"]["std"] == pytest.approx(0.0, abs=1e-12)
+    assert rows["tsqlora"]["val_accuracy_by_lr"] == {"0.001": 0.9, "0.01": 0.1}
+    goals = {g["goal"].split(" (")[0]: g["met"] for g in summary["tasks"]["t"]["goals"]}
+    assert goals["TsqLoRA ≥ PEFT AdaLoRA ≥ PEFT LoRA"] is True
+    assert goals["quality 30% beats random 30% by more than the seed spread"] is True  # +3 > 1 point
+    assert goals["quality 30% within 0.5 points of TsqLoRA on all data"] is False  # -1 point
+    assert goals["TsqLoRA step time ≤ PEFT LoRA's"] is True
+    assert summary["tasks"]["t"]["rank_history_run"] == "t|tsqlora|lr=0.001|seed=0"
+    md = cm.render_markdown(summary, "title")
+    assert "| TsqLoRA, all data | 0.001 | 84.00 ± 1.00 | 3.00 ± 0.00 |" in md
+
+
+def test_store_is_rewritten_atomically_and_skips_finished(cm, tmp_path):
+    path = tmp_path / "runs.jsonl"
+    store = cm.RunStore(path)
+    store.add(_run("lora", 1e-3, 0, 0.8, 0.7))
+    again = cm.RunStore(path)
+    assert again.done("t|lora|lr=0.001|seed=0", "s") is not None
+    assert again.done("t|lora|lr=0.001|seed=0", "other-settings") is None
+    assert not list(tmp_path.glob("*.tmp"))
+    path.write_text(path.read_text() + "{torn\n")
+    with pytest.raises(ValueError, match="line 2 of .*runs.jsonl"):
+        cm.RunStore(path)
+
+
+def test_schedule_fits_every_run_length(cm):
+    for t in (1, 2, 7, 45, 323):
+        s = cm.schedule(t)
+        assert s["t_init"] + s["t_final"] < t and s["delta_t"] >= 1
+    assert json.dumps(cm.schedule(323)) == json.dumps({"t_init": 48, "t_final": 48, "delta_t": 10})
