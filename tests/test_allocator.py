@@ -250,3 +250,17 @@ def test_step_without_total_steps_says_what_to_do():
 def test_model_without_adapters_is_refused():
     with pytest.raises(ValueError, match="no VarRankLoRALinear"):
         RankAllocator(nn.Linear(3, 3), CFG)
+
+
+def test_allocator_built_before_the_model_moves_follows_it(device):
+    model = Tiny(CFG)
+    alloc = RankAllocator(model, CFG.replace(t_init=0, delta_t=1))
+    model.to(device, torch.float64)  # another device (on CUDA runs) and dtype for the adapters
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for batch in data(2, device=device):
+        train_step(model, opt, tuple(t.double() for t in batch))
+        assert alloc.step() is not None
+        opt.zero_grad()
+    assert alloc.scores.device.type == device and alloc.counters.tolist() == [2, 0]
+    assert sum(alloc.ranks().values()) == alloc.history[-1]["budget"]
+

@@ -162,6 +162,16 @@ class RankAllocator:
     def _record(self, budget: int) -> None:
         self.history.append({"step": self.global_step, "budget": int(budget), "ranks": self.ranks()})
 
+    def _follow_device(self) -> None:
+        # The allocator may be built before the model is moved (wrap, RankAllocator, model.cuda()):
+        # its state follows the adapters rather than failing the fused op's same-device check.
+        device = next(iter(self.layers.values())).lora_A.device
+        if self.scores.device != device:
+            self.ipt_avg = [t.to(device) for t in self.ipt_avg]
+            self.unc_avg = [t.to(device) for t in self.unc_avg]
+            self.scores, self.counters = self.scores.to(device), self.counters.to(device)
+            self.active_mask = self.active_mask.to(device)
+
     def ranks(self) -> dict[str, int]:
         """{layer name: current rank}."""
         return {name: m.rank for name, m in self.layers.items()}
@@ -269,6 +279,7 @@ class RankAllocator:
     @torch.no_grad()
     def update_scores(self) -> None:
         """One fused sensitivity update from the current gradients (no host sync)."""
+        self._follow_device()
         mods = list(self.layers.values())
         grads = []
         for m in mods:
@@ -303,6 +314,7 @@ class RankAllocator:
         """Keep the ``budget`` best components over all layers (within [r_min, r_max] each) and
         apply them as the new active sets. One host sync."""
         cfg = self.config
+        self._follow_device()
         mods = list(self.layers.values())
         scores = _all_reduce_mean(self.scores.clone())
         r_min = [min(cfg.r_min, s) for s in self.sizes]
