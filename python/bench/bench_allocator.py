@@ -7,10 +7,12 @@ parameters and gradients. Two adapter sets at r = 12:
   output 1536->384} = 36 linears;
 - llama2048: 16 layers x {q, k, v, o 2048x2048, gate, up 2048->5632, down 5632->2048} = 112.
 
-CPU goal: (update + reallocation) >= 5x faster than PEFT's. GPU mode adds: the update's effective
-bandwidth (bytes it must move / time) against a measured device-to-device copy (goal >= 70%), the
-reallocation of ~100k components (< 1 ms), and a check that neither syncs with the host
-(torch.cuda.set_sync_debug_mode("error")).
+CPU goal: (update + reallocation) >= 5x faster than PEFT's. GPU mode adds: the update kernel's
+effective bandwidth (bytes it must move / its device time from the profiler) against a measured
+device-to-device copy (goal >= 70%), the reallocation of ~100k components (< 1 ms; per call with
+the host's work, and its kernels alone), and a check that neither syncs with the host
+(torch.cuda.set_sync_debug_mode("error")). The per-call times, host work included, are reported
+beside the kernel times.
 
     python python/bench/bench_allocator.py [--device cpu|cuda] [--quick]
 """
@@ -137,16 +139,21 @@ def no_host_sync(fn) -> bool:
 
 
 def gpu_figures(ours_update, elements: int, param_bytes: int) -> dict:
+    # Per call, as a training step sees it (host launch work included: one call takes lists of
+    # 8 x L tensors, checks them and uploads a work table), and the kernel alone on the device.
     ms = cuda_ms(ours_update, 50)
+    kernel_ms = common.cuda_kernel_ms(ours_update)
     # must move: read p and grad, read+write both float32 EMAs
     useful = elements * (2 * param_bytes + 4 * 4)
     src = torch.empty(useful // 2 // 4, device="cuda")
     dst = torch.empty_like(src)
     copy_ms = cuda_ms(lambda: dst.copy_(src), 50)
     copy_bw = 2 * src.numel() * 4 / copy_ms / 1e6  # GB/s
-    upd_bw = useful / ms / 1e6
-    return {"update_ms": round(ms, 4), "update_GBps": round(upd_bw, 1), "copy_GBps": round(copy_bw, 1),
-            "fraction_of_copy": round(upd_bw / copy_bw, 3), "update_no_sync": no_host_sync(ours_update)}
+    kernel_bw = useful / kernel_ms / 1e6
+    return {"update_ms": round(ms, 4), "update_kernel_ms": round(kernel_ms, 4),
+            "call_GBps": round(useful / ms / 1e6, 1), "kernel_GBps": round(kernel_bw, 1),
+            "copy_GBps": round(copy_bw, 1), "fraction_of_copy": round(kernel_bw / copy_bw, 3),
+            "update_no_sync": no_host_sync(ours_update)}
 
 
 def main() -> None:
@@ -174,14 +181,19 @@ def main() -> None:
         g = gpu_rows["llama2048"]
         print(g)
         rows.append({"set": "llama2048 (GPU bandwidth)", **g})
-        goals.append(common.goal("update bandwidth / D2D copy bandwidth", g["fraction_of_copy"], 0.70, True))
+        goals.append(common.goal("update kernel bandwidth / D2D copy bandwidth", g["fraction_of_copy"],
+                                 0.70, True))
         goals.append(common.goal("update without host sync", float(g["update_no_sync"]), 1.0, True))
         sizes = [24] * 4167  # 100,008 components
         scores = torch.rand(sum(sizes), device="cuda")
         realloc = lambda: ops.topk_realloc(scores, sizes, [2] * len(sizes), sizes, 8 * len(sizes))  # noqa: E731
         r_ms = cuda_ms(realloc, 50)
-        rows.append({"set": "realloc 100k components", "realloc_ms": round(r_ms, 4)})
-        goals.append(common.goal("reallocation of 100k components", r_ms, 1.0, False, "ms"))
+        r_kernel_ms = common.cuda_kernel_ms(realloc)
+        rows.append({"set": "realloc 100k components (4,167 layers)", "realloc_ms": round(r_ms, 4),
+                     "realloc_kernel_ms": round(r_kernel_ms, 4)})
+        goals.append(common.goal("reallocation of 100k components, per call", r_ms, 1.0, False, "ms"))
+        goals.append(common.goal("reallocation of 100k components, kernels", r_kernel_ms, 1.0, False,
+                                 "ms"))
         goals.append(common.goal("reallocation without host sync", float(no_host_sync(realloc)), 1.0, True))
     common.write_results("bench_allocator", args.device, args.out, rows, goals,
                          notes="r=12; ours = fused sensitivity_update (+ topk_realloc and its keep-mask "

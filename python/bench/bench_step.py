@@ -76,26 +76,27 @@ def load_model(device: str, quick: bool):
     return model, data, "CAUSAL_LM", torch.bfloat16
 
 
-def ours(base, r_active: int, r_max: int, total_steps: int):
+def ours(base, r_active: int, r_max: int, total_steps: int, device: str):
     """TsqLoRA with `r_active` of `r_max` components active per layer and its allocator running."""
     cfg = tsqlora_ext.TsqLoRAConfig(r_init=r_active, target_r=r_active, r_max=r_max, r_min=0,
                                     lora_alpha=ALPHA, delta_t=DELTA_T, total_steps=total_steps,
                                     sensitivity_init=False)
-    model = tsqlora_ext.wrap(copy.deepcopy(base), cfg, verbose=False)
+    model = tsqlora_ext.wrap(copy.deepcopy(base), cfg, verbose=False).to(device)
     allocator = tsqlora_ext.RankAllocator(model, cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     protect_inactive(opt, model)
     return model, opt, allocator.step
 
 
-def peft_model(base, target_modules, task_type: str, adalora: bool, r: int, total_steps: int):
+def peft_model(base, target_modules, task_type: str, adalora: bool, r: int, total_steps: int,
+               device: str):
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
     if adalora:
         cfg = AdaLoraConfig(init_r=12, target_r=8, lora_alpha=ALPHA, tinit=0, tfinal=0, deltaT=DELTA_T,
                             total_step=total_steps, target_modules=target_modules, task_type=task_type)
     else:
         cfg = LoraConfig(r=r, lora_alpha=ALPHA, target_modules=target_modules, task_type=task_type)
-    model = get_peft_model(copy.deepcopy(base), cfg)
+    model = get_peft_model(copy.deepcopy(base), cfg).to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     if not adalora:
         return model, opt, lambda: None
@@ -132,15 +133,15 @@ def main() -> None:
     del probe
 
     methods = {
-        "ours 12/12": ours(base, 12, 12, total_steps),
-        "lora 12": peft_model(base, targets, task_type, False, 12, total_steps),
-        "ours 12->8": ours(base, 8, 12, total_steps),
-        "adalora 12->8": peft_model(base, targets, task_type, True, 12, total_steps),
-        "lora 8": peft_model(base, targets, task_type, False, 8, total_steps),
+        "ours 12/12": ours(base, 12, 12, total_steps, device),
+        "lora 12": peft_model(base, targets, task_type, False, 12, total_steps, device),
+        "ours 12->8": ours(base, 8, 12, total_steps, device),
+        "adalora 12->8": peft_model(base, targets, task_type, True, 12, total_steps, device),
+        "lora 8": peft_model(base, targets, task_type, False, 8, total_steps, device),
     }
     fns, params = {}, {}
     for name, (model, opt, after) in methods.items():
-        model.to(device).train()
+        model.train()
         fns[name] = step_fn(model, opt, after, data, amp_dtype, device)
         params[name] = trainable(model)
     for fn in fns.values():  # warm-up: allocator, BLAS handles, AdamW state, lazy inits

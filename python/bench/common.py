@@ -67,6 +67,29 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cuda_kernel_ms(fn: Callable[[], object], iters: int = 20) -> float:
+    """Mean GPU time per call of fn() spent in its kernels (copies and memsets left out), from the
+    profiler's device timestamps: what the device did, without the host's launch overhead that
+    a wall clock (or events around back-to-back calls) also counts when the host is the
+    bottleneck."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.autograd import DeviceType
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    us = sum(e.device_time_total for e in prof.events()
+             if e.device_type == DeviceType.CUDA and "memcpy" not in e.name.lower()
+             and "memset" not in e.name.lower())
+    if us == 0:
+        print("cuda_kernel_ms: the profiler recorded no kernel time; reporting NaN")
+        return float("nan")
+    return us / iters / 1e3
+
+
 def machine(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
