@@ -81,11 +81,18 @@ class TsqLoRAConfig:
     score_mode: str = _f("head", "'full': all trainable parameters; 'head': the task head and the "
                          "last adapted block only (close to forward-only cost).")
     lookahead: str = _f("first_order", "D_i: 'exact' one-step look-ahead or 'first_order' eta*G_i^2.")
-    score_warmup: int = _f(50, "Optimizer steps on a random sample before scoring; the adapter "
-                           "carries on into training.")
+    score_warmup: int = _f(120, "Optimizer steps on a random sample before scoring; the adapter "
+                           "carries on into training. Measured (MiniLM, Rotten Tomatoes, 20% labels "
+                           "flipped, lr 1e-3, batch 32; python/experiments/noisy_labels.py): after 40 "
+                           "steps the guard could not act and the quality-selected 30% held 32.7% "
+                           "flipped (pool 20%); after 120 steps 12.9%.")
     mislabel_guard: bool = _f(True, "Drop examples whose post-warm-up loss marks them as likely "
                               "mislabeled before sampling (reason 'likely_mislabeled').")
     mislabel_threshold: float = _f(0.5, "Drop when P(wrong label) exceeds this.")
+    mislabel_max_spread: float = _f(
+        0.55, "The guard flags nothing when the high-loss mixture component's std / mean exceeds "
+        "this: a long tail of the model's own errors (clean data: 0.64-1.03 measured) rather than a "
+        "cluster of wrong labels (20% flipped: 0.39-0.45). inf turns the rule off.")
     rescore_every: int = _f(0, "Re-score and re-select every this many steps (0: never).")
     seed: int = _f(0, "Seed of selection, initialisation and data order.")
 
@@ -143,6 +150,8 @@ class TsqLoRAConfig:
             bad(f"lookahead must be 'exact' or 'first_order', got {self.lookahead!r}")
         if not 0.0 < self.mislabel_threshold < 1.0:
             bad(f"mislabel_threshold must be in (0, 1), got {self.mislabel_threshold}")
+        if not self.mislabel_max_spread > 0.0:
+            bad(f"mislabel_max_spread must be > 0, got {self.mislabel_max_spread}")
 
     # ---- JSON round trip ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

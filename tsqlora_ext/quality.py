@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import VarRankLoRALinear
-from .mislabel import flag_mislabeled
+from .mislabel import flag_mislabeled, guard_abstains, high_loss_spread
 
 SCORE_FIELDS = ("index", "loss", "G", "D", "C", "Q", "p_mislabeled")
 MODES = ("full", "head")
@@ -424,6 +424,7 @@ def score_pool(
     alignment_reference: Iterable[dict] | None = None,
     mislabel_guard: bool = True,
     mislabel_threshold: float = 0.5,
+    mislabel_max_spread: float = 0.55,
     loss_fn=sequence_classification_loss,
     progress: bool = True,
 ) -> QualityScores:
@@ -445,6 +446,8 @@ def score_pool(
             gradient, computed in a pass over them before the pool, and C costs nothing extra.
         mislabel_guard: flag examples whose loss marks them as likely mislabeled.
         mislabel_threshold: flag when P(wrong label) exceeds it.
+        mislabel_max_spread: flag nothing when the high-loss component's std / mean exceeds it
+            (a tail of model errors, not a cluster of wrong labels; see tsqlora_ext.mislabel).
         loss_fn: (model, batch) -> per-example losses [B]; the default is cross-entropy on
             ``model(**inputs).logits``.
         progress: show a tqdm bar.
@@ -541,10 +544,11 @@ def score_pool(
         C = np.where(denom > 0, dot / np.where(denom > 0, denom, 1.0), 0.0)
     # P(wrong label) is reported even with the guard off; only the guard flags examples.
     if seen >= 2:
-        p_wrong, flagged, mix = flag_mislabeled(loss, mislabel_threshold)
+        p_wrong, flagged, mix = flag_mislabeled(loss, mislabel_threshold,
+                                                max_spread=mislabel_max_spread)
         mixture = {"weights": mix.weights, "means": mix.means, "stds": mix.stds,
-                   "converged": mix.converged,
-                   "high_loss_majority_flags_nothing": bool(mix.weights[1] > 0.5)}
+                   "converged": mix.converged, "high_loss_spread": high_loss_spread(mix),
+                   "guard_abstains": guard_abstains(mix, max_spread=mislabel_max_spread)}
     else:
         p_wrong, flagged, mixture = np.zeros(seen), np.zeros(seen, bool), None
     if not mislabel_guard:
@@ -555,6 +559,7 @@ def score_pool(
             "n": int(seen), "scored_parameters": int(sum(p.numel() for p in params)),
             "scored_layers": [n for n, _ in layers],
             "mislabel_guard": bool(mislabel_guard), "mislabel_threshold": float(mislabel_threshold),
+            "mislabel_max_spread": float(mislabel_max_spread),
             "n_likely_mislabeled": int(flagged.sum()), "mixture": mixture,
             "seconds": round(time.perf_counter() - t0, 3)}
     return QualityScores(index, loss, G, D, C, Q, p_wrong, flagged, meta)
@@ -568,7 +573,8 @@ def score_pool_from_config(model: nn.Module, batches: Iterable[dict], config, *,
     return score_pool(model, batches, mode=config.score_mode, lookahead=config.lookahead, eta=eta,
                       weights=config.quality_weights, alignment_reference=alignment_reference,
                       mislabel_guard=config.mislabel_guard,
-                      mislabel_threshold=config.mislabel_threshold, progress=progress)
+                      mislabel_threshold=config.mislabel_threshold,
+                      mislabel_max_spread=config.mislabel_max_spread, progress=progress)
 
 
 # ---- warm-up ------------------------------------------------------------------------------------
