@@ -313,7 +313,7 @@ def demo_settings(reduced: bool = False) -> tuple[TsqLoRAConfig, TrainArgs, dict
     """The demo's embedded defaults (see README for how they were chosen) and, in ``reduced``
     mode (the test suite), a few-step version on a tiny subset of the same data and model."""
     config = TsqLoRAConfig(r_init=12, target_r=8, r_max=16, r_min=2, lora_alpha=16.0,
-                           data_fraction=0.3, score_warmup=40, calibration_batches=4,
+                           data_fraction=0.3, score_warmup=120, calibration_batches=4,
                            t_init=30, t_final=30, delta_t=10,
                            seed=0)
     args = TrainArgs(lr=1e-3, epochs=2, batch_size=32, max_length=64, eval_batch_size=64)
