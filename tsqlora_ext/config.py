@@ -69,12 +69,18 @@ class TsqLoRAConfig:
     dynamic: bool = _f(True, "Reallocate rank during training; False keeps the initial ranks.")
     calibration_batches: int = _f(8, "Batches K used to measure layer sensitivity before training.")
     # ---- data quality and selection ------------------------------------------------------------
-    data_fraction: float = _f(1.0, "Fraction f of the (gated) pool kept for training, in (0, 1].")
+    data_fraction: float = _f(1.0, "Fraction f of the (gated) pool kept for training, in (0, 1]; "
+                              "examples the wrong-label guard drops are replaced by other ones.")
     quality_weights: tuple[float, float, float] = _f(
         (0.5, 0.5, 0.0), "alpha1..3 of Q = a1 z(G) + a2 z(D) + a3 z(C). C defaults to 0: measured on "
         "Rotten Tomatoes with 20% flipped labels it carried no signal (AUC 0.55 with the pool mean, "
         "0.49 with a held-out clean gradient; python/experiments/quality_signals.py), and a 0 weight "
         "skips computing it.")
+    quality_preference: str = _f(
+        "moderate", "Which Q the selection prefers: 'high' samples p ~ exp(Q / tau) (the paper: the "
+        "largest gradients and look-ahead gains), 'moderate' samples p ~ exp(-|Q - median Q| / tau) "
+        "(the examples of typical Q, as Moderate Coreset does). Measured in "
+        "python/experiments/noisy_labels.py; see the README for the figures.")
     temperature: float = _f(1.0, "tau of the Gumbel-top-k selection p ~ exp(Q / tau): small -> top-k, "
                             "large -> uniform.")
     stratify: bool = _f(True, "Keep each label's share when selecting.")
@@ -144,6 +150,8 @@ class TsqLoRAConfig:
             bad(f"quality_weights must be 3 non-negative numbers, not all 0, got {w}")
         if self.temperature <= 0:
             bad(f"temperature must be > 0, got {self.temperature}")
+        if self.quality_preference not in ("high", "moderate"):
+            bad(f"quality_preference must be 'high' or 'moderate', got {self.quality_preference!r}")
         if self.score_mode not in ("full", "head"):
             bad(f"score_mode must be 'full' or 'head', got {self.score_mode!r}")
         if self.lookahead not in ("exact", "first_order"):
