@@ -66,3 +66,15 @@ def test_rerun_skips_finished_runs_and_refuses_other_settings(tmp_path, capsys):
     assert json.loads(out.read_text())["runs"] == runs
     with pytest.raises(SystemExit, match="other settings"):
         nl.main(args[:-2] + ["--fraction", "0.5", "--out", str(out)])
+
+
+def test_schedule_fits_short_runs():
+    from tsqlora_ext.pipeline import demo_settings
+
+    config, targs, _ = demo_settings()
+    assert nl.fit_schedule(config, 3417, targs) == config  # the demo's own length: unchanged
+    for n in (540, 120, 33):  # BBC News' 30%, --pool runs, a tiny quick run
+        steps = int(np.ceil(np.ceil(n / targs.batch_size) * targs.epochs))
+        fitted = nl.fit_schedule(config, n, targs)
+        fitted.replace(total_steps=steps)  # validates: t_init + t_final < total_steps
+        assert fitted.t_init + fitted.t_final < steps and fitted.delta_t >= 1

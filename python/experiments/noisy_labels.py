@@ -179,6 +179,7 @@ def run_one(job: dict) -> dict:
     rec["warmup_and_selection_s"] = time.perf_counter() - t
     rec["warmup_steps"] = warm["steps"] if warm else 0
     t = time.perf_counter()
+    config = fit_schedule(config, rows.size, targs)
     result = train(model, train_all.subset(rows), eval_tok, config, targs, tokenizer=tok)
     rec["train_s"] = time.perf_counter() - t
     rec["wall_s"] = time.perf_counter() - t_start
@@ -187,6 +188,14 @@ def run_one(job: dict) -> dict:
     rec["accuracy"] = float(result.metrics["accuracy"])
     rec["macro_f1"] = float(result.metrics.get("macro_f1", float("nan")))
     return rec
+
+
+def fit_schedule(config, n_train: int, targs):
+    """The demo's rank schedule (t_init = t_final = 30, delta_t = 10 of about 210 steps) scaled
+    down for shorter runs (BBC News, --pool, --quick), so every run has a reallocation phase."""
+    steps = int(np.ceil(np.ceil(n_train / targs.batch_size) * targs.epochs))
+    edge = min(config.t_init, config.t_final, steps // 7)
+    return config.replace(t_init=edge, t_final=edge, delta_t=max(1, min(config.delta_t, steps // 20)))
 
 
 # ---- results file and table ----------------------------------------------------------------------

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from noisy_labels import DATASETS, flip_labels, load_task, write_atomic  # noqa: E402
+from noisy_labels import DATASETS, fit_schedule, flip_labels, load_task, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RULES = ("random", "high", "moderate", "low")
@@ -77,8 +77,8 @@ def run_group(job: dict) -> list[dict]:
                      gate=False, **kw)
         rows = np.sort(np.asarray(sel.indices))
         t = time.perf_counter()
-        result = train(copy.deepcopy(model), train_all.subset(rows), eval_tok, config, targs,
-                       tokenizer=tok)
+        result = train(copy.deepcopy(model), train_all.subset(rows), eval_tok,
+                       fit_schedule(config, rows.size, targs), targs, tokenizer=tok)
         out.append({"dataset": job["dataset"], "flip": job["flip"], "seed": job["seed"], "rule": rule,
                     "kept": int(rows.size), "kept_flip_share": float(flipped[rows].mean()),
                     "pool_flip_share": float(flipped.mean()), "guard_flagged": int(flagged.sum()),
