@@ -303,6 +303,21 @@ def save(payload: dict, out: Path) -> None:
     write_atomic(out.with_suffix(".md"), markdown(payload))
 
 
+def watch_parent() -> None:
+    """Worker initializer: exit when the driver is gone (killed or interrupted), so no orphaned
+    worker keeps training and holding cores."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 # ---- driver --------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -349,7 +364,8 @@ def main(argv=None) -> int:
           f"{threads} thread(s) each, on {args.device}", flush=True)
     t0 = time.perf_counter()
     ctx = mp.get_context("spawn")  # CUDA cannot be forked into workers
-    with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+    with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx,
+                                initializer=watch_parent) as pool:
         futures = {pool.submit(run_one, j): j for j in jobs}
         for fut in cf.as_completed(futures):
             j = futures[fut]

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from noisy_labels import DATASETS, fit_schedule, flip_labels, load_task, write_atomic  # noqa: E402
+from noisy_labels import (DATASETS, fit_schedule, flip_labels, load_task, watch_parent,  # noqa: E402
+                          write_atomic)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RULES = ("random", "high", "moderate", "low")
@@ -128,7 +129,8 @@ def main(argv=None) -> int:
              "fraction": args.fraction, "threads": threads, "rules": args.rules}
             for d in args.datasets for f in args.flips for s in args.seeds]
     t0 = time.perf_counter()
-    with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as ex:
+    with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"),
+                                initializer=watch_parent) as ex:
         for fut in cf.as_completed([ex.submit(run_group, j) for j in jobs]):
             rows = fut.result()
             payload["runs"] += rows
