@@ -79,8 +79,10 @@ class TsqLoRAConfig:
     quality_preference: str = _f(
         "moderate", "Which Q the selection prefers: 'high' samples p ~ exp(Q / tau) (the paper: the "
         "largest gradients and look-ahead gains), 'moderate' samples p ~ exp(-|Q - median Q| / tau) "
-        "(the examples of typical Q, as Moderate Coreset does). Measured in "
-        "python/experiments/noisy_labels.py; see the README for the figures.")
+        "(the examples of typical Q, as Moderate Coreset does). Measured on 2,000 Rotten Tomatoes "
+        "reviews (python/experiments/selection_rules.py, seed 0), test accuracy high / moderate / "
+        "random: 0.720 / 0.796 / 0.786 clean, 0.574 / 0.794 / 0.798 with 20% of the labels "
+        "flipped, where 'high' kept 43.5% flipped and 'moderate' 8.7%.")
     temperature: float = _f(1.0, "tau of the Gumbel-top-k selection p ~ exp(Q / tau): small -> top-k, "
                             "large -> uniform.")
     stratify: bool = _f(True, "Keep each label's share when selecting.")

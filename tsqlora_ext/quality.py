@@ -96,9 +96,10 @@ def selection_score(Q, preference: str = "moderate") -> np.ndarray:
     'moderate': score = −|Q − median Q|: the examples of typical Q first, the two extremes last
     (Moderate Coreset, Xia et al., ICLR 2023, selects by the distance to the median score the same
     way). Q rises with the loss, so its top end holds what the model cannot fit — wrong labels and
-    ambiguous texts — and its bottom end what it has already learned; measured on the bundled data
-    (python/experiments/noisy_labels.py) the top end lost accuracy against a random subset, the
-    middle did not.
+    ambiguous texts — and its bottom end what it has already learned. Measured on 2,000 Rotten
+    Tomatoes reviews (python/experiments/selection_rules.py): 'high' lost 7 points of accuracy to
+    a random subset on clean labels and 22 with 20% flipped (it kept 43.5% flipped), 'moderate'
+    stayed within a point of random and kept 8.7% flipped.
     """
     q = np.asarray(Q, dtype=np.float64)
     if preference == "high":
