@@ -30,6 +30,7 @@ def test_json_round_trip(tmp_path):
     (dict(data_fraction=0.0), "data_fraction"),
     (dict(data_fraction=1.5), "data_fraction"),
     (dict(quality_weights=(0, 0, 0)), "quality_weights"),
+    (dict(quality_preference="hard"), "quality_preference"),
     (dict(temperature=0), "temperature"),
     (dict(init="svd"), "init"),
     (dict(delta_t=0), "delta_t"),

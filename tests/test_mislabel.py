@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from tsqlora_ext.layers import VarRankLoRALinear
-from tsqlora_ext.mislabel import fit_loss_mixture, flag_mislabeled, mislabel_probability
+from tsqlora_ext.mislabel import (fit_loss_mixture, flag_mislabeled, guard_abstains,
+                                  high_loss_spread, mislabel_probability)
 
 
 def test_mixture_recovers_planted_high_loss_cluster():
@@ -48,9 +49,27 @@ def test_guard_flags_nothing_without_a_minority_of_misfits():
     assert flag_mislabeled(losses, max_share=0.8)[1].sum() > 500
 
 
+def test_guard_flags_nothing_when_the_high_losses_are_a_tail():
+    rng = np.random.default_rng(3)
+    # clean labels after a warm-up: a narrow confidently-fit peak plus the model's own long error
+    # tail (exponential: std / mean about 1). The bare mixture splits off the tail as "wrong".
+    clean = np.concatenate([np.abs(rng.normal(0.05, 0.02, 1300)), rng.exponential(0.9, 700)])
+    p, flagged, mix = flag_mislabeled(clean, max_spread=np.inf)
+    assert mix.weights[1] < 0.5 and flagged.sum() > 300
+    assert high_loss_spread(mix) > 0.55 and guard_abstains(mix) == "tail"
+    assert not flag_mislabeled(clean)[1].any()
+    # wrong labels: a bump (std / mean well below 1) beside the same clean peak is still flagged.
+    noisy = np.concatenate([np.abs(rng.normal(0.05, 0.02, 1600)), rng.normal(1.2, 0.35, 400)])
+    p, flagged, mix = flag_mislabeled(noisy)
+    assert guard_abstains(mix) is None and high_loss_spread(mix) < 0.55
+    assert flagged[1600:].mean() > 0.9 and (np.arange(2000) >= 1600)[flagged].mean() > 0.9
+
+
 def test_guard_input_errors():
     with pytest.raises(ValueError, match="threshold"):
         flag_mislabeled([0.1, 0.2, 3.0], threshold=1.0)
+    with pytest.raises(ValueError, match="max_spread"):
+        flag_mislabeled([0.1, 0.2, 3.0], max_spread=0.0)
     with pytest.raises(ValueError, match="at least 2"):
         fit_loss_mixture([1.0])
     with pytest.raises(ValueError, match="finite"):

@@ -185,7 +185,7 @@ def _random_scores(n=7, seed=0):
     r = np.random.default_rng(seed)
     return QualityScores(index=r.permutation(n * 3)[:n], loss=r.random(n), G=r.random(n), D=r.random(n),
                          C=np.where(np.arange(n) == 2, np.nan, r.random(n)), Q=r.normal(size=n),
-                         p_mislabeled=r.random(n), likely_mislabeled=np.zeros(n, bool))
+                         score=r.normal(size=n), p_mislabeled=r.random(n), likely_mislabeled=np.zeros(n, bool))
 
 
 def test_scores_file_round_trip(tmp_path):
@@ -204,9 +204,10 @@ def test_scores_file_round_trip(tmp_path):
 @pytest.mark.parametrize("bad, message", [
     ('{"index": 3, "loss": 1.0', "not valid JSON"),
     ('[1, 2]', "expected a JSON object"),
-    ('{"index": 3, "loss": 1.0, "G": 1, "D": 1, "C": 1, "Q": 1}', r"\['p_mislabeled'\] missing"),
-    ('{"index": -1, "loss": 1.0, "G": 1, "D": 1, "C": 1, "Q": 1, "p_mislabeled": 0}', "'index'"),
-    ('{"index": 9, "loss": "x", "G": 1, "D": 1, "C": 1, "Q": 1, "p_mislabeled": 0}', "'loss' must be a number"),
+    ('{"index": 3, "loss": 1.0, "G": 1, "D": 1, "C": 1, "Q": 1}', r"\['score', 'p_mislabeled'\] missing"),
+    ('{"index": -1, "loss": 1.0, "G": 1, "D": 1, "C": 1, "Q": 1, "score": 0, "p_mislabeled": 0}', "'index'"),
+    ('{"index": 9, "loss": "x", "G": 1, "D": 1, "C": 1, "Q": 1, "score": 0, "p_mislabeled": 0}',
+     "'loss' must be a number"),
 ])
 def test_corrupted_scores_file_names_file_and_line(tmp_path, bad, message):
     path = write_scores(tmp_path / "s.jsonl", _random_scores(n=4))
@@ -260,8 +261,12 @@ def test_score_pool_from_config_follows_the_config():
     ids, mask, labels = tiny_pool(n=8)
     batches = make_batches(ids, mask, labels, batch_size=4)
     cfg = TsqLoRAConfig(score_mode="full", lookahead="exact", quality_weights=(1.0, 0.0, 0.0),
-                        mislabel_guard=False, mislabel_threshold=0.3)
+                        mislabel_guard=False, mislabel_threshold=0.3, quality_preference="high")
     s = score_pool_from_config(model, batches, cfg, progress=False)
     assert (s.meta["mode"], s.meta["lookahead"], s.meta["alignment"]) == ("full", "exact", None)
     assert s.meta["mislabel_threshold"] == 0.3 and not s.likely_mislabeled.any()
     np.testing.assert_allclose(s.Q, robust_z(s.G))
+    np.testing.assert_array_equal(s.score, s.Q)  # 'high': the selection samples by Q itself
+    m = score_pool_from_config(model, batches, cfg.replace(quality_preference="moderate"),
+                               progress=False)
+    np.testing.assert_allclose(m.score, -np.abs(m.Q - np.median(m.Q)))

@@ -82,7 +82,14 @@ def _select_arguments(p: argparse.ArgumentParser) -> None:
     sel.add_argument("--seed", type=int, default=0)
     sel.add_argument("--no-stratify", action="store_true", help="do not keep each label's share")
     sel.add_argument("--mislabel-threshold", type=float, default=0.5,
-                     help="drop rows whose p_mislabeled (scores file) exceeds this (likely_mislabeled)")
+                     help="the wrong-label guard drops rows whose P(wrong label) exceeds this "
+                     "(likely_mislabeled); refitted from the scores file's 'loss' column as "
+                     "tsqlora train does, else read from its 'p_mislabeled' column")
+    sel.add_argument("--mislabel-max-spread", type=float, default=0.55,
+                     help="the guard drops nothing when the high-loss component's std/mean exceeds "
+                     "this (a tail of model errors, not a cluster of wrong labels)")
+    sel.add_argument("--no-mislabel-guard", dest="mislabel_guard", action="store_false",
+                     help="keep the rows the wrong-label guard would drop")
 
     gate = p.add_argument_group("heuristic gate")
     gate.add_argument("--no-gate", action="store_true", help="skip every gate rule")
@@ -111,7 +118,8 @@ def _select(args: argparse.Namespace) -> int:
     result = select(args.input, text_field=args.text_field, label_field=args.label_field, scores=args.scores,
                     fraction=args.fraction, count=args.count, temperature=args.temperature, seed=args.seed,
                     stratify=False if args.no_stratify else None, gate=gate,
-                    mislabel_threshold=args.mislabel_threshold, num_threads=args.threads,
+                    mislabel_guard=args.mislabel_guard, mislabel_threshold=args.mislabel_threshold,
+                    mislabel_max_spread=args.mislabel_max_spread, num_threads=args.threads,
                     skip_bad=args.skip_bad, max_line_bytes=args.max_line_bytes, out=out,
                     indices_out=args.indices or out.with_name(out.stem + ".indices.txt"),
                     report_out=args.report or out.with_name(out.stem + ".report.json"))
@@ -243,6 +251,54 @@ def _train(args: argparse.Namespace) -> int:
                          seed=config.seed)
     run_pipeline(run["model"], task, run["out"], config, train_args, baseline=run["baseline"],
                  resume=bool(args.resume))
+    return 0
+
+
+def _score_arguments(p: argparse.ArgumentParser) -> None:
+    from .config import TsqLoRAConfig
+    from .train import TrainArgs
+
+    p.add_argument("--model", help="a transformers model folder (default: the bundled MiniLM)")
+    p.add_argument("--input", required=True, help="a jsonl/csv/tsv/parquet file with texts and labels")
+    p.add_argument("--text-field", default="text", help="the text column (default: text)")
+    p.add_argument("--label-field", default="label", help="the label column (default: label)")
+    p.add_argument("--out", required=True, help="the scores file (jsonl, one line per input row; "
+                   "<out>.meta.json beside it records the warm-up, scoring settings and guard fit)")
+    p.add_argument("--config", help="a JSON file of TsqLoRAConfig and TrainArgs fields; flags "
+                   "override it")
+    _dataclass_flags(p, TsqLoRAConfig, "TsqLoRA method (TsqLoRAConfig: score_warmup, score_mode, "
+                     "quality_weights, quality_preference, mislabel_* ...)")
+    _dataclass_flags(p, TrainArgs, "training (TrainArgs: lr, batch_size, max_length, ...)")
+
+
+@subcommand("score", help="Warm up an adapted model on a labelled file and write every row's "
+            "quality scores (loss, G, D, C, Q, selection score, P(wrong label)) for "
+            "`tsqlora select --scores`.", arguments=_score_arguments)
+def _score(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from . import bundled
+    from .config import TsqLoRAConfig
+    from .pipeline import score_file
+    from .train import TrainArgs
+
+    method, training = {}, {}
+    if args.config:
+        try:
+            values = json.loads(Path(args.config).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{args.config}: not valid JSON ({e})") from None
+        method, training = _split_settings(values, args.config)
+    flags = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in
+             ("command", "model", "input", "text_field", "label_field", "out", "config")}
+    m_flags, t_flags = _split_settings(flags, "flags")
+    method.update(m_flags)
+    training.update(t_flags)
+    training.setdefault("progress", False)
+    score_file(args.model or bundled.minilm_dir(), args.input, args.text_field, args.label_field,
+               args.out, TsqLoRAConfig.from_dict(method, "tsqlora config"),
+               TrainArgs.from_dict(training, "train args"))
     return 0
 
 

@@ -16,6 +16,16 @@ Wrong labels are a minority by assumption. When the fitted high-loss component h
 ``max_share`` of the pool (default one half), the losses did not split into "most fit, a few do
 not" — typically the model has not learned enough yet — and the guard flags nothing rather than
 drop a large, barely enriched share of the data; ``flag_mislabeled`` reports this.
+
+Nor does it flag when the high-loss component is a *tail* rather than a *cluster*: its spread
+(std / mean of the component's losses) above ``max_spread`` (default 0.55). On clean data the bulk
+is fit confidently (a narrow low-loss peak) and the rest is the model's own long error tail, which
+the mixture captures as one broad component (spread near 1, like an exponential tail); wrong labels
+form a bump around the loss of confidently predicting the true label instead (spread well below 1).
+Measured with MiniLM on 2,000 Rotten Tomatoes reviews (python/experiments/noisy_labels.py, seed 0,
+lr 1e-3): spread 0.64 and 1.03 on clean labels after 40 and 120 warm-up steps, where the bare
+mixture flagged 663 and 633 clean examples (a third of the pool); 0.39 and 0.45 with 20% of the
+labels flipped. 0.55 lies between the two groups.
 """
 
 from __future__ import annotations
@@ -98,16 +108,34 @@ def mislabel_probability(losses) -> tuple[np.ndarray, LossMixture]:
     return p, mix
 
 
-def flag_mislabeled(losses, threshold: float = 0.5,
-                    max_share: float = 0.5) -> tuple[np.ndarray, np.ndarray, LossMixture]:
+def high_loss_spread(mix: LossMixture) -> float:
+    """std / mean of the high-loss component: about 1 for a tail, well below 1 for a cluster."""
+    return mix.stds[1] / mix.means[1] if mix.means[1] > 0 else float("inf")
+
+
+def guard_abstains(mix: LossMixture, max_share: float = 0.5, max_spread: float = 0.55) -> str | None:
+    """Why the guard flags nothing for this mixture ('majority' / 'tail'), or None when it may flag."""
+    if mix.weights[1] > max_share:
+        return "majority"
+    if high_loss_spread(mix) > max_spread:
+        return "tail"
+    return None
+
+
+def flag_mislabeled(losses, threshold: float = 0.5, max_share: float = 0.5,
+                    max_spread: float = 0.55) -> tuple[np.ndarray, np.ndarray, LossMixture]:
     """(p_mislabeled, likely_mislabeled, mixture): flag p > threshold, unless the high-loss
-    component's weight exceeds ``max_share`` (no minority of misfits: flag nothing)."""
+    component's weight exceeds ``max_share`` (no minority of misfits) or its spread (std / mean)
+    exceeds ``max_spread`` (a tail of the model's own errors, not a cluster of wrong labels); then
+    flag nothing. ``max_spread=inf`` turns the spread rule off."""
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"flag_mislabeled: threshold must be in (0, 1), got {threshold}")
     if not 0.0 < max_share <= 1.0:
         raise ValueError(f"flag_mislabeled: max_share must be in (0, 1], got {max_share}")
+    if not max_spread > 0.0:
+        raise ValueError(f"flag_mislabeled: max_spread must be > 0, got {max_spread}")
     p, mix = mislabel_probability(losses)
     flagged = p > threshold
-    if mix.weights[1] > max_share:
+    if guard_abstains(mix, max_share, max_spread) is not None:
         flagged[:] = False
     return p, flagged, mix

@@ -76,22 +76,39 @@ def _select(task: TextTask, q: np.ndarray, mislabeled: np.ndarray, pool: np.ndar
     from .selector import select
 
     df = pd.DataFrame({"text": task.train_texts, "label": task.train_labels})
-    drop = {"likely_mislabeled": mislabeled & pool} if config.mislabel_guard else None
+    drop = mislabeled & pool if config.mislabel_guard else np.zeros(len(pool), dtype=bool)
     return select(df, text_field="text", label_field="label", scores=np.where(pool, q, 0.0),
-                  fraction=config.data_fraction, temperature=config.temperature, seed=config.seed,
-                  stratify=config.stratify, drop=drop)
+                  count=selection_budget(int(pool.sum()), int((pool & ~drop).sum()),
+                                         config.data_fraction),
+                  temperature=config.temperature, seed=config.seed,
+                  stratify=config.stratify, drop={"likely_mislabeled": drop})
+
+
+def selection_budget(pool: int, survivors: int, fraction: float) -> int:
+    """How many examples to train on: ``fraction`` of the gated pool. The wrong-label guard does
+    not shrink it: the examples it drops are replaced by other survivors (all of them when fewer
+    survive)."""
+    return max(1, min(survivors, int(np.floor(fraction * pool + 0.5))))
+
+
+def _warmup(model, tokenizer, pool_tok: TokenizedData, config: TsqLoRAConfig,
+            args: TrainArgs) -> dict | None:
+    """``config.score_warmup`` AdamW steps on random minibatches of the pool (None when 0)."""
+    from . import quality
+
+    if config.score_warmup == 0:
+        return None
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                            weight_decay=args.weight_decay)
+    return quality.warmup(model, opt, pool_tok.padded(args.max_length, pad_id_of(tokenizer)),
+                          config.score_warmup, batch_size=args.batch_size, seed=config.seed,
+                          progress=args.progress)
 
 
 def _score(model, tokenizer, pool_tok: TokenizedData, config: TsqLoRAConfig, args: TrainArgs):
     from . import quality
 
-    warm = None
-    if config.score_warmup > 0:
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                weight_decay=args.weight_decay)
-        warm = quality.warmup(model, opt, pool_tok.padded(args.max_length, pad_id_of(tokenizer)),
-                              config.score_warmup, batch_size=args.batch_size, seed=config.seed,
-                              progress=args.progress)
+    warm = _warmup(model, tokenizer, pool_tok, config, args)
     batches = make_loader(pool_tok, batch_size=args.eval_batch_size, max_length=args.max_length,
                           pad_id=pad_id_of(tokenizer), shuffle=False, seed=0,
                           num_workers=args.num_workers)
@@ -148,7 +165,7 @@ def run_pipeline(model_dir, task: TextTask, out, config: TsqLoRAConfig, args: Tr
         phases["warmup_and_scoring_s"] = time.perf_counter() - t
         q = np.zeros(len(pool))
         mislabeled = np.zeros(len(pool), dtype=bool)
-        q[scores.index] = scores.Q
+        q[scores.index] = scores.score
         mislabeled[scores.index] = scores.likely_mislabeled
         t = time.perf_counter()
         sel = _select(task, q, mislabeled, pool, config)
@@ -311,12 +328,52 @@ def file_task(path, text_field: str, label_field: str, eval_path=None, eval_frac
                     [texts[i] for i in ev], [ids[i] for i in ev])
 
 
+# ---- tsqlora score ----------------------------------------------------------------------------------
+def score_file(model_dir, path, text_field: str, label_field: str, out, config: TsqLoRAConfig,
+               args: TrainArgs, *, verbose: bool = True):
+    """Warm up a freshly adapted model on every row of ``path`` and score them: write one line per
+    row (``index`` = the row's position among the file's records) with loss, G, D, C, Q, the
+    selection score and P(wrong label) to ``out``, atomically; ``tsqlora select --scores`` reads
+    it. Returns the QualityScores."""
+    from . import quality
+    from .wrap import wrap
+
+    path, out = Path(path), Path(out)
+    if out.exists() and path.exists() and os.path.samefile(out, path):
+        raise ValueError(f"--out {out}: refusing to overwrite the input")
+    texts, labels, _ = _read_rows(path, text_field, label_field)
+    names = sorted({str(x) for x in labels})
+    if len(names) < 2:
+        raise ValueError(f"{path}: field {label_field!r} holds {len(names)} distinct label(s); "
+                         "scoring needs at least 2")
+    ids = [names.index(str(x)) for x in labels]
+    model, tokenizer = _load_model(model_dir, len(names), config.seed)
+    model = wrap(model, config, verbose=False)
+    data = TokenizedData.from_texts(tokenizer, texts, ids, args.max_length)
+    warm, scores = _score(model, tokenizer, data, config, args)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    quality.write_scores(out, scores)
+    meta = {**scores.meta, "warmup": warm, "input": str(path), "labels": names}
+    write_json(meta, out.with_name(out.name + ".meta.json"))
+    if verbose:
+        mix = meta.get("mixture") or {}
+        guard = (f"{meta['n_likely_mislabeled']:,} likely mislabeled (P > "
+                 f"{meta['mislabel_threshold']})" if not mix.get("guard_abstains") else
+                 f"the wrong-label guard abstains ({mix['guard_abstains']}: "
+                 + ("the high-loss component is a majority" if mix["guard_abstains"] == "majority"
+                    else "the high-loss component is a tail, not a cluster") + ")")
+        print(f"scored {len(scores):,} rows of {path} after {warm['steps'] if warm else 0} warm-up "
+              f"steps in {fmt_seconds(meta['seconds'] + (warm['seconds'] if warm else 0))}; {guard}; "
+              f"wrote {out}")
+    return scores
+
+
 # ---- the demo ---------------------------------------------------------------------------------------
 def demo_settings(reduced: bool = False) -> tuple[TsqLoRAConfig, TrainArgs, dict[str, int]]:
     """The demo's embedded defaults (see README for how they were chosen) and, in ``reduced``
     mode (the test suite), a few-step version on a tiny subset of the same data and model."""
     config = TsqLoRAConfig(r_init=12, target_r=8, r_max=16, r_min=2, lora_alpha=16.0,
-                           data_fraction=0.3, score_warmup=40, calibration_batches=4,
+                           data_fraction=0.3, score_warmup=120, calibration_batches=4,
                            t_init=30, t_final=30, delta_t=10,
                            seed=0)
     args = TrainArgs(lr=1e-3, epochs=2, batch_size=32, max_length=64, eval_batch_size=64)

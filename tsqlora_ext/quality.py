@@ -5,7 +5,10 @@ For example i with loss ℓ_i and per-example gradient g_i = ∇_θ ℓ_i over t
 - D_i = ℓ_i(θ) − ℓ_i(θ − η g_i), the loss drop of one SGD step on that example alone
   ('exact'), or its first-order value η·G_i² ('first_order');
 - C_i = cos(g_i, ḡ), ḡ the mean gradient of the pool;
-- Q_i = α1·z(G_i) + α2·z(D_i) + α3·z(C_i), z = (v − median) / (1.4826·MAD) over the pool.
+- Q_i = α1·z(G_i) + α2·z(D_i) + α3·z(C_i), z = (v − median) / (1.4826·MAD) over the pool;
+- score_i, what the Gumbel-top-k selection samples by (p_i ∝ exp(score_i / τ)): Q_i itself
+  (preference 'high', the paper) or −|Q_i − median Q| (preference 'moderate', the default: the
+  examples of typical Q; see ``selection_score``).
 
 Per-example gradients are never materialised for the whole model. Every scored parameter belongs to
 an ``nn.Linear`` (the task head) or to a ``VarRankLoRALinear`` adapter; a forward hook keeps each
@@ -48,10 +51,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import VarRankLoRALinear
-from .mislabel import flag_mislabeled
+from .mislabel import flag_mislabeled, guard_abstains, high_loss_spread
 
-SCORE_FIELDS = ("index", "loss", "G", "D", "C", "Q", "p_mislabeled")
+SCORE_FIELDS = ("index", "loss", "G", "D", "C", "Q", "score", "p_mislabeled")
 MODES = ("full", "head")
+PREFERENCES = ("high", "moderate")
 LOOKAHEADS = ("exact", "first_order")
 _NON_INPUT_KEYS = ("labels", "index")
 
@@ -83,6 +87,29 @@ def combine(G, D, C, weights: Sequence[float]) -> np.ndarray:
         if a != 0.0:
             q += a * robust_z(v)
     return q
+
+
+def selection_score(Q, preference: str = "moderate") -> np.ndarray:
+    """What the selection samples by: p_i ∝ exp(score_i / τ).
+
+    'high': score = Q, the paper's rule: the largest gradients and look-ahead gains first.
+    'moderate': score = −|Q − median Q|: the examples of typical Q first, the two extremes last
+    (Moderate Coreset, Xia et al., ICLR 2023, selects by the distance to the median score the same
+    way). Q rises with the loss, so its top end holds what the model cannot fit — wrong labels and
+    ambiguous texts — and its bottom end what it has already learned. Measured on 2,000 Rotten
+    Tomatoes reviews (python/experiments/selection_rules.py): 'high' lost 7 points of accuracy to
+    a random subset on clean labels and 22 with 20% flipped (it kept 43.5% flipped), 'moderate'
+    stayed within a point of random and kept 8.7% flipped.
+    """
+    q = np.asarray(Q, dtype=np.float64)
+    if preference == "high":
+        return q.copy()
+    if preference == "moderate":
+        finite = np.isfinite(q)
+        if not finite.any():
+            return q.copy()
+        return -np.abs(q - float(np.median(q[finite])))
+    raise ValueError(f"quality preference must be one of {PREFERENCES}, got {preference!r}")
 
 
 # ---- which parameters are scored ----------------------------------------------------------------
@@ -311,6 +338,7 @@ class QualityScores:
     D: np.ndarray
     C: np.ndarray
     Q: np.ndarray
+    score: np.ndarray
     p_mislabeled: np.ndarray
     likely_mislabeled: np.ndarray
     meta: dict = field(default_factory=dict)
@@ -424,6 +452,8 @@ def score_pool(
     alignment_reference: Iterable[dict] | None = None,
     mislabel_guard: bool = True,
     mislabel_threshold: float = 0.5,
+    mislabel_max_spread: float = 0.55,
+    preference: str = "moderate",
     loss_fn=sequence_classification_loss,
     progress: bool = True,
 ) -> QualityScores:
@@ -445,6 +475,9 @@ def score_pool(
             gradient, computed in a pass over them before the pool, and C costs nothing extra.
         mislabel_guard: flag examples whose loss marks them as likely mislabeled.
         mislabel_threshold: flag when P(wrong label) exceeds it.
+        mislabel_max_spread: flag nothing when the high-loss component's std / mean exceeds it
+            (a tail of model errors, not a cluster of wrong labels; see tsqlora_ext.mislabel).
+        preference: 'high' or 'moderate': how ``score`` follows from Q (``selection_score``).
         loss_fn: (model, batch) -> per-example losses [B]; the default is cross-entropy on
             ``model(**inputs).logits``.
         progress: show a tqdm bar.
@@ -455,6 +488,8 @@ def score_pool(
         raise ValueError(f"eta must be > 0, got {eta}")
     if len(weights) != 3:
         raise ValueError(f"weights must be 3 numbers (alpha1..3), got {weights}")
+    if preference not in PREFERENCES:
+        raise ValueError(f"preference must be one of {PREFERENCES}, got {preference!r}")
     if compute_alignment is None:
         compute_alignment = float(weights[2]) != 0.0 or alignment_reference is not None
     pool_reference = compute_alignment and alignment_reference is None
@@ -541,10 +576,11 @@ def score_pool(
         C = np.where(denom > 0, dot / np.where(denom > 0, denom, 1.0), 0.0)
     # P(wrong label) is reported even with the guard off; only the guard flags examples.
     if seen >= 2:
-        p_wrong, flagged, mix = flag_mislabeled(loss, mislabel_threshold)
+        p_wrong, flagged, mix = flag_mislabeled(loss, mislabel_threshold,
+                                                max_spread=mislabel_max_spread)
         mixture = {"weights": mix.weights, "means": mix.means, "stds": mix.stds,
-                   "converged": mix.converged,
-                   "high_loss_majority_flags_nothing": bool(mix.weights[1] > 0.5)}
+                   "converged": mix.converged, "high_loss_spread": high_loss_spread(mix),
+                   "guard_abstains": guard_abstains(mix, max_spread=mislabel_max_spread)}
     else:
         p_wrong, flagged, mixture = np.zeros(seen), np.zeros(seen, bool), None
     if not mislabel_guard:
@@ -555,9 +591,12 @@ def score_pool(
             "n": int(seen), "scored_parameters": int(sum(p.numel() for p in params)),
             "scored_layers": [n for n, _ in layers],
             "mislabel_guard": bool(mislabel_guard), "mislabel_threshold": float(mislabel_threshold),
+            "mislabel_max_spread": float(mislabel_max_spread),
             "n_likely_mislabeled": int(flagged.sum()), "mixture": mixture,
             "seconds": round(time.perf_counter() - t0, 3)}
-    return QualityScores(index, loss, G, D, C, Q, p_wrong, flagged, meta)
+    meta["preference"] = preference
+    return QualityScores(index, loss, G, D, C, Q, selection_score(Q, preference), p_wrong, flagged,
+                         meta)
 
 
 def score_pool_from_config(model: nn.Module, batches: Iterable[dict], config, *, eta: float = 1e-3,
@@ -568,7 +607,9 @@ def score_pool_from_config(model: nn.Module, batches: Iterable[dict], config, *,
     return score_pool(model, batches, mode=config.score_mode, lookahead=config.lookahead, eta=eta,
                       weights=config.quality_weights, alignment_reference=alignment_reference,
                       mislabel_guard=config.mislabel_guard,
-                      mislabel_threshold=config.mislabel_threshold, progress=progress)
+                      mislabel_threshold=config.mislabel_threshold,
+                      mislabel_max_spread=config.mislabel_max_spread,
+                      preference=config.quality_preference, progress=progress)
 
 
 # ---- warm-up ------------------------------------------------------------------------------------
@@ -616,7 +657,8 @@ def warmup(model: nn.Module, optimizer: torch.optim.Optimizer, pool: dict, steps
 
 # ---- scores file --------------------------------------------------------------------------------
 def write_scores(path: str | os.PathLike, scores: QualityScores) -> Path:
-    """Write one JSON object per example (index, loss, G, D, C, Q, p_mislabeled) atomically."""
+    """Write one JSON object per example (index, loss, G, D, C, Q, score, p_mislabeled)
+    atomically; ``tsqlora select --scores`` reads it (``score`` is what it samples by)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -666,7 +708,7 @@ def read_scores(path: str | os.PathLike, mislabel_threshold: float = 0.5) -> Qua
 
 
 __all__ = [
-    "QualityScores", "SCORE_FIELDS", "combine", "make_batches", "read_scores", "robust_z",
-    "score_pool", "score_pool_from_config", "scored_modules", "sequence_classification_loss",
+    "PREFERENCES", "QualityScores", "SCORE_FIELDS", "combine", "make_batches", "read_scores",
+    "robust_z", "score_pool", "selection_score", "score_pool_from_config", "scored_modules", "sequence_classification_loss",
     "warmup", "write_scores",
 ]

@@ -6,10 +6,15 @@
 
 Every input row ends with one reason: ``kept``, a gate reason (``empty``, ``too_short``,
 ``too_long``, ``symbol_ratio``, ``non_alpha_ratio``, ``repeated_lines``, ``repeated_ngrams``,
-``exact_duplicate``, ``near_duplicate``), ``likely_mislabeled`` (the wrong-label guard: a
-``p_mislabeled`` column in the scores file above ``mislabel_threshold``, or a mask passed in
-``drop``), or ``not_selected`` (passed every filter but was not sampled). The fraction is taken of
+``exact_duplicate``, ``near_duplicate``), ``likely_mislabeled`` (the wrong-label guard, or a mask
+passed in ``drop``), or ``not_selected`` (passed every filter but was not sampled). The fraction is taken of
 the pool that survives the filters.
+
+The wrong-label guard follows the rules of the TsqLoRA pipeline (tsqlora_ext.mislabel): with a
+``loss`` column in the scores file (what ``tsqlora score`` writes) it fits the two-component
+mixture to the losses of the scored rows and drops the rows whose P(wrong label) exceeds
+``mislabel_threshold``, unless the high-loss component is a majority or a tail, when it drops
+nothing; with only a ``p_mislabeled`` column it drops the rows above the threshold.
 
 jsonl, csv and tsv files are read natively (C++ thread pool, GIL released); parquet files,
 ``datasets.Dataset``, ``pandas.DataFrame`` and pyarrow tables hand their text column to C++ as an
@@ -296,10 +301,35 @@ def _label_ids(labels: list) -> np.ndarray:
     return np.array([index[str(v)] for v in labels], dtype=np.int64)
 
 
+def _mislabel_guard(cols: dict[str, np.ndarray], threshold: float,
+                    max_spread: float) -> tuple[np.ndarray | None, dict | None]:
+    """(rows flagged likely_mislabeled or None, what the guard did) from a scores file's columns."""
+    from .mislabel import flag_mislabeled, guard_abstains
+
+    if "loss" in cols:
+        loss = cols["loss"]
+        scored = np.isfinite(loss)
+        flagged = np.zeros(loss.size, dtype=bool)
+        if scored.sum() < 2:
+            return flagged, {"rule": "mixture", "scored": int(scored.sum()), "flagged": 0,
+                             "abstains": "too_few"}
+        _, flags, mix = flag_mislabeled(loss[scored], threshold, max_spread=max_spread)
+        flagged[scored] = flags
+        return flagged, {"rule": "mixture", "scored": int(scored.sum()), "flagged": int(flags.sum()),
+                         "threshold": threshold, "max_spread": max_spread,
+                         "abstains": guard_abstains(mix, max_spread=max_spread),
+                         "mixture": {"weights": mix.weights, "means": mix.means, "stds": mix.stds}}
+    if "p_mislabeled" in cols:
+        flagged = np.nan_to_num(cols["p_mislabeled"]) > threshold
+        return flagged, {"rule": "p_mislabeled", "threshold": threshold, "flagged": int(flagged.sum())}
+    return None, None
+
+
 def select(data, *, text_field: str = "text", label_field: str | None = None, scores=None,
            fraction: float | None = None, count: int | None = None, temperature: float = 1.0,
            seed: int = 0, stratify: bool | None = None, gate: GateConfig | None | bool = None,
-           drop: dict[str, np.ndarray] | None = None, mislabel_threshold: float = 0.5,
+           drop: dict[str, np.ndarray] | None = None, mislabel_guard: bool = True,
+           mislabel_threshold: float = 0.5, mislabel_max_spread: float = 0.55,
            num_threads: int | None = None, skip_bad: bool = False,
            max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, out=None, indices_out=None,
            report_out=None) -> SelectionResult:
@@ -311,7 +341,9 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
     temperature τ: Gumbel-top-k of Q/τ (0: top-k of Q, inf: uniform). stratify (default: when a
     label field is given): keep each label's share. gate: a GateConfig, None for the defaults, or
     False for no gate. drop: extra {reason: bool mask} filters applied after the gate (reason
-    ``likely_mislabeled`` for the wrong-label guard). num_threads: C++ threads (default all cores).
+    ``likely_mislabeled`` for the wrong-label guard). mislabel_guard / mislabel_threshold /
+    mislabel_max_spread: the guard applied to a scores file (see the module docstring); the report's
+    "mislabel_guard" entry says what it did. num_threads: C++ threads (default all cores).
     """
     if (fraction is None) == (count is None):
         raise ValueError("select: give exactly one of fraction and count")
@@ -338,13 +370,17 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
 
     extra: dict[str, np.ndarray] = {}
     score_cols: dict[str, np.ndarray] = {}
+    guard_report = None
     if scores is None:
         q = np.zeros(n)
     elif isinstance(scores, (str, os.PathLike)):
         score_cols = read_scores(scores, n)
         q = score_cols["score"]
-        if "p_mislabeled" in score_cols:
-            extra["likely_mislabeled"] = np.nan_to_num(score_cols["p_mislabeled"]) > mislabel_threshold
+        if mislabel_guard:
+            flagged, guard_report = _mislabel_guard(score_cols, mislabel_threshold,
+                                                    mislabel_max_spread)
+            if flagged is not None:
+                extra["likely_mislabeled"] = flagged
     else:
         q = np.asarray(scores, dtype=np.float64).reshape(-1)
         if q.size != n:
@@ -394,6 +430,7 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
                       "scores": str(scores) if isinstance(scores, (str, os.PathLike)) else
                       ("array" if scores is not None else None),
                       "mislabel_threshold": mislabel_threshold if "likely_mislabeled" in extra else None},
+        "mislabel_guard": guard_report,
         "kept": int(k),
         "reasons": counts,
         "scores": _score_report(q if scores is not None else np.full(n, np.nan), kept),

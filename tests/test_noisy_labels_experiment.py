@@ -1,0 +1,80 @@
+"""python/experiments/noisy_labels.py without training: seeded, nested label flips; the summary's
+goal verdicts; a rerun skipping the runs its results file already holds; other settings refused."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pandas")
+_path = Path(__file__).resolve().parents[1] / "python" / "experiments" / "noisy_labels.py"
+_spec = importlib.util.spec_from_file_location("noisy_labels", _path)
+nl = importlib.util.module_from_spec(_spec)
+sys.modules["noisy_labels"] = nl
+_spec.loader.exec_module(nl)
+
+
+def test_flips_are_seeded_exact_and_nested():
+    y = np.random.default_rng(0).integers(0, 5, 1000)
+    a, fa = nl.flip_labels(y, 5, 0.2, seed=7)
+    b, fb = nl.flip_labels(y, 5, 0.2, seed=7)
+    np.testing.assert_array_equal(a, b)
+    assert fa.sum() == 200 and np.all(a[fa] != y[fa]) and np.all(a[~fa] == y[~fa])
+    assert a.min() >= 0 and a.max() <= 4
+    small, fs = nl.flip_labels(y, 5, 0.1, seed=7)
+    assert fs.sum() == 100 and np.all(fa[fs]) and np.array_equal(small[fs], a[fs])
+    _, other = nl.flip_labels(y, 5, 0.2, seed=8)
+    assert not np.array_equal(fa, other)
+
+
+def _run(arm, seed, acc, flip=0.2, kept_flip=0.05, dataset="rotten_tomatoes"):
+    return {"key": nl.run_key(dataset, flip, seed, arm), "dataset": dataset, "flip": flip,
+            "seed": seed, "arm": arm, "device": "cpu", "accuracy": acc, "kept_flip_share": kept_flip,
+            "pool_flip_share": flip, "kept": 30, "wall_s": 1.0}
+
+
+def test_goal_verdicts_follow_the_numbers():
+    runs = [_run("quality", s, a) for s, a in enumerate([0.80, 0.81, 0.82])]
+    runs += [_run("random", s, a, kept_flip=0.2) for s, a in enumerate([0.70, 0.72, 0.74])]
+    runs += [_run("quality", s, a, flip=0.0, kept_flip=0.0) for s, a in enumerate([0.80, 0.80, 0.80])]
+    runs += [_run("random", s, a, flip=0.0, kept_flip=0.0) for s, a in enumerate([0.81, 0.82, 0.83])]
+    goals = {g["flip"]: g for g in nl.summarize(runs)["goals"]}
+    noisy, clean = goals[0.2], goals[0.0]
+    assert noisy["flip_share_met"] and noisy["beats_random_met"]
+    assert noisy["accuracy_diff"] == pytest.approx(0.09) and noisy["seed_spread"] == pytest.approx(0.02)
+    assert not clean["no_worse_met"] and clean["accuracy_diff"] == pytest.approx(-0.02)
+    runs[0]["kept_flip_share"] = runs[1]["kept_flip_share"] = runs[2]["kept_flip_share"] = 0.07
+    assert not {g["flip"]: g for g in nl.summarize(runs)["goals"]}[0.2]["flip_share_met"]
+
+
+def test_rerun_skips_finished_runs_and_refuses_other_settings(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    args = ["--quick", "--datasets", "rotten_tomatoes", "--arms", "random", "--out", str(out)]
+    ns = type("A", (), {"quick": True, "pool": 1000, "eval": 200, "fraction": 0.3})
+    runs = [_run("random", 0, 0.6, flip=f) for f in (0.0, 0.2)]
+    out.write_text(json.dumps({"settings": nl.settings(ns), "runs": runs}))
+    assert nl.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "0 runs to do (2 already in" in printed
+    table = out.with_suffix(".md").read_text()
+    assert "| rotten_tomatoes | 20% | random | 0.6000 ± 0.0000 |" in table
+    assert json.loads(out.read_text())["runs"] == runs
+    with pytest.raises(SystemExit, match="other settings"):
+        nl.main(args[:-2] + ["--fraction", "0.5", "--out", str(out)])
+
+
+def test_schedule_fits_short_runs():
+    from tsqlora_ext.pipeline import demo_settings
+
+    config, targs, _ = demo_settings()
+    assert nl.fit_schedule(config, 3417, targs) == config  # the demo's own length: unchanged
+    for n in (540, 120, 33):  # BBC News' 30%, --pool runs, a tiny quick run
+        steps = int(np.ceil(np.ceil(n / targs.batch_size) * targs.epochs))
+        fitted = nl.fit_schedule(config, n, targs)
+        fitted.replace(total_steps=steps)  # validates: t_init + t_final < total_steps
+        assert fitted.t_init + fitted.t_final < steps and fitted.delta_t >= 1

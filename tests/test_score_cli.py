@@ -1,0 +1,134 @@
+"""`tsqlora score` (warm-up + scoring pass over a user file) and `tsqlora select --scores` applying
+the pipeline's wrong-label guard, abstain rules included, to the scores file it writes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+from tsqlora_ext import cli  # noqa: E402
+from tsqlora_ext.mislabel import flag_mislabeled  # noqa: E402
+from tsqlora_ext.quality import SCORE_FIELDS, read_scores, selection_score  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("train_worker", Path(__file__).with_name("train_worker.py"))
+tw = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tw)
+
+FLAGS = ["--r-init", "4", "--target-r", "2", "--r-max", "6", "--lora-alpha", "8",
+         "--score-warmup", "3", "--batch-size", "8", "--max-length", "16", "--lr", "5e-3",
+         "--num-workers", "1"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tw.tiny_model_dir(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def _jsonl(path: Path, texts, labels) -> Path:
+    path.write_text("".join(json.dumps({"review": t, "y": y}) + "\n" for t, y in zip(texts, labels)))
+    return path
+
+
+def test_score_writes_every_row_then_select_uses_it(tmp_path, model_dir, capsys):
+    texts, labels = tw.tiny_texts(48, seed=4)
+    data = _jsonl(tmp_path / "data.jsonl", texts, labels)
+    out = tmp_path / "scores" / "scores.jsonl"
+    rc = cli.main(["score", "--model", str(model_dir), "--input", str(data), "--text-field", "review",
+                   "--label-field", "y", "--out", str(out), *FLAGS])
+    assert rc == 0
+    assert "scored 48 rows" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(48))
+    assert all(set(r) == set(SCORE_FIELDS) for r in rows)
+    s = read_scores(out)
+    assert np.all(s.loss > 0) and np.all(s.G > 0) and np.all((s.p_mislabeled >= 0) & (s.p_mislabeled <= 1))
+    np.testing.assert_allclose(s.score, selection_score(s.Q, "moderate"))  # the default preference
+    meta = json.loads((tmp_path / "scores" / "scores.jsonl.meta.json").read_text())
+    assert meta["warmup"]["steps"] == 3 and meta["labels"] == ["neg", "pos"] and meta["n"] == 48
+    assert not list((tmp_path / "scores").glob("*.tmp*"))
+
+    subset = tmp_path / "subset.jsonl"
+    rc = cli.main(["select", "--input", str(data), "--text-field", "review", "--label-field", "y",
+                   "--scores", str(out), "--fraction", "0.5", "--no-gate", "--out", str(subset),
+                   "--report", str(tmp_path / "report.json")])
+    assert rc == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    _, flags, _ = flag_mislabeled(s.loss)  # the pipeline's guard on the same losses
+    assert report["mislabel_guard"]["rule"] == "mixture"
+    assert report["reasons"]["likely_mislabeled"] == int(flags.sum())
+    assert len(subset.read_text().splitlines()) == report["kept"]
+
+
+def test_score_refuses_bad_input(tmp_path, model_dir, capsys):
+    texts, labels = tw.tiny_texts(8, seed=5)
+    data = _jsonl(tmp_path / "data.jsonl", texts, labels)
+    rc = cli.main(["score", "--model", str(model_dir), "--input", str(data), "--text-field", "review",
+                   "--label-field", "label", "--out", str(tmp_path / "s.jsonl"), *FLAGS])
+    assert rc == 2 and "label" in capsys.readouterr().err
+    before = data.read_bytes()
+    rc = cli.main(["score", "--model", str(model_dir), "--input", str(data), "--text-field", "review",
+                   "--label-field", "y", "--out", str(data), *FLAGS])
+    assert rc == 2 and "refusing to overwrite the input" in capsys.readouterr().err
+    assert data.read_bytes() == before
+    _jsonl(tmp_path / "one.jsonl", texts, ["pos"] * len(texts))
+    rc = cli.main(["score", "--model", str(model_dir), "--input", str(tmp_path / "one.jsonl"),
+                   "--text-field", "review", "--label-field", "y", "--out", str(tmp_path / "s.jsonl"),
+                   *FLAGS])
+    assert rc == 2 and "1 distinct label" in capsys.readouterr().err
+
+
+def _scores_file(path: Path, loss: np.ndarray) -> Path:
+    rng = np.random.default_rng(0)
+    p, _, _ = flag_mislabeled(loss, max_spread=np.inf)
+    path.write_text("".join(json.dumps({"index": i, "loss": float(loss[i]), "G": 1.0, "D": 1.0,
+                                        "C": None, "Q": 0.0, "score": float(rng.normal()),
+                                        "p_mislabeled": float(p[i])}) + "\n"
+                            for i in range(loss.size)))
+    return path
+
+
+def _select(tmp_path, data, scores, *extra) -> dict:
+    rc = cli.main(["select", "--input", str(data), "--text-field", "review", "--label-field", "y",
+                   "--scores", str(scores), "--fraction", "0.3", "--no-gate", "--out",
+                   str(tmp_path / "subset.jsonl"), "--report", str(tmp_path / "r.json"), *extra])
+    assert rc == 0
+    return json.loads((tmp_path / "r.json").read_text())
+
+
+def test_select_guard_flags_a_cluster_and_abstains_on_a_tail(tmp_path):
+    n = 400
+    texts, labels = [f"review number {i} of the pool" for i in range(n)], ["a", "b"] * (n // 2)
+    data = _jsonl(tmp_path / "data.jsonl", texts, labels)
+    rng = np.random.default_rng(3)
+    # A cluster of wrong labels: 20% of the rows around a high loss. The guard drops them.
+    cluster = np.concatenate([np.abs(rng.normal(0.1, 0.08, 320)), rng.normal(2.5, 0.4, 80)])
+    r = _select(tmp_path, data, _scores_file(tmp_path / "c.jsonl", cluster))
+    assert r["mislabel_guard"]["abstains"] is None
+    dropped = r["reasons"]["likely_mislabeled"]
+    assert dropped == int(flag_mislabeled(cluster)[1].sum()) and 70 <= dropped <= 90
+    assert _select(tmp_path, data, tmp_path / "c.jsonl",
+                   "--no-mislabel-guard")["reasons"]["likely_mislabeled"] == 0
+    # A long tail of model errors (clean data): the p_mislabeled column says > 0.5 for many rows,
+    # but the mixture's high-loss component is a tail, so the guard drops nothing, as in training.
+    tail = rng.exponential(0.4, n)
+    path = _scores_file(tmp_path / "t.jsonl", tail)
+    assert sum(json.loads(x)["p_mislabeled"] > 0.5 for x in path.read_text().splitlines()) > 40
+    r = _select(tmp_path, data, path)
+    assert r["mislabel_guard"]["abstains"] == "tail" and r["reasons"]["likely_mislabeled"] == 0
+    r = _select(tmp_path, data, path, "--mislabel-max-spread", "1e9")
+    assert r["reasons"]["likely_mislabeled"] > 40
+
+
+def test_selection_score_prefers_typical_or_high_q():
+    q = np.array([-3.0, -0.5, 0.0, 0.4, 5.0])
+    np.testing.assert_array_equal(selection_score(q, "high"), q)
+    m = selection_score(q, "moderate")
+    assert np.argmax(m) == 2 and np.argmin(m) == 4 and np.all(m <= 0)
+    with pytest.raises(ValueError, match="preference"):
+        selection_score(q, "low")
