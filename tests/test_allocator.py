@@ -264,3 +264,29 @@ def test_allocator_built_before_the_model_moves_follows_it(device):
     assert alloc.scores.device.type == device and alloc.counters.tolist() == [2, 0]
     assert sum(alloc.ranks().values()) == alloc.history[-1]["budget"]
 
+
+
+def test_update_scores_treats_a_missing_gradient_as_zero(device):
+    # Layer 2 gets no gradient in one model (set to None) and an explicit zero one in its copy:
+    # the allocator's cached zero stand-in must give exactly the same EMAs and scores, stay zero,
+    # and be reused across steps.
+    models = [Tiny(CFG).to(device), Tiny(CFG).to(device)]
+    for m in models:  # E != 0, so that A and B get nonzero gradients too
+        with torch.no_grad():
+            for layer in m.layers:
+                layer.lora_E.copy_(torch.linspace(0.5, 1.5, layer.r_max))
+    allocs = [RankAllocator(m, CFG) for m in models]
+    for batch in data(3, device=device):
+        for m, explicit in zip(models, (False, True)):
+            m.zero_grad(set_to_none=True)
+            (m(batch[0]) - batch[1]).pow(2).mean().backward()
+            for p in m.layers[2].parameters():
+                p.grad = torch.zeros_like(p) if explicit and p.requires_grad else None
+        for a in allocs:
+            a.update_scores()
+    zeros = allocs[0]._zeros
+    assert len(zeros) == 3 and all(not z.any() for z in zeros.values())
+    for a, b in zip(allocs[0].ipt_avg + allocs[0].unc_avg + [allocs[0].scores],
+                    allocs[1].ipt_avg + allocs[1].unc_avg + [allocs[1].scores]):
+        assert torch.equal(a, b)
+    assert allocs[0].ipt_avg[0].abs().sum() > 0  # the other layers did update

@@ -171,6 +171,76 @@ def test_adamw_keeps_inactive_components_across_active_set_changes(device, forea
     assert not torch.equal(layers[0].lora_A[1:], A0[1:])  # unprotected: weight decay moves them
 
 
+class _PerTensorGuard:
+    """The plain form of protect_inactive: per tensor, gather the inactive slices before the step
+    and scatter them back after it. The batched guard must match it bit for bit."""
+
+    def __init__(self, opt, layers):
+        self.opt, self.layers, self.saved = opt, layers, []
+        opt.register_step_pre_hook(self.save)
+        opt.register_step_post_hook(self.restore)
+
+    def tensors(self, p):
+        return [p] + [t for t in self.opt.state.get(p, {}).values()
+                      if torch.is_tensor(t) and t.shape == p.shape]
+
+    @torch.no_grad()
+    def save(self, *_):
+        self.saved = []
+        for l in self.layers:
+            for p, dim in ((l.lora_A, 0), (l.lora_E, 0), (l.lora_B, 1)):
+                if l.inactive.numel() and p.grad is not None:
+                    ts = self.tensors(p)
+                    self.saved.append((ts, dim, l.inactive, [t.index_select(dim, l.inactive) for t in ts]))
+
+    @torch.no_grad()
+    def restore(self, *_):
+        for ts, dim, idx, rows in self.saved:
+            for t, r in zip(ts, rows):
+                t.index_copy_(dim, idx, r)
+
+
+def _bits(t):
+    return t.detach().contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_batched_guard_is_bit_identical_to_per_tensor_save_restore(device, foreach):
+    # Layers of three shapes (two share one, so their tensors are stacked in one group), one layer
+    # left out of the forward (no gradient: not protected), active sets changing between steps
+    # (including all-active and none-active), several AdamW steps with weight decay.
+    def build():
+        return nn.ModuleList([make_layer(device, seed=0), make_layer(device, seed=1),
+                              make_layer(device, n_in=20, n_out=24, r_max=6, seed=2),
+                              make_layer(device, n_in=24, n_out=20, seed=3)])
+
+    models = [build(), build()]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, foreach=foreach)
+            for m in models]
+    guard = protect_inactive(opts[0], models[0])
+    _PerTensorGuard(opts[1], list(models[1]))
+    schedule = [([0, 1, 2, 3], [0, 5], [0, 1], [1]), ([1, 5], list(range(8)), [2, 3, 4], [0]),
+                ([], [3, 7], [5], [2]), ([1, 5], [3, 7], [5], [2]), (list(range(8)), [4], [], [])]
+    x = torch.randn(5, 24, device=device)
+    for active in schedule:
+        for m in models:
+            for layer, ids in zip(m, active):
+                layer.set_active(ids)
+        for m, opt in zip(models, opts):
+            opt.zero_grad(set_to_none=True)
+            m[1](m[2](m[0](x)).relu()).square().mean().backward()  # m[3] gets no gradient
+            opt.step()
+        for la, lb in zip(models[0], models[1]):
+            for name in ("lora_A", "lora_E", "lora_B"):
+                pa, pb = getattr(la, name), getattr(lb, name)
+                assert torch.equal(_bits(pa), _bits(pb)), name
+                sa, sb = opts[0].state.get(pa, {}), opts[1].state.get(pb, {})
+                assert sa.keys() == sb.keys()
+                for k in sa:
+                    assert torch.equal(_bits(sa[k].float()), _bits(sb[k].float())), (name, k)
+    guard.remove()
+
+
 def test_protect_inactive_needs_a_layer():
     opt = torch.optim.AdamW(nn.Linear(2, 2).parameters())
     with pytest.raises(ValueError, match="no VarRankLoRALinear"):

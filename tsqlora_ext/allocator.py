@@ -135,6 +135,9 @@ class RankAllocator:
             raise ValueError("RankAllocator: the model holds no VarRankLoRALinear layer to allocate")
         self.names = list(self.layers)
         mods = list(self.layers.values())
+        # A, E, B of every layer in order, and zero stand-ins for missing gradients (update_scores).
+        self._params = [p for m in mods for p in (m.lora_A, m.lora_E, m.lora_B)]
+        self._zeros: dict[torch.Tensor, torch.Tensor] = {}
         self.sizes = [m.r_max for m in mods]
         self.offsets = [sum(self.sizes[:i]) for i in range(len(mods))]
         self.b0, self.b_t = config.budget(len(mods))
@@ -278,18 +281,28 @@ class RankAllocator:
 
     @torch.no_grad()
     def update_scores(self) -> None:
-        """One fused sensitivity update from the current gradients (no host sync)."""
+        """One fused sensitivity update from the current gradients (no host sync).
+
+        The per-step host work is kept to building one list of gradients: the parameters go to
+        the op as they are (no ``detach`` views: grad mode is off and the op only reads them), and
+        a parameter without a gradient contributes a zero buffer made once, not a fresh
+        ``zeros_like`` every step.
+        """
         self._follow_device()
-        mods = list(self.layers.values())
-        grads = []
-        for m in mods:
-            for p in (m.lora_A, m.lora_E, m.lora_B):
-                grads.append(p.grad if p.grad is not None else torch.zeros_like(p))
+        grads = [p.grad if p.grad is not None else self._zero_grad(p) for p in self._params]
         ops.sensitivity_update(
-            [m.lora_A.detach() for m in mods], [m.lora_E.detach() for m in mods],
-            [m.lora_B.detach() for m in mods], grads[0::3], grads[1::3], grads[2::3],
+            self._params[0::3], self._params[1::3], self._params[2::3],
+            grads[0::3], grads[1::3], grads[2::3],
             self.ipt_avg, self.unc_avg, self.active_mask, self.scores, self.counters,
             self.config.beta1, self.config.beta2)
+
+    def _zero_grad(self, p: torch.Tensor) -> torch.Tensor:
+        """A zero tensor standing for p's missing gradient (read-only for the op; kept across
+        steps, remade when p changes shape, dtype or device)."""
+        z = self._zeros.get(p)
+        if z is None or z.shape != p.shape or z.dtype != p.dtype or z.device != p.device:
+            z = self._zeros[p] = torch.zeros_like(p)
+        return z
 
     def step(self) -> dict[str, int] | None:
         """Call once after each optimizer step. Updates the scores and, every delta_t steps of

@@ -179,45 +179,94 @@ def _lora_layers(modules) -> list[VarRankLoRALinear]:
 
 
 class _InactiveGuard:
-    """Handle returned by protect_inactive(); ``remove()`` detaches its optimizer hooks."""
+    """Handle returned by protect_inactive(); ``remove()`` detaches its optimizer hooks.
+
+    The save and restore are batched so that a step costs a handful of ops whatever the number of
+    layers (small models are bound by the host's per-op cost, not by bytes moved): the tensors to
+    protect (each adapter parameter whose layer has inactive components and that has a gradient,
+    plus its per-element optimizer state) are grouped by (parameter kind, shape, dtype, device).
+    Per group the pre-hook takes one ``torch.stack`` snapshot; the post-hook selects, elementwise,
+    the snapshot on inactive components and the stepped value elsewhere (``torch.where`` against a
+    cached component mask) and writes every member back with one ``torch._foreach_copy_``. A
+    selection, not arithmetic, so the kept values are bit-for-bit the saved ones, and the active
+    ones bit-for-bit what the optimizer wrote. Masks are rebuilt only when an active set changes
+    (``set_active`` replaces the layer's ``inactive`` buffer, so its identity is the cache key).
+    """
+
+    # Component dim of each adapter parameter: A is [r_max, in], E [r_max], B [out, r_max]; the
+    # mask [r_max] is viewed so that it broadcasts over a member of that shape. The stacked group
+    # mask is then materialised at full size: torch.where runs markedly faster on CPU without
+    # broadcasting, for one byte per protected element, built only when an active set changes.
+    _KINDS = (("lora_A", lambda m: m.view(-1, 1)), ("lora_E", lambda m: m),
+              ("lora_B", lambda m: m.view(1, -1)))
 
     def __init__(self, optimizer: torch.optim.Optimizer, layers: list[VarRankLoRALinear]) -> None:
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        # (layer, parameter, component dim): A is [r_max, in], E [r_max], B [out, r_max].
+        # (layer, parameter, kind index)
         self._targets = [
-            (layer, p, dim)
+            (layer, getattr(layer, name), kind)
             for layer in layers
-            for p, dim in ((layer.lora_A, 0), (layer.lora_E, 0), (layer.lora_B, 1))
-            if id(p) in in_optimizer
+            for kind, (name, _) in enumerate(self._KINDS)
+            if id(getattr(layer, name)) in in_optimizer
         ]
         self._optimizer = optimizer
         self._saved: list = []
+        # layer -> (its inactive buffer when the mask was built, bool mask [r_max])
+        self._layer_masks: dict[VarRankLoRALinear, tuple[torch.Tensor, torch.Tensor]] = {}
+        # group key -> (the members' layer masks it was stacked from, stacked full-size mask)
+        self._group_masks: dict[tuple, tuple[list[torch.Tensor], torch.Tensor]] = {}
         self._handles = [optimizer.register_step_pre_hook(self._save),
                          optimizer.register_step_post_hook(self._restore)]
 
-    def _tensors(self, p: torch.Tensor) -> list[torch.Tensor]:
-        # The parameter and every per-element state tensor (AdamW's exp_avg, exp_avg_sq, ...);
-        # scalar state such as "step" is shared by all components and left alone.
-        state = self._optimizer.state.get(p, {})
-        return [p] + [t for t in state.values() if torch.is_tensor(t) and t.shape == p.shape]
+    def _layer_mask(self, layer: VarRankLoRALinear) -> torch.Tensor:
+        cached = self._layer_masks.get(layer)
+        if cached is not None and cached[0] is layer.inactive:
+            return cached[1]
+        idx = layer.inactive
+        mask = torch.zeros(layer.r_max, dtype=torch.bool, device=idx.device).index_fill_(0, idx, True)
+        self._layer_masks[layer] = (idx, mask)
+        return mask
+
+    def _groups(self) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+        """[(member tensors, stacked inactive mask)] for this step."""
+        members: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        state = self._optimizer.state
+        for layer, p, kind in self._targets:
+            if layer.inactive.numel() == 0 or p.grad is None:
+                continue
+            mask = self._layer_mask(layer)
+            key = (kind, tuple(p.shape), p.dtype, p.device)
+            tensors, masks = members.setdefault(key, ([], []))
+            # The parameter and every per-element state tensor (AdamW's exp_avg, exp_avg_sq, ...);
+            # scalar state such as "step" is shared by all components and left alone.
+            for t in [p, *state.get(p, {}).values()]:
+                if torch.is_tensor(t) and t.shape == p.shape and t.dtype == p.dtype \
+                        and t.device == p.device:
+                    tensors.append(t)
+                    masks.append(mask)
+        groups = []
+        for key, (tensors, masks) in members.items():
+            cached = self._group_masks.get(key)
+            if cached is None or len(cached[0]) != len(masks) or \
+                    any(a is not b for a, b in zip(cached[0], masks)):
+                view = self._KINDS[key[0]][1]
+                cached = (masks, torch.stack([view(m).expand(key[1]) for m in masks]))
+                self._group_masks[key] = cached
+            groups.append((tensors, cached[1]))
+        return groups
 
     @torch.no_grad()
     def _save(self, optimizer, args, kwargs) -> None:
-        self._saved = []
-        for layer, p, dim in self._targets:
-            idx = layer.inactive
-            if idx.numel() == 0 or p.grad is None:
-                continue
-            tensors = self._tensors(p)
-            self._saved.append((p, dim, idx, [t.index_select(dim, idx) for t in tensors]))
+        self._saved = [(tensors, mask, torch.stack(tensors)) for tensors, mask in self._groups()]
 
     @torch.no_grad()
     def _restore(self, optimizer, args, kwargs) -> None:
-        for p, dim, idx, rows in self._saved:
-            # State tensors created by this very step (the first one) are not in `rows`: they
-            # only saw zero gradients for these components, so they stay as the optimizer left them.
-            for t, saved in zip(self._tensors(p), rows):
-                t.index_copy_(dim, idx, saved)
+        # State tensors created by this very step (the first one) are not in a group: they only
+        # saw zero gradients for the inactive components, so they stay as the optimizer left them.
+        for tensors, mask, saved in self._saved:
+            stepped = torch.stack(tensors)
+            torch.where(mask, saved, stepped, out=stepped)
+            torch._foreach_copy_(tensors, stepped.unbind(0))
         self._saved = []
 
     def remove(self) -> None:
@@ -233,7 +282,8 @@ def protect_inactive(optimizer: torch.optim.Optimizer, modules) -> _InactiveGuar
     registers a step pre-hook that copies the inactive rows of lora_A / lora_E / columns of lora_B
     (and the same slices of every per-element optimizer state tensor) and a post-hook that writes
     them back. The active sets are read at each step, so they may change between steps. Cost per
-    step: one gather and one scatter of the inactive slices, no host synchronisation. Shared scalar
+    step: about five ops per group of same-shaped adapter tensors (not per layer), moving the
+    protected tensors a few times over, and no host synchronisation. Shared scalar
     state (AdamW's ``step``) keeps counting for all components, so a reactivated component's bias
     correction follows the parameter's step count while its moment rows resume where they stopped.
 

@@ -60,11 +60,16 @@ def _varrank_lora_setup_context(ctx, inputs, output):
     _y, xa = output
     # xa is the saved product x_lora A_actᵀ, an implementation detail: it carries no gradient.
     ctx.mark_non_differentiable(xa)
+    # Without this, autograd would fill a zero tensor [..., r] for xa's (never used) gradient on
+    # every call: one op per layer per step for nothing. grad_y may then arrive as None.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, x_lora, weight, lora_A, lora_E, lora_B, active, xa)
     ctx.scaling = scaling
 
 
 def _varrank_lora_backward(ctx, grad_y, _grad_xa):
+    if grad_y is None:  # y did not reach the loss
+        return (None,) * 9
     x, x_lora, weight, lora_A, lora_E, lora_B, active, xa = ctx.saved_tensors
     need_dx, need_dx_lora = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dx, dx_lora, dA, dE, dB = torch.ops.tsqlora_ext.varrank_lora_backward.default(
@@ -155,8 +160,11 @@ def _register_autocast(opname: str, device_type: str) -> None:
 
     def kernel(_keyset, *args):
         dtype = torch.get_autocast_dtype(device_type)
+        # Inputs already in the region's dtype (the activations, mostly) are passed as they are:
+        # .to() would return them unchanged, but still as one more dispatched op per call.
         cast = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point()
-                and a.dtype != torch.float64 and a.device.type == device_type else a for a in args]
+                and a.dtype not in (dtype, torch.float64) and a.device.type == device_type else a
+                for a in args]
         with torch.autocast(device_type, enabled=False):
             return op(*cast)
 
