@@ -23,9 +23,7 @@ parameters, which is what an adapter adds to training memory.
 from __future__ import annotations
 
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -106,20 +104,6 @@ def saved_mb(layer: nn.Module, x: torch.Tensor) -> float:
     return sum(seen.values()) / 2**20
 
 
-def measure(fns: dict, device: str, repeats: int) -> dict:
-    for fn in fns.values():  # warm-up (allocator, BLAS handles, lazy init)
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            common.sync(device)
-            t0 = time.perf_counter()
-            fn()
-            common.sync(device)
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def bench_shape(n_in, n_out, tokens, configs, device, dtype, repeats, alpha=16.0):
     torch.manual_seed(0)
     base = nn.Linear(n_in, n_out, device=device, dtype=dtype).requires_grad_(False)
@@ -132,7 +116,7 @@ def bench_shape(n_in, n_out, tokens, configs, device, dtype, repeats, alpha=16.0
         layers.setdefault(f"adalora {r_max}", peft_adalora(copy_of(base), r_max, act, alpha))
     layers = {k: v.to(device=device, dtype=dtype) for k, v in layers.items()}
     fns = {k: step_fn(layer, x, g) for k, layer in layers.items()}
-    ms = measure(fns, device, repeats)
+    ms = common.round_robin_ms(fns, device, repeats)
     if device == "cuda":
         mem = {k: common.peak_memory_mb(fn, device) for k, fn in fns.items()}
     else:

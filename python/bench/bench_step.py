@@ -35,13 +35,10 @@ where the adapters' casts appear.
 from __future__ import annotations
 
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -174,18 +171,7 @@ def main() -> None:
         model.train()
         fns[name] = step_fn(model, opt, after, data, amp_dtype, device)
         params[name] = trainable(model)
-    for fn in fns.values():  # warm-up: allocator, BLAS handles, AdamW state, lazy inits
-        for _ in range(2):
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            common.sync(device)
-            t0 = time.perf_counter()
-            fn()
-            common.sync(device)
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    ms = {k: statistics.median(v) for k, v in times.items()}
+    ms = common.round_robin_ms(fns, device, repeats, warmup=2)  # warm-up also creates AdamW state
     mem = {k: common.peak_memory_mb(fn, device) for k, fn in fns.items()} if device == "cuda" else {}
     n_ops = {k: ops_per_step(fn, DELTA_T) for k, fn in fns.items()}
     n_ops_bf16 = {}

@@ -53,6 +53,24 @@ def median_ms(fn: Callable[[], object], device: str, repeats: int = 20, warmup: 
     return statistics.median(times)
 
 
+def round_robin_ms(fns: dict[str, Callable[[], object]], device: str, repeats: int,
+                   warmup: int = 1) -> dict[str, float]:
+    """Median ms of each fn, timed round-robin (one call of each per round), so machine noise hits
+    all of them alike; `warmup` untimed calls each first (allocator, BLAS handles, lazy inits)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
     """Peak device memory (CUDA) of one call of fn(), in MiB. On CPU: the process's peak RSS so far
     (ru_maxrss), which only ever grows; callers report it as an upper bound."""
