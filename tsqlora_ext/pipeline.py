@@ -299,18 +299,23 @@ def _read_rows(path: Path, text_field: str, label_field: str) -> tuple[list[str]
     return texts, labels, [int(n) for n in rows.table.line_numbers] if native else None
 
 
+def _read_labelled(path: Path, text_field: str, label_field: str) -> tuple[list[str], list[str], list[int]]:
+    """(texts, label names in sorted order, label ids) of a user's file; at least two labels."""
+    texts, labels, _ = _read_rows(path, text_field, label_field)
+    names = sorted({str(x) for x in labels})
+    if len(names) < 2:
+        raise ValueError(f"{path}: field {label_field!r} holds {len(names)} distinct label(s); "
+                         "classification needs at least 2")
+    return texts, names, [names.index(str(x)) for x in labels]
+
+
 def file_task(path, text_field: str, label_field: str, eval_path=None, eval_fraction: float = 0.1,
               seed: int = 0) -> TextTask:
     """A task from a jsonl/csv/tsv/parquet file; without ``eval_path`` a seeded ``eval_fraction``
     of it is held out for evaluation. Labels may be strings or ints; they are numbered in sorted
     order."""
     path = Path(path)
-    texts, labels, _ = _read_rows(path, text_field, label_field)
-    names = sorted({str(x) for x in labels})
-    if len(names) < 2:
-        raise ValueError(f"{path}: field {label_field!r} holds {len(names)} distinct label(s); "
-                         "classification needs at least 2")
-    ids = [names.index(str(x)) for x in labels]
+    texts, names, ids = _read_labelled(path, text_field, label_field)
     if eval_path is not None:
         eval_path = Path(eval_path)
         e_texts, e_labels, e_lines = _read_rows(eval_path, text_field, label_field)
@@ -341,12 +346,7 @@ def score_file(model_dir, path, text_field: str, label_field: str, out, config: 
     path, out = Path(path), Path(out)
     if out.exists() and path.exists() and os.path.samefile(out, path):
         raise ValueError(f"--out {out}: refusing to overwrite the input")
-    texts, labels, _ = _read_rows(path, text_field, label_field)
-    names = sorted({str(x) for x in labels})
-    if len(names) < 2:
-        raise ValueError(f"{path}: field {label_field!r} holds {len(names)} distinct label(s); "
-                         "scoring needs at least 2")
-    ids = [names.index(str(x)) for x in labels]
+    texts, names, ids = _read_labelled(path, text_field, label_field)
     model, tokenizer = _load_model(model_dir, len(names), config.seed)
     model = wrap(model, config, verbose=False)
     data = TokenizedData.from_texts(tokenizer, texts, ids, args.max_length)
