@@ -50,6 +50,8 @@ def test_goal_verdicts_follow_the_numbers():
     assert not clean["no_worse_met"] and clean["accuracy_diff"] == pytest.approx(-0.02)
     runs[0]["kept_flip_share"] = runs[1]["kept_flip_share"] = runs[2]["kept_flip_share"] = 0.07
     assert not {g["flip"]: g for g in nl.summarize(runs)["goals"]}[0.2]["flip_share_met"]
+    one_seed = [r for r in runs if r["seed"] == 0]
+    assert {g["flip"]: g for g in nl.summarize(one_seed)["goals"]}[0.2]["beats_random_met"] is None
 
 
 def test_rerun_skips_finished_runs_and_refuses_other_settings(tmp_path, capsys):

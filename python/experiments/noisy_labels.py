@@ -242,7 +242,8 @@ def summarize(runs: list[dict]) -> dict:
                 g["kept_flip_share"] = q["kept_flip_share"]
                 g["pool_flip_share"] = q["pool_flip_share"]
                 g["flip_share_met"] = q["kept_flip_share"] < q["pool_flip_share"] / 3
-                g["beats_random_met"] = diff > spread
+                # With one seed there is no spread to beat: not judged.
+                g["beats_random_met"] = diff > spread if g["seeds"] > 1 else None
             else:
                 g["no_worse_met"] = diff >= 0
             goals.append(g)
@@ -252,6 +253,10 @@ def summarize(runs: list[dict]) -> dict:
 ARM_LABEL = {"quality": "quality (guard on)", "quality_noguard": "quality, no guard",
              "quality_high": "quality 'high' (guard on)", "quality_high_noguard": "quality 'high', no guard",
              "random": "random", "random_nowarm": "random, no warm-up", "all": "all data"}
+
+
+def _verdict(met: bool | None) -> str:
+    return "not judged, one seed" if met is None else "met" if met else "missed"
 
 
 def markdown(payload: dict) -> str:
@@ -281,7 +286,7 @@ def markdown(payload: dict) -> str:
                 f"(goal < {g['pool_flip_share'] / 3:.3f}: {'met' if g['flip_share_met'] else 'missed'}); "
                 f"accuracy vs random {g['accuracy_diff']:+.4f}, seed spread {g['seed_spread']:.4f} "
                 f"(goal: beat random by more than the spread: "
-                f"{'met' if g['beats_random_met'] else 'missed'}).")
+                f"{_verdict(g['beats_random_met'])}).")
         else:
             lines.append(
                 f"- {g['dataset']}, clean: accuracy vs random {g['accuracy_diff']:+.4f}, seed "

@@ -14,7 +14,8 @@ Rules: ``random`` (uniform), ``high`` (p ∝ exp(Q), the paper's preference), ``
     python python/experiments/selection_rules.py --datasets rotten_tomatoes --pool 4000 \\
         --eval 1000 --flips 0 0.2 --seeds 0 1 --jobs 2
 
-writes results/selection_rules.json and .md (each finished (task, flip, seed) appended at once).
+writes results/selection_rules.json and .md (each finished (task, flip, seed) appended at once;
+a rerun adds the groups the file does not hold yet).
 """
 
 from __future__ import annotations
@@ -124,10 +125,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     payload = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "score_warmup": demo_settings()[0].score_warmup, "runs": []}
+    if args.out.is_file():  # add to earlier groups of the same pool, test set and fraction
+        old = json.loads(args.out.read_text())
+        same = all(old["args"][k] == payload["args"][k] for k in ("pool", "eval", "fraction"))
+        if not same:
+            raise SystemExit(f"{args.out} holds runs with another pool/eval/fraction; pass --out")
+        payload["runs"] = old["runs"]
+    done = {(r["dataset"], r["flip"], r["seed"]) for r in payload["runs"]}
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     jobs = [{"dataset": d, "flip": f, "seed": s, "pool": args.pool, "eval": args.eval,
              "fraction": args.fraction, "threads": threads, "rules": args.rules}
-            for d in args.datasets for f in args.flips for s in args.seeds]
+            for d in args.datasets for f in args.flips for s in args.seeds if (d, f, s) not in done]
     t0 = time.perf_counter()
     with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"),
                                 initializer=watch_parent) as ex:
