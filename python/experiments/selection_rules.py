@@ -105,7 +105,13 @@ def markdown(payload: dict) -> str:
     a = payload["args"]
     lines += ["", f"One warm-up ({payload['score_warmup']} steps) and scoring pass per row group, "
               f"rules trained from copies of the same warmed-up model; pool {a['pool'] or 'full'}, "
-              f"test {a['eval'] or 'full'}, fraction {a['fraction']}; settings of `tsqlora demo`."]
+              f"test {a['eval'] or 'full'}, fraction {a['fraction']}; settings of `tsqlora demo`.",
+              "", "Command: `python python/experiments/selection_rules.py --pool {} --eval {} --flips {} "
+              "--seeds {} --rules {}` (a call adds its runs to the same file, so seeds may also be run "
+              "one call each)."
+              .format(a["pool"], a["eval"], " ".join(f"{f:g}" for f in a["flips"]),
+                      " ".join(str(x) for x in sorted({r["seed"] for r in payload["runs"]})),
+                      " ".join(a["rules"]))]
     return "\n".join(lines) + "\n"
 
 
