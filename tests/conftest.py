@@ -4,6 +4,7 @@ that need one skip with the install command when it is absent."""
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 
 import pytest
@@ -15,6 +16,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="tsq-hf-"))
 
 from tsqlora_ext import bundled  # noqa: E402
+
+# tests/train_worker.py is both the script the DDP and resume tests launch and a module of tiny
+# training helpers the tests import by name.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -3,7 +3,6 @@ at the same global batch (batch B on 2 processes == batch B with gradient accumu
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -17,9 +16,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-_spec = importlib.util.spec_from_file_location("train_worker", Path(__file__).with_name("train_worker.py"))
-tw = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tw)
+import train_worker as tw  # noqa: E402
 
 WORKER = str(Path(__file__).with_name("train_worker.py"))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -17,9 +16,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-_spec = importlib.util.spec_from_file_location("train_worker", Path(__file__).with_name("train_worker.py"))
-tw = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tw)
+import train_worker as tw  # noqa: E402
 
 from tsqlora_ext.checkpoint import CheckpointManager  # noqa: E402
 

@@ -3,8 +3,6 @@ reallocation, rank work happens once per optimizer step, metrics are right."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +14,7 @@ from tsqlora_ext.allocator import RankAllocator, budget_schedule  # noqa: E402
 from tsqlora_ext.train import TrainArgs, classification_metrics, train  # noqa: E402
 from tsqlora_ext.wrap import wrap  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("train_worker", Path(__file__).with_name("train_worker.py"))
-tw = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tw)
+import train_worker as tw  # noqa: E402
 
 
 def _args(**kw):
