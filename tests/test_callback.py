@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +12,7 @@ transformers = pytest.importorskip("transformers")
 from tsqlora_ext.callback import TsqLoRACallback  # noqa: E402
 from tsqlora_ext.wrap import wrap  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("train_worker", Path(__file__).with_name("train_worker.py"))
-tw = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tw)
+import train_worker as tw  # noqa: E402
 
 
 def _collate(rows):

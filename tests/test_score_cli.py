@@ -3,7 +3,6 @@ the pipeline's wrong-label guard, abstain rules included, to the scores file it 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,9 +15,7 @@ from tsqlora_ext import cli  # noqa: E402
 from tsqlora_ext.mislabel import flag_mislabeled  # noqa: E402
 from tsqlora_ext.quality import SCORE_FIELDS, read_scores, selection_score  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("train_worker", Path(__file__).with_name("train_worker.py"))
-tw = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tw)
+import train_worker as tw  # noqa: E402
 
 FLAGS = ["--r-init", "4", "--target-r", "2", "--r-max", "6", "--lora-alpha", "8",
          "--score-warmup", "3", "--batch-size", "8", "--max-length", "16", "--lr", "5e-3",

@@ -5,7 +5,6 @@ line, and `--resume` after SIGKILL giving exactly the uninterrupted run."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import signal
@@ -26,9 +25,7 @@ from tsqlora_ext.cli import main  # noqa: E402
 from tsqlora_ext.report import REPORT_FILES  # noqa: E402
 from tsqlora_ext.train import TokenizedData, evaluate, lora_layers  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("train_worker", Path(__file__).with_name("train_worker.py"))
-tw = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tw)
+import train_worker as tw  # noqa: E402
 
 # A few steps of everything: 2 warm-up steps, scoring, selection, 1 calibration batch, 8 steps
 # with a reallocation every step between steps 1 and 7.
