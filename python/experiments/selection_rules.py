@@ -7,7 +7,8 @@ then, from copies of that same warmed-up model, each rule selects ``--fraction``
 with the demo's settings, and the test accuracy is recorded. Sharing the warm-up and the scores
 isolates the rule: the runs differ only in which examples they train on.
 
-Rules: ``random`` (uniform), ``high`` (p ∝ exp(Q), the paper's preference), ``moderate``
+Rules: ``random`` (uniform), ``guarded`` (uniform among the examples the wrong-label guard keeps:
+what the guard alone is worth), ``high`` (p ∝ exp(Q), the paper's preference), ``moderate``
 (p ∝ exp(−|Q − median Q|), typical Q first), ``low`` (p ∝ exp(−Q), the easiest first); all but
 ``random`` after the wrong-label guard.
 
@@ -37,7 +38,7 @@ from noisy_labels import (DATASETS, fit_schedule, flip_labels, load_task, watch_
                           write_atomic)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RULES = ("random", "high", "moderate", "low")
+RULES = ("random", "guarded", "high", "moderate", "low")
 
 
 def run_group(job: dict) -> list[dict]:
@@ -71,7 +72,8 @@ def run_group(job: dict) -> list[dict]:
     for rule in job["rules"]:
         kw = {}
         if rule != "random":
-            s = {"high": q, "moderate": selection_score(q, "moderate"), "low": -q}[rule]
+            s = {"guarded": np.zeros_like(q), "high": q, "moderate": selection_score(q, "moderate"),
+                 "low": -q}[rule]
             kw = {"scores": s, "drop": {"likely_mislabeled": flagged}}
         # Every rule trains on the same number of examples: the fraction of the whole pool.
         k = min(round(config.data_fraction * len(labels)), int((~flagged).sum()) if kw else len(labels))
@@ -93,7 +95,8 @@ def markdown(payload: dict) -> str:
     groups: dict[tuple, list] = {}
     for r in payload["runs"]:
         groups.setdefault((r["dataset"], r["flip"], r["rule"]), []).append(r)
-    lines = ["| data | flipped | rule | test accuracy (mean ± std) | flipped among kept | seeds |",
+    lines = ["### Which examples quality selection should prefer (wrong labels flipped on purpose)", "",
+             "| data | flipped | rule | test accuracy (mean ± std) | flipped among kept | seeds |",
              "|---|---|---|---|---|---|"]
     for (ds, flip, rule), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1],
                                                                        RULES.index(kv[0][2]))):
