@@ -92,3 +92,8 @@ def make_tiny_model(family: str, hidden: int = 32, seed: int = 0):
 def tiny_model():
     """``tiny_model(family, hidden=32, seed=0) -> (model, inputs)``; see make_tiny_model."""
     return make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    return _bundled(bundled.smollm2_gguf)

@@ -224,3 +224,42 @@ def test_bundled_minilm_forward_backward(minilm_dir):
     assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
     assert all(layer.lora_B.grad.abs().sum() > 0 for layer in layers.values())
     assert model.classifier.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_bundled_smollm2_gguf_classifies_padded_batches(smollm2_gguf, tmp_path):
+    """The decoder case on real weights: the bundled SmolLM2-135M loads from its .gguf file, wraps
+    with the LLaMA defaults, and a right-padded batch gives each text the logits it gets alone
+    (a decoder reads its class from the last non-padding token, so the padding id must be right)."""
+    import transformers as tf
+
+    from tsqlora_ext.pipeline import _load_model
+
+    model, tok = _load_model(smollm2_gguf, 2, seed=0)
+    tsqlora_ext.wrap(model, TsqLoRAConfig(), verbose=False)
+    layers = dict(tsqlora_ext.adapted_layers(model))
+    assert len(layers) == 7 * model.config.num_hidden_layers
+    model.eval()
+    texts = ["a quietly moving film", "the plot is a mess of clichés, and the ending drags on"]
+    ids = [tok(t)["input_ids"] for t in texts]
+    n = max(map(len, ids))
+    batch = torch.tensor([x + [tok.pad_token_id] * (n - len(x)) for x in ids])
+    mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids])
+    with torch.no_grad():
+        together = model(input_ids=batch, attention_mask=mask).logits
+        alone = torch.cat([model(input_ids=torch.tensor([x])).logits for x in ids])
+    assert torch.allclose(together, alone, atol=1e-4), (together, alone)
+    model.train()
+    loss = model(input_ids=batch, attention_mask=mask, labels=torch.tensor([1, 0])).loss
+    loss.backward()
+    assert all(layer.lora_B.grad.abs().sum() > 0 for layer in layers.values())
+
+    # A decoder checkpoint without a padding token gets end-of-sequence as its padding id.
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path)
+    tiny = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, intermediate_size=37,
+                          pad_token_id=None, eos_token_id=tok.eos_token_id)
+    tf.LlamaForCausalLM(tiny).save_pretrained(tmp_path)
+    model, tok = _load_model(tmp_path, 2, seed=0)
+    assert tok.pad_token_id == tok.eos_token_id == model.config.pad_token_id

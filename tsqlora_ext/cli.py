@@ -163,7 +163,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     from .config import TsqLoRAConfig
     from .train import TrainArgs
 
-    p.add_argument("--model", help="a transformers model folder (default: the bundled MiniLM)")
+    p.add_argument("--model", help="a transformers model folder or a .gguf file (default: the "
+                   "bundled MiniLM)")
     p.add_argument("--data", help="training data: a jsonl/csv/tsv/parquet file or bundled:NAME "
                    "(bundled:rotten_tomatoes, bundled:bbc_news)")
     p.add_argument("--text-field", default="text", help="the text column (default: text)")
@@ -258,7 +259,8 @@ def _score_arguments(p: argparse.ArgumentParser) -> None:
     from .config import TsqLoRAConfig
     from .train import TrainArgs
 
-    p.add_argument("--model", help="a transformers model folder (default: the bundled MiniLM)")
+    p.add_argument("--model", help="a transformers model folder or a .gguf file (default: the "
+                   "bundled MiniLM)")
     p.add_argument("--input", required=True, help="a jsonl/csv/tsv/parquet file with texts and labels")
     p.add_argument("--text-field", default="text", help="the text column (default: text)")
     p.add_argument("--label-field", default="label", help="the label column (default: label)")

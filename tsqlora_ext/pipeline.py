@@ -43,16 +43,42 @@ class TextTask:
     eval_labels: list[int]
 
 
-def _load_model(model_dir, num_labels: int, seed: int):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def _where(model_dir) -> dict[str, Any]:
+    """from_pretrained arguments for a transformers folder or a single ``.gguf`` file (a llama.cpp
+    checkpoint, which transformers dequantises)."""
+    path = Path(model_dir)
+    if path.suffix != ".gguf":
+        return {"pretrained_model_name_or_path": model_dir}
+    if not path.is_file():
+        raise FileNotFoundError(f"model: no such GGUF file {path}")
+    return {"pretrained_model_name_or_path": path.parent, "gguf_file": path.name}
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+def load_tokenizer(model_dir):
+    """The model's tokenizer; one without a padding token pads with end-of-sequence (decoders
+    often ship without one, and a padded batch needs it)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(**_where(model_dir))
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_model(model_dir, num_labels: int, seed: int):
+    """A sequence-classification model and its tokenizer from a transformers folder or a .gguf file."""
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = load_tokenizer(model_dir)
     # The head is newly initialised from the torch RNG: seed it so runs repeat.
     torch.manual_seed(seed)
     # float32 master weights whatever the checkpoint's dtype (transformers' default "auto" would
     # train a half-precision checkpoint in half precision); bf16 is applied by autocast instead.
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels,
+    model = AutoModelForSequenceClassification.from_pretrained(**_where(model_dir), num_labels=num_labels,
                                                                dtype=torch.float32)
+    # A decoder classifies from the last token that is not padding: it must know the padding id.
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 
