@@ -82,3 +82,14 @@ def test_schedule_fits_every_run_length(cm):
         s = cm.schedule(t)
         assert s["t_init"] + s["t_final"] < t and s["delta_t"] >= 1
     assert json.dumps(cm.schedule(323)) == json.dumps({"t_init": 48, "t_final": 48, "delta_t": 10})
+
+
+def test_committed_runs_keep_matching_the_settings(cm):
+    """A rerun resumes from the committed runs file only while their settings ids still match:
+    a change to the MiniLM settings (or to how ids are made) must not orphan them silently."""
+    path = REPO / "python/experiments/results/compare_methods-runs.jsonl"
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    ids = {cm.settings_id(s, t) for t, s in cm.task_settings("minilm", quick=False).items()}
+    assert runs and {r["settings_id"] for r in runs} <= ids
+    decoder = cm.task_settings("smollm2", quick=False)["rotten_tomatoes"]
+    assert cm.settings_id(decoder, "rotten_tomatoes") not in ids

@@ -1,7 +1,10 @@
 """TsqLoRA against PEFT LoRA and PEFT AdaLoRA at one final budget, quality selection against
-random selection, and two ablations, on the bundled MiniLM with two bundled tasks.
+random selection, and two ablations, on the bundled MiniLM with two bundled tasks (and the bundled
+SmolLM2-135M decoder on Rotten Tomatoes, with --model smollm2).
 
     python python/experiments/compare_methods.py --device cuda --jobs 8        # the full grid
+    python python/experiments/compare_methods.py --model smollm2 --methods lora adalora tsqlora \
+        --lrs 1e-3                                                             # the decoder case
     python python/experiments/compare_methods.py --quick --device cpu --jobs 2 # smoke run, minutes
     python python/experiments/compare_methods.py --summarize                   # tables from runs
     python python/experiments/compare_methods.py --plan                        # count runs, run none
@@ -10,8 +13,9 @@ Full grid: 2 tasks x 11 methods, 3 learning rates on seed 0 then seeds 1 and 2 a
 best = 110 runs (~18.6k optimizer steps, warm-ups included). Workers are spawned processes, each
 with its own model copy and ``--threads`` torch threads; on one GPU they share the device.
 
-Methods (every one ends at the same budget: an average rank of 8 over the same 36 encoder
-linears that ``tsqlora_ext.wrap`` adapts for BERT, plus the task head):
+Methods (every one ends at the same budget: an average rank of 8 over the same linears, those
+``tsqlora_ext.wrap`` adapts by default -- MiniLM's 36 encoder linears, SmolLM2's 210 attention and
+MLP projections -- plus the task head):
     lora          PEFT LoRA, r = 8 everywhere
     adalora       PEFT AdaLoRA, init_r 12 -> target_r 8, its own schedule (tinit/tfinal/deltaT
                   equal to ours); update_and_allocate after every optimizer step, as PEFT asks
@@ -31,6 +35,11 @@ remaining seeds run at that rate only (the full grid x all seeds does not fit a 
 Every run is written to ``<out>/<name>-runs.jsonl`` as soon as it finishes (the whole file
 re-written atomically), and a rerun skips the runs already there, so an interrupted run keeps
 what it finished. ``--summarize`` (also run at the end) writes ``<name>.json`` and ``<name>.md``.
+
+The decoder case (--model smollm2, results compare_methods-smollm2.*) runs on a CPU-sized subset of
+Rotten Tomatoes (DECODER below): the 135M-parameter model takes seconds per step on two cores, and a
+GPU lease cannot carry its weights (the lent machine has no network, and the file is over the
+transfer limit), so it is the one experiment sized for the CPU.
 
 Trainable parameters are counted the same way for every method: the parameters in use at the
 end, i.e. for each adapted layer rank x (in + out) for LoRA and rank x (in + out + 1) for the
@@ -89,6 +98,7 @@ class TaskSettings:
     limit_test: int = 0
     warmup_cap: int = 0  # cap on the pipeline's score_warmup (0: half an epoch of the pool)
     calibration_batches: int = 4
+    model: str = "minilm"  # a key of MODELS
 
 
 FULL = {"rotten_tomatoes": TaskSettings(max_length=64, epochs=1),
@@ -101,6 +111,24 @@ QUICK = {"rotten_tomatoes": TaskSettings(max_length=32, epochs=1, batch_size=16,
          "bbc_news": TaskSettings(max_length=64, epochs=1, batch_size=16, limit_train=128,
                                   limit_val=48, limit_test=64, warmup_cap=3,
                                   calibration_batches=1)}
+# SmolLM2 on two CPU cores: ~3 s per step of 16 reviews at 48 tokens (nearly all of Rotten
+# Tomatoes' sentences fit), so 640 training reviews (40 steps), 160 for validation, 400 for test:
+# the learning-rate grid and three seeds of three methods then take about 40 minutes.
+DECODER = {"rotten_tomatoes": TaskSettings(max_length=48, epochs=1, batch_size=16, limit_train=640,
+                                           limit_val=160, limit_test=400, calibration_batches=2)}
+# model -> (bundled path, wrap family whose default targets PEFT gets too, name in titles)
+MODELS = {"minilm": ("minilm_dir", "bert", "bundled MiniLM"),
+          "smollm2": ("smollm2_gguf", "llama", "bundled SmolLM2-135M, decoder, CPU-sized subset")}
+
+
+def model_path(model: str):
+    from tsqlora_ext import bundled
+    return getattr(bundled, MODELS[model][0])()
+
+
+def task_settings(model: str, quick: bool) -> dict[str, TaskSettings]:
+    table = QUICK if quick else FULL if model == "minilm" else DECODER
+    return {t: dataclasses.replace(s, model=model) for t, s in table.items()}
 
 
 def schedule(total_steps: int) -> dict[str, int]:
@@ -113,7 +141,10 @@ def schedule(total_steps: int) -> dict[str, int]:
 
 def settings_id(settings: TaskSettings, task: str) -> str:
     """A short hash of what a run's result depends on beyond (method, lr, seed)."""
-    blob = json.dumps({"task": task, **dataclasses.asdict(settings), "val": [VAL_FRACTION, VAL_SEED],
+    d = dataclasses.asdict(settings)
+    if d["model"] == "minilm":
+        del d["model"]  # the runs made before there was a choice of model keep their ids
+    blob = json.dumps({"task": task, **d, "val": [VAL_FRACTION, VAL_SEED],
                        "target_r": TARGET_R, "r_init": R_INIT}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -145,9 +176,7 @@ def prepare(task_name: str, settings: TaskSettings) -> PreparedTask:
     if key in _TASK_CACHE:
         return _TASK_CACHE[key]
     import numpy as np
-    from transformers import AutoTokenizer
-
-    from tsqlora_ext import bundled, pipeline
+    from tsqlora_ext import pipeline
     from tsqlora_ext.train import TokenizedData
 
     full = pipeline.bundled_task(task_name)
@@ -160,7 +189,7 @@ def prepare(task_name: str, settings: TaskSettings) -> PreparedTask:
     task = pipeline.TextTask(full.name, full.label_names,
                              [full.train_texts[i] for i in train], [full.train_labels[i] for i in train],
                              [full.train_texts[i] for i in val], [full.train_labels[i] for i in val])
-    tok = AutoTokenizer.from_pretrained(bundled.minilm_dir())
+    tok = pipeline.load_tokenizer(model_path(settings.model))
     ml = settings.max_length
     prep = PreparedTask(task, full.eval_texts[:test_n], full.eval_labels[:test_n], tok,
                         TokenizedData.from_texts(tok, task.train_texts, task.train_labels, ml),
@@ -174,7 +203,7 @@ def prepare(task_name: str, settings: TaskSettings) -> PreparedTask:
 def head_params(model) -> int:
     """Trainable parameters of the classifier head (PEFT's modules_to_save copy, or ours)."""
     return sum(p.numel() for n, p in model.named_parameters()
-               if p.requires_grad and "classifier" in n)
+               if p.requires_grad and ("classifier" in n or ".score." in f".{n}"))
 
 
 def ours_ranks(model) -> dict[str, tuple[int, int, int]]:
@@ -260,13 +289,13 @@ def run_peft(method: str, prep: PreparedTask, settings: TaskSettings, lr: float,
     import torch
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
-    from tsqlora_ext import bundled, pipeline
+    from tsqlora_ext import pipeline
     from tsqlora_ext.train import _autocast, evaluate, linear_schedule, make_loader, pad_id_of
     from tsqlora_ext.wrap import DEFAULT_TARGET_MODULES
 
     args = _train_args(settings, lr)
-    model, _ = pipeline._load_model(bundled.minilm_dir(), len(prep.task.label_names), seed)
-    targets = list(DEFAULT_TARGET_MODULES["bert"])
+    model, _ = pipeline._load_model(model_path(settings.model), len(prep.task.label_names), seed)
+    targets = list(DEFAULT_TARGET_MODULES[MODELS[settings.model][1]])
     pad = pad_id_of(prep.tokenizer)
     loader = make_loader(prep.train_tok, batch_size=args.batch_size, max_length=args.max_length,
                          pad_id=pad, shuffle=True, seed=seed, num_workers=args.num_workers)
@@ -332,7 +361,7 @@ def run_tsqlora(method: str, prep: PreparedTask, settings: TaskSettings, lr: flo
                 device) -> dict[str, Any]:
     import numpy as np
 
-    from tsqlora_ext import bundled, pipeline
+    from tsqlora_ext import pipeline
     from tsqlora_ext.train import evaluate, pad_id_of, train
     from tsqlora_ext.wrap import wrap
 
@@ -344,7 +373,7 @@ def run_tsqlora(method: str, prep: PreparedTask, settings: TaskSettings, lr: flo
     elif method == "no_realloc":
         # The initial allocation shares the FINAL budget (8 per layer on average) by sensitivity.
         config = config.replace(r_init=TARGET_R, dynamic=False)
-    model, _ = pipeline._load_model(bundled.minilm_dir(), len(prep.task.label_names), seed)
+    model, _ = pipeline._load_model(model_path(settings.model), len(prep.task.label_names), seed)
     model = wrap(model, config, verbose=False).to(device)
     pad = pad_id_of(prep.tokenizer)
     t0 = time.perf_counter()
@@ -496,7 +525,7 @@ def estimate_steps(task: str, method: str, settings: TaskSettings) -> int:
 
 
 def run_grid(opts, store: RunStore, name: str) -> int:
-    settings = QUICK if opts.quick else FULL
+    settings = task_settings(opts.model, opts.quick)
     lrs = opts.lrs
     specs_by_group: dict[tuple[str, str], list[dict[str, Any]]] = {}
 
@@ -726,14 +755,17 @@ def render_markdown(summary: dict[str, Any], title: str) -> str:
 def write_summary(store: RunStore, out: Path, name: str, opts, title: str) -> None:
     """Summarise the finished runs made with the current settings of the selected tasks/methods."""
     from tsqlora_ext.report import write_json
-    settings = QUICK if opts.quick else FULL
+    settings = task_settings(opts.model, opts.quick)
     sids = {settings_id(settings[t], t) for t in opts.tasks}
     runs = [r for r in store.runs if r["settings_id"] in sids and r["method"] in opts.methods]
     if not runs:
         raise SystemExit(f"no finished runs with the current settings in {store.path}: run the grid first")
     # The command that made the runs (also when summarising elsewhere, e.g. after a GPU lease).
     command = "python python/experiments/compare_methods.py" + (" --quick" if opts.quick else "") + \
-        f" --device {runs[0]['device']} --jobs {max(r.get('jobs', 1) for r in runs)}"
+        (f" --model {opts.model}" if opts.model != "minilm" else "") + \
+        f" --device {runs[0]['device']} --jobs {max(r.get('jobs', 1) for r in runs)}" + \
+        (f" --methods {' '.join(opts.methods)}" if tuple(opts.methods) != METHODS else "") + \
+        (f" --lrs {' '.join(f'{x:g}' for x in opts.lrs)}" if not opts.quick and opts.lrs != LR_GRID else "")
     summary = summarize(runs, opts.lrs, opts.seeds, command)
     write_json(summary, out / f"{name}.json")
     md = out / f"{name}.md"
@@ -752,7 +784,9 @@ def main(argv=None) -> int:
                    help="torch threads per worker (default: cores / jobs on cpu, 2 on cuda)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: tiny subsets, 1 seed, 1 learning rate (not a result)")
-    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    p.add_argument("--model", choices=tuple(MODELS), default="minilm")
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=None,
+                   help="default: every task the model's settings hold")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=None, help=f"default {list(SEEDS)}")
     p.add_argument("--lrs", nargs="+", type=float, default=None, help=f"default {list(LR_GRID)}")
@@ -762,6 +796,10 @@ def main(argv=None) -> int:
     opts = p.parse_args(argv)
     if opts.jobs < 1:
         p.error("--jobs must be >= 1")
+    opts.tasks = opts.tasks or list(task_settings(opts.model, opts.quick))
+    missing = set(opts.tasks) - set(task_settings(opts.model, opts.quick))
+    if missing:
+        p.error(f"--model {opts.model} has no settings for {sorted(missing)}")
     opts.seeds = opts.seeds or ([0] if opts.quick else list(SEEDS))
     opts.lrs = tuple(opts.lrs or ([3e-3] if opts.quick else LR_GRID))
     if not opts.threads:
@@ -770,11 +808,12 @@ def main(argv=None) -> int:
         import torch
         if not torch.cuda.is_available():
             p.error("--device cuda: torch sees no CUDA device")
-    name = f"compare_methods-quick-{opts.device}" if opts.quick else "compare_methods"
+    name = "compare_methods" + ("" if opts.model == "minilm" else f"-{opts.model}") + \
+        (f"-quick-{opts.device}" if opts.quick else "")
     opts.out.mkdir(parents=True, exist_ok=True)
     store = RunStore(opts.out / f"{name}-runs.jsonl")
     title = ("Smoke run (--quick: tiny subsets, one seed, one learning rate; NOT a result)"
-             if opts.quick else "TsqLoRA against PEFT LoRA and AdaLoRA (bundled MiniLM)")
+             if opts.quick else f"TsqLoRA against PEFT LoRA and AdaLoRA ({MODELS[opts.model][2]})")
     failed = 0 if opts.summarize else run_grid(opts, store, name)
     if opts.plan:
         return 0

@@ -57,7 +57,9 @@ def _rel(path: Path, readme: Path) -> str:
 # ---- experiment tables ---------------------------------------------------------------------------
 def experiment_tables(results: Path) -> list[str]:
     """The markdown tables in ``results``; a ``-quick-`` smoke table only without its full one."""
-    files = sorted(results.glob("*.md"), key=lambda p: (not p.name.startswith("compare_methods"), p.name))
+    # The main comparison first, then its other models, then the rest by name.
+    files = sorted(results.glob("*.md"), key=lambda p: (not p.name.startswith("compare_methods"),
+                                                        p.name != "compare_methods.md", p.name))
     names = {p.name for p in files}
     out = []
     for p in files:
