@@ -159,12 +159,16 @@ def _dataclass_flags(p: argparse.ArgumentParser, cls, title: str) -> None:
         group.add_argument(flag, **kw)
 
 
+def _model_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="a transformers model folder or a .gguf file (default: the "
+                   "bundled MiniLM)")
+
+
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     from .config import TsqLoRAConfig
     from .train import TrainArgs
 
-    p.add_argument("--model", help="a transformers model folder or a .gguf file (default: the "
-                   "bundled MiniLM)")
+    _model_flag(p)
     p.add_argument("--data", help="training data: a jsonl/csv/tsv/parquet file or bundled:NAME "
                    "(bundled:rotten_tomatoes, bundled:bbc_news)")
     p.add_argument("--text-field", default="text", help="the text column (default: text)")
@@ -259,8 +263,7 @@ def _score_arguments(p: argparse.ArgumentParser) -> None:
     from .config import TsqLoRAConfig
     from .train import TrainArgs
 
-    p.add_argument("--model", help="a transformers model folder or a .gguf file (default: the "
-                   "bundled MiniLM)")
+    _model_flag(p)
     p.add_argument("--input", required=True, help="a jsonl/csv/tsv/parquet file with texts and labels")
     p.add_argument("--text-field", default="text", help="the text column (default: text)")
     p.add_argument("--label-field", default="label", help="the label column (default: label)")
