@@ -141,7 +141,9 @@ def _dataclass_flags(p: argparse.ArgumentParser, cls, title: str) -> None:
     group = p.add_argument_group(title)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        kw: dict = {"default": argparse.SUPPRESS, "help": f.metadata.get("help"), "dest": f.name}
+        # argparse %-formats help texts; the fields' texts quote percentages.
+        help_text = f.metadata.get("help", "").replace("%", "%%")
+        kw: dict = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         ann = str(f.type)
         if isinstance(default, bool):
