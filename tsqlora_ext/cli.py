@@ -161,6 +161,27 @@ def _dataclass_flags(p: argparse.ArgumentParser, cls, title: str) -> None:
         group.add_argument(flag, **kw)
 
 
+def _settings(args: argparse.Namespace, other_flags: tuple[str, ...]) -> tuple[dict, dict]:
+    """(TsqLoRAConfig fields, TrainArgs fields): the --config file's, overridden by the flags typed
+    (every flag but ``other_flags``, --config and the subcommand)."""
+    import json
+    from pathlib import Path
+
+    method, training = {}, {}
+    if args.config:
+        try:
+            values = json.loads(Path(args.config).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{args.config}: not valid JSON ({e})") from None
+        method, training = _split_settings(values, args.config)
+    flags = {k: v for k, v in vars(args).items()
+             if not k.startswith("_") and k not in ("command", "config", *other_flags)}
+    m_flags, t_flags = _split_settings(flags, "flags")
+    method.update(m_flags)
+    training.update(t_flags)
+    return method, training
+
+
 def _model_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a transformers model folder or a .gguf file (default: the "
                    "bundled MiniLM)")
@@ -226,20 +247,8 @@ def _train(args: argparse.Namespace) -> int:
     else:
         if not args.data or not args.out:
             raise ValueError("--data and --out are required (or --resume DIR)")
-        method, training = {}, {}
-        if args.config:
-            text = Path(args.config).read_text()
-            try:
-                values = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{args.config}: not valid JSON ({e})") from None
-            method, training = _split_settings(values, args.config)
-        flags = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-        m_flags, t_flags = _split_settings(
-            {k: v for k, v in flags.items() if k not in ("command", "model", "data", "text_field",
-             "label_field", "eval_data", "out", "config", "resume", "baseline")}, "flags")
-        method.update(m_flags)
-        training.update(t_flags)
+        method, training = _settings(args, ("model", "data", "text_field", "label_field",
+                                            "eval_data", "out", "resume", "baseline"))
         training.setdefault("checkpoint_every", 50)
         training.setdefault("checkpoint_dir", str(Path(args.out) / "checkpoints"))
         run = {"model": args.model or str(bundled.minilm_dir()), "data": args.data,
@@ -282,26 +291,12 @@ def _score_arguments(p: argparse.ArgumentParser) -> None:
             "quality scores (loss, G, D, C, Q, selection score, P(wrong label)) for "
             "`tsqlora select --scores`.", arguments=_score_arguments)
 def _score(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
     from . import bundled
     from .config import TsqLoRAConfig
     from .pipeline import score_file
     from .train import TrainArgs
 
-    method, training = {}, {}
-    if args.config:
-        try:
-            values = json.loads(Path(args.config).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{args.config}: not valid JSON ({e})") from None
-        method, training = _split_settings(values, args.config)
-    flags = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in
-             ("command", "model", "input", "text_field", "label_field", "out", "config")}
-    m_flags, t_flags = _split_settings(flags, "flags")
-    method.update(m_flags)
-    training.update(t_flags)
+    method, training = _settings(args, ("model", "input", "text_field", "label_field", "out"))
     training.setdefault("progress", False)
     score_file(args.model or bundled.minilm_dir(), args.input, args.text_field, args.label_field,
                args.out, TsqLoRAConfig.from_dict(method, "tsqlora config"),
