@@ -93,3 +93,25 @@ def test_committed_runs_keep_matching_the_settings(cm):
     assert runs and {r["settings_id"] for r in runs} <= ids
     decoder = cm.task_settings("smollm2", quick=False)["rotten_tomatoes"]
     assert cm.settings_id(decoder, "rotten_tomatoes") not in ids
+
+
+def test_tagged_partial_grid_names_its_files_and_its_command(cm, tmp_path):
+    """A partial grid kept apart with --tag (e.g. CPU runs beside the GPU table) writes its own
+    files, and its table's command repeats every option needed to reproduce it."""
+    settings = cm.task_settings("minilm", quick=False)["rotten_tomatoes"]
+    store = cm.RunStore(tmp_path / "compare_methods-cpu-rt-runs.jsonl")
+    for method in ("quality@0.3", "random@0.3"):
+        for seed in (0, 1):
+            run = _run(method, 1e-3, seed, val=0.8, test=0.7 + 0.01 * seed)
+            run.update(task="rotten_tomatoes", key=cm.run_key("rotten_tomatoes", method, 1e-3, seed),
+                       settings_id=cm.settings_id(settings, "rotten_tomatoes"))
+            store.add(run)
+    args = ["--out", str(tmp_path), "--tasks", "rotten_tomatoes", "--methods", "quality@0.3",
+            "random@0.3", "--seeds", "0", "1", "--lrs", "1e-3", "--tag", "cpu-rt"]
+    assert cm.main(args + ["--summarize"]) == 0
+    md = (tmp_path / "compare_methods-cpu-rt.md").read_text()
+    assert ("`python python/experiments/compare_methods.py --device cpu --jobs 1 --tasks rotten_tomatoes "
+            "--methods quality@0.3 random@0.3 --seeds 0 1 --lrs 0.001 --tag cpu-rt`") in md
+    assert json.loads((tmp_path / "compare_methods-cpu-rt.json").read_text())["seeds"] == [0, 1]
+    with pytest.raises(SystemExit):
+        cm.main(["--summarize", "--tag", "../elsewhere"])

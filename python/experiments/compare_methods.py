@@ -56,6 +56,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -764,8 +765,13 @@ def write_summary(store: RunStore, out: Path, name: str, opts, title: str) -> No
     command = "python python/experiments/compare_methods.py" + (" --quick" if opts.quick else "") + \
         (f" --model {opts.model}" if opts.model != "minilm" else "") + \
         f" --device {runs[0]['device']} --jobs {max(r.get('jobs', 1) for r in runs)}" + \
+        (f" --tasks {' '.join(opts.tasks)}" if opts.tasks != list(task_settings(opts.model, opts.quick))
+         else "") + \
         (f" --methods {' '.join(opts.methods)}" if tuple(opts.methods) != METHODS else "") + \
-        (f" --lrs {' '.join(f'{x:g}' for x in opts.lrs)}" if not opts.quick and opts.lrs != LR_GRID else "")
+        (f" --seeds {' '.join(map(str, opts.seeds))}" if not opts.quick and tuple(opts.seeds) != SEEDS
+         else "") + \
+        (f" --lrs {' '.join(f'{x:g}' for x in opts.lrs)}" if not opts.quick and opts.lrs != LR_GRID else "") + \
+        (f" --tag {opts.tag}" if opts.tag else "")
     summary = summarize(runs, opts.lrs, opts.seeds, command)
     write_json(summary, out / f"{name}.json")
     md = out / f"{name}.md"
@@ -791,11 +797,16 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=None, help=f"default {list(SEEDS)}")
     p.add_argument("--lrs", nargs="+", type=float, default=None, help=f"default {list(LR_GRID)}")
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--tag", default="",
+                   help="suffix of the results files' name, to keep a partial grid on another device "
+                        "(e.g. --tag cpu-rt) apart from the main one")
     p.add_argument("--summarize", action="store_true", help="only turn finished runs into tables")
     p.add_argument("--plan", action="store_true", help="print the number of runs and steps, run nothing")
     opts = p.parse_args(argv)
     if opts.jobs < 1:
         p.error("--jobs must be >= 1")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]*", opts.tag):
+        p.error(f"--tag {opts.tag!r}: use letters, digits, '.', '_' and '-' only (it names files)")
     opts.tasks = opts.tasks or list(task_settings(opts.model, opts.quick))
     missing = set(opts.tasks) - set(task_settings(opts.model, opts.quick))
     if missing:
@@ -809,7 +820,7 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             p.error("--device cuda: torch sees no CUDA device")
     name = "compare_methods" + ("" if opts.model == "minilm" else f"-{opts.model}") + \
-        (f"-quick-{opts.device}" if opts.quick else "")
+        (f"-quick-{opts.device}" if opts.quick else "") + (f"-{opts.tag}" if opts.tag else "")
     opts.out.mkdir(parents=True, exist_ok=True)
     store = RunStore(opts.out / f"{name}-runs.jsonl")
     title = ("Smoke run (--quick: tiny subsets, one seed, one learning rate; NOT a result)"
