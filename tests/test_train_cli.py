@@ -119,6 +119,11 @@ def test_bad_input_exits_2_naming_file_and_line(tmp_path, model_dir, capsys):
     assert main([*base, "--data", str(train_file), "--eval-data", str(eval_file)]) == 2
     err = capsys.readouterr().err
     assert f"line 4 of {eval_file}: label 'maybe' does not occur in the training data" in err
+
+    missing = tmp_path / "no-such-model.gguf"
+    assert main(["train", "--model", str(missing), "--data", str(train_file), "--out", str(tmp_path / "out"),
+                 *FLAGS]) == 2
+    assert f"no such GGUF file {missing}" in capsys.readouterr().err
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
