@@ -270,3 +270,23 @@ def test_score_pool_from_config_follows_the_config():
     m = score_pool_from_config(model, batches, cfg.replace(quality_preference="moderate"),
                                progress=False)
     np.testing.assert_allclose(m.score, -np.abs(m.Q - np.median(m.Q)))
+
+
+def test_row_scores_carry_the_selection_score_not_q():
+    """Selection samples by the preference-adjusted score ('moderate' by default), never by raw Q,
+    whose top holds the wrong labels; rows the gate dropped get 0 and are never flagged."""
+    from tsqlora_ext.pipeline import row_scores
+    from tsqlora_ext.quality import QualityScores, selection_score
+
+    rng = np.random.default_rng(0)
+    Q = rng.normal(size=5)
+    score = selection_score(Q, "moderate")
+    flagged = np.array([False, True, False, False, True])
+    scores = QualityScores(index=np.array([7, 1, 4, 0, 9]), loss=rng.random(5), G=rng.random(5),
+                           D=rng.random(5), C=rng.random(5), Q=Q, score=score,
+                           p_mislabeled=flagged * 0.9, likely_mislabeled=flagged)
+    by_row, flag_by_row = row_scores(scores, 10)
+    np.testing.assert_array_equal(by_row[[7, 1, 4, 0, 9]], score)
+    assert not np.allclose(by_row[[7, 1, 4, 0, 9]], Q)
+    assert set(np.flatnonzero(flag_by_row)) == {1, 9}
+    assert (by_row[[2, 3, 5, 6, 8]] == 0).all() and not flag_by_row[[2, 3, 5, 6, 8]].any()

@@ -110,6 +110,17 @@ def _select(task: TextTask, q: np.ndarray, mislabeled: np.ndarray, pool: np.ndar
                   stratify=config.stratify, drop={"likely_mislabeled": drop})
 
 
+def row_scores(scores, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each training row's selection score (``quality_preference`` applied, what selection samples
+    by) and wrong-label flag, from scores whose ``index`` holds training rows; rows that were not
+    scored (the gate dropped them) get 0 and False."""
+    score = np.zeros(n_rows)
+    flagged = np.zeros(n_rows, dtype=bool)
+    score[scores.index] = scores.score
+    flagged[scores.index] = scores.likely_mislabeled
+    return score, flagged
+
+
 def selection_budget(pool: int, survivors: int, fraction: float) -> int:
     """How many examples to train on: ``fraction`` of the gated pool. The wrong-label guard does
     not shrink it: the examples it drops are replaced by other survivors (all of them when fewer
@@ -189,10 +200,7 @@ def run_pipeline(model_dir, task: TextTask, out, config: TsqLoRAConfig, args: Tr
         warm, scores = _score(model, tokenizer, train_all.subset(pool_rows), config, args)
         scores.index = pool_rows[scores.index]  # pool position -> training row
         phases["warmup_and_scoring_s"] = time.perf_counter() - t
-        q = np.zeros(len(pool))
-        mislabeled = np.zeros(len(pool), dtype=bool)
-        q[scores.index] = scores.score
-        mislabeled[scores.index] = scores.likely_mislabeled
+        q, mislabeled = row_scores(scores, len(pool))
         t = time.perf_counter()
         sel = _select(task, q, mislabeled, pool, config)
         phases["select_s"] = time.perf_counter() - t

@@ -388,16 +388,14 @@ def run_tsqlora(method: str, prep: PreparedTask, settings: TaskSettings, lr: flo
         config = config.replace(score_warmup=warm_steps)
         warm, scores = pipeline._score(model, prep.tokenizer, prep.train_tok.subset(pool_rows), config, args)
         scores.index = pool_rows[scores.index]
-        q = np.zeros(len(pool))
-        flagged = np.zeros(len(pool), dtype=bool)
-        q[scores.index] = scores.Q
-        flagged[scores.index] = scores.likely_mislabeled
+        # What the pipeline samples by: the selection score (quality_preference applied), not Q.
+        q, flagged = pipeline.row_scores(scores, len(pool))
         want = max(1, round(fraction * len(pool)))  # the same count for quality and random
         if kind == "random":
             q[:] = 0.0  # Gumbel-top-k of equal scores: uniform among the gated pool
             flagged[:] = False
-        survivors = int((pool & ~flagged).sum()) if config.mislabel_guard else int(pool.sum())
-        sel_cfg = config.replace(data_fraction=min(1.0, want / survivors))
+        # _select keeps data_fraction x the gated pool, replacing what the guard drops.
+        sel_cfg = config.replace(data_fraction=min(1.0, want / int(pool.sum())))
         sel = pipeline._select(prep.task, q, flagged, pool, sel_cfg)
         rows = np.sort(np.asarray(sel.indices, dtype=np.int64))
         info = {"warmup_examples": int(warm["examples"]) if warm else 0, "warmup_steps": warm_steps,

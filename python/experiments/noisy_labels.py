@@ -120,7 +120,7 @@ def run_one(job: dict) -> dict:
 
     from tsqlora_ext import bundled
     from tsqlora_ext.config import TsqLoRAConfig
-    from tsqlora_ext.pipeline import _load_model, _score, _warmup, selection_budget
+    from tsqlora_ext.pipeline import _load_model, _score, _warmup, row_scores, selection_budget
     from tsqlora_ext.selector import select
     from tsqlora_ext.train import TokenizedData, TrainArgs, train
     from tsqlora_ext.wrap import wrap
@@ -149,10 +149,7 @@ def run_one(job: dict) -> dict:
     t = time.perf_counter()
     if kind == "quality":
         warm, scores = _score(model, tok, train_all, config, targs)
-        flagged = np.zeros(len(labels), bool)
-        flagged[scores.index] = scores.likely_mislabeled
-        score = np.zeros(len(labels))
-        score[scores.index] = scores.score
+        score, flagged = row_scores(scores, len(labels))
         drop = flagged if config.mislabel_guard else np.zeros(len(labels), dtype=bool)
         sel = select(df, text_field="text", label_field="label", scores=score,
                      count=selection_budget(len(labels), int((~drop).sum()), config.data_fraction),
