@@ -81,6 +81,26 @@ def test_quick_table_used_when_alone_and_labelled(tmp_path):
     assert "Smoke run (NOT a result)" in body and "50.00" in body and "### Benchmarks" not in body
 
 
+def test_fraction_plot_from_a_tagged_grid_when_the_main_one_has_none(tmp_path):
+    """Fraction arms run elsewhere (--tag cpu-rt) still give the plot, captioned with their own
+    command; once no summary holds fraction arms, a stale plot is removed, not left captionless."""
+    mr = _load()
+    res, bench = _fake_results(tmp_path)
+    main = json.loads((res / "compare_methods.json").read_text())
+    (res / "compare_methods-cpu-rt.json").write_text(json.dumps(
+        {**main, "command": "python python/experiments/compare_methods.py --device cpu --tag cpu-rt"}))
+    main["tasks"]["toy"]["methods"] = {"tsqlora": main["tasks"]["toy"]["methods"]["tsqlora"]}
+    (res / "compare_methods.json").write_text(json.dumps(main))
+    body = mr.build_body(res, bench, tmp_path / "README.md")
+    plot = body[body.index("![accuracy against data fraction]"):]
+    assert "Reproduce: `python python/experiments/compare_methods.py --device cpu --tag cpu-rt && " in plot
+    assert (res / "accuracy_vs_fraction.png").stat().st_size > 1000
+    (res / "compare_methods-cpu-rt.json").unlink()
+    body = mr.build_body(res, bench, tmp_path / "README.md")
+    assert "accuracy_vs_fraction" not in body and not (res / "accuracy_vs_fraction.png").exists()
+    assert "rank_heatmap_toy.png" in body
+
+
 @pytest.mark.parametrize("text, what", [
     ("# no markers\n", "exactly one"),
     ("<!-- results:begin -->\n<!-- results:begin -->\n<!-- results:end -->\n", "found 2 and 1"),

@@ -10,7 +10,8 @@ the README with:
   ``quality_signals.json`` when present;
 - the plots, drawn from ``compare_methods.json`` (or its smoke counterpart) into ``<results>``:
   ``accuracy_vs_fraction.png`` (quality-selected against random fractions, mean ± std over seeds,
-  TsqLoRA on all data for reference) and ``rank_heatmap_<task>.png`` (per-layer rank over
+  TsqLoRA on all data for reference; from a ``--tag``ged partial grid when the main summary has no
+  fraction arms) and ``rank_heatmap_<task>.png`` (per-layer rank over
   optimizer steps of TsqLoRA's first-seed run), each captioned with the command reproducing it;
 - the benchmark goals and ratios of ``<bench>/*.json``, rendered by python/bench/summarize.py.
 
@@ -105,12 +106,10 @@ def _save(fig, path: Path) -> None:
     _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
 
 
-def plot_fractions(summary: dict[str, Any], path: Path, title: str) -> bool:
+def plot_fractions(summary: dict[str, Any], path: Path, title: str) -> None:
     """Test accuracy against data fraction: quality-selected and random, mean ± std over seeds."""
     tasks = {t: v["methods"] for t, v in summary["tasks"].items()
              if any(m.startswith(("quality@", "random@")) for m in v["methods"])}
-    if not tasks:
-        return False
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for ax, (task, methods) in zip(axes[0], tasks.items()):
@@ -133,7 +132,6 @@ def plot_fractions(summary: dict[str, Any], path: Path, title: str) -> bool:
     fig.suptitle(title, fontsize=10)
     _save(fig, path)
     plt.close(fig)
-    return True
 
 
 def plot_rank_heatmaps(summary: dict[str, Any], results: Path) -> list[tuple[str, Path, str]]:
@@ -151,24 +149,45 @@ def plot_rank_heatmaps(summary: dict[str, Any], results: Path) -> list[tuple[str
     return out
 
 
+def _has_fractions(summary: dict[str, Any]) -> bool:
+    return any(m.startswith(("quality@", "random@")) for v in summary["tasks"].values() for m in v["methods"])
+
+
 def figures(results: Path, readme: Path) -> list[str]:
-    """Draw the plots of compare_methods.json (or its smoke counterpart); markdown for each."""
+    """Draw the plots of compare_methods.json (or its smoke counterpart); markdown for each. The
+    fraction plot comes from the first summary holding fraction arms: the main one, else a partial
+    grid kept apart with --tag (e.g. CPU runs)."""
     full = results / "compare_methods.json"
-    found = full if full.is_file() else next(iter(sorted(results.glob("compare_methods-quick-*.json"))), None)
-    if found is None:
+    smoke_files = sorted(results.glob("compare_methods-quick-*.json"))
+    tagged = sorted(p for p in results.glob("compare_methods-*.json") if p not in smoke_files)
+    # A smoke run only stands in while there is no full summary (as for the tables).
+    candidates = [full, *tagged] if full.is_file() else [*tagged, *smoke_files]
+    if not candidates:
         return []
-    summary = json.loads(found.read_text())
-    smoke = found != full
-    tag = " — smoke run (--quick), NOT a result" if smoke else ""
-    cmd = f"`{summary['command']} && {GENERATOR}`"
+    summaries = {p: json.loads(p.read_text()) for p in candidates}
+
+    def caption(path: Path) -> tuple[str, str]:
+        tag = " — smoke run (--quick), NOT a result" if path in smoke_files else ""
+        return tag, f"`{summaries[path]['command']} && {GENERATOR}`"
+
     blocks = []
+    source = next((p for p in candidates if _has_fractions(summaries[p])), None)
     png = results / "accuracy_vs_fraction.png"
-    if plot_fractions(summary, png, "quality-selected vs random data fractions" + tag):
+    if source is not None:
+        tag, cmd = caption(source)
+        summary = summaries[source]
+        plot_fractions(summary, png, "quality-selected vs random data fractions" + tag)
         blocks.append(f"![accuracy against data fraction]({_rel(png, readme)})\n\n"
                       f"*Test accuracy against the share of training data, quality-selected against "
                       f"random (mean ± std over seeds {', '.join(map(str, summary['seeds']))}; the "
                       f"dotted line is TsqLoRA on all data){tag}. Reproduce: {cmd}.*")
-    for task, path, key in plot_rank_heatmaps(summary, results):
+    elif png.is_file():
+        png.unlink()  # drawn from runs no longer present: it would show numbers nothing backs
+    heat = full if full.is_file() else next(iter(smoke_files), None)
+    if heat is None:
+        return blocks
+    tag, cmd = caption(heat)
+    for task, path, key in plot_rank_heatmaps(summaries[heat], results):
         blocks.append(f"![rank heatmap {task}]({_rel(path, readme)})\n\n"
                       f"*Rank of every adapted layer over the optimizer steps, TsqLoRA on all of "
                       f"{task} (run `{key}`){tag}. Reproduce: {cmd}.*")
