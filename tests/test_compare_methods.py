@@ -112,6 +112,8 @@ def test_tagged_partial_grid_names_its_files_and_its_command(cm, tmp_path):
     md = (tmp_path / "compare_methods-cpu-rt.md").read_text()
     assert ("`python python/experiments/compare_methods.py --device cpu --jobs 1 --tasks rotten_tomatoes "
             "--methods quality@0.3 random@0.3 --seeds 0 1 --lrs 0.001 --tag cpu-rt`") in md
+    assert md.startswith("### TsqLoRA against PEFT LoRA and AdaLoRA (bundled MiniLM) — partial grid 'cpu-rt' "
+                         "(cpu): TsqLoRA, quality-selected 30%, TsqLoRA, random 30%\n")
     assert json.loads((tmp_path / "compare_methods-cpu-rt.json").read_text())["seeds"] == [0, 1]
     with pytest.raises(SystemExit):
         cm.main(["--summarize", "--tag", "../elsewhere"])

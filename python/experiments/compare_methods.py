@@ -823,6 +823,8 @@ def main(argv=None) -> int:
     store = RunStore(opts.out / f"{name}-runs.jsonl")
     title = ("Smoke run (--quick: tiny subsets, one seed, one learning rate; NOT a result)"
              if opts.quick else f"TsqLoRA against PEFT LoRA and AdaLoRA ({MODELS[opts.model][2]})")
+    if opts.tag:
+        title += f" — partial grid '{opts.tag}' ({opts.device}): {', '.join(LABELS[m] for m in opts.methods)}"
     failed = 0 if opts.summarize else run_grid(opts, store, name)
     if opts.plan:
         return 0
