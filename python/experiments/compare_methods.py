@@ -72,6 +72,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from noisy_labels import watch_parent  # noqa: E402
+
 FRACTIONS = (0.1, 0.3, 0.5)
 METHODS = ("lora", "adalora", "tsqlora", *(f"quality@{f}" for f in FRACTIONS),
            *(f"random@{f}" for f in FRACTIONS), "no_sens_init", "no_realloc")
@@ -454,6 +457,7 @@ def _versions() -> dict[str, str]:
 
 
 def _init_worker(threads: int) -> None:
+    watch_parent()  # a killed driver must not leave workers training on for nobody
     import torch
     from transformers.utils import logging as hf_logging
     torch.set_num_threads(threads)
