@@ -261,6 +261,8 @@ def markdown(payload: dict) -> str:
     summ = summarize(payload["runs"])
     cfg = s["config"]
     lines = [
+        "### Quality selection on data with wrong labels flipped on purpose (noisy_labels.py)",
+        "",
         "| data | flipped | selection | test accuracy (mean ± std) | flipped among kept | kept | "
         "guard flags | wall time (s) | seeds |",
         "|---|---|---|---|---|---|---|---|---|",
