@@ -65,6 +65,8 @@ def test_rerun_skips_finished_runs_and_refuses_other_settings(tmp_path, capsys):
     assert "0 runs to do (2 already in" in printed
     table = out.with_suffix(".md").read_text()
     assert "| rotten_tomatoes | 20% | random | 0.6000 ± 0.0000 |" in table
+    assert ("Command: `python python/experiments/noisy_labels.py --datasets rotten_tomatoes --flips 0 "
+            "0.2 --seeds 0 --arms random --quick --pool 1000 --eval 200 --out ") in table
     assert json.loads(out.read_text())["runs"] == runs
     with pytest.raises(SystemExit, match="other settings"):
         nl.main(args[:-2] + ["--fraction", "0.5", "--out", str(out)])

@@ -256,7 +256,7 @@ def _verdict(met: bool | None) -> str:
     return "not judged, one seed" if met is None else "met" if met else "missed"
 
 
-def markdown(payload: dict) -> str:
+def markdown(payload: dict, out: Path) -> str:
     s = payload["settings"]
     summ = summarize(payload["runs"])
     cfg = s["config"]
@@ -298,13 +298,39 @@ def markdown(payload: dict) -> str:
               f"{s['train']['epochs']} epoch(s), batch {s['train']['batch_size']}, lr "
               f"{s['train']['lr']}, max_length {s['train']['max_length']}; device(s) "
               f"{', '.join(sorted({r['device'] for r in payload['runs']}))}. Wall time: model load "
-              "to the end of evaluation, warm-up and scoring pass included."]
+              "to the end of evaluation, warm-up and scoring pass included.", "",
+              f"Command: `{command(payload, out)}` (a rerun adds only the runs the file lacks, so "
+              "the grid may also be filled one call at a time)."]
     return "\n".join(lines) + "\n"
+
+
+def command(payload: dict, out: Path) -> str:
+    """The call that reproduces every run in ``payload`` into ``out``."""
+    runs, s = payload["runs"], payload["settings"]
+    arms = sorted({r["arm"] for r in runs}, key=list(ARMS).index)
+    parts = ["python python/experiments/noisy_labels.py",
+             "--datasets " + " ".join(sorted({r["dataset"] for r in runs})),
+             "--flips " + " ".join(f"{f:g}" for f in sorted({r["flip"] for r in runs})),
+             "--seeds " + " ".join(str(x) for x in sorted({r["seed"] for r in runs})),
+             "--arms " + " ".join(arms)]
+    quick = type("Args", (), {"quick": True, "pool": s["pool"], "eval": s["eval"],
+                              "fraction": s["fraction"]})
+    if settings(quick) == s:
+        parts.append("--quick")
+    parts += [f"--{k} {s[k]}" for k in ("pool", "eval") if s[k]]
+    if s["fraction"] != 0.3:
+        parts.append(f"--fraction {s['fraction']}")
+    devices = {r["device"] for r in runs}
+    if devices != {"cpu"}:
+        parts.append("--device " + "/".join(sorted(devices)))
+    if out.resolve() != (RESULTS / "noisy_labels.json").resolve():
+        parts.append(f"--out {os.path.relpath(out.resolve(), RESULTS.parents[2])}")
+    return " ".join(parts)
 
 
 def save(payload: dict, out: Path) -> None:
     write_atomic(out, json.dumps(payload, indent=1) + "\n")
-    write_atomic(out.with_suffix(".md"), markdown(payload))
+    write_atomic(out.with_suffix(".md"), markdown(payload, out))
 
 
 def watch_parent() -> None:
@@ -389,7 +415,7 @@ def main(argv=None) -> int:
                   + f", {rec['wall_s']:.0f}s", flush=True)
     if payload["runs"]:
         save(payload, out)
-        print(markdown(payload))
+        print(markdown(payload, out))
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0 if len(payload["runs"]) >= len(done) + len(jobs) else 1
 
