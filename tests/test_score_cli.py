@@ -122,10 +122,14 @@ def test_select_guard_flags_a_cluster_and_abstains_on_a_tail(tmp_path):
     assert r["reasons"]["likely_mislabeled"] > 40
 
 
-def test_selection_score_prefers_typical_or_high_q():
+def test_selection_score_prefers_typical_high_or_no_q():
     q = np.array([-3.0, -0.5, 0.0, 0.4, 5.0])
     np.testing.assert_array_equal(selection_score(q, "high"), q)
     m = selection_score(q, "moderate")
     assert np.argmax(m) == 2 and np.argmin(m) == 4 and np.all(m <= 0)
+    # 'uniform': every scored example equally likely; an unscorable one stays unscorable.
+    u = selection_score(np.append(q, np.nan), "uniform")
+    np.testing.assert_array_equal(u[:-1], 0.0)
+    assert np.isnan(u[-1])
     with pytest.raises(ValueError, match="preference"):
         selection_score(q, "low")

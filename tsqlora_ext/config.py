@@ -82,7 +82,8 @@ class TsqLoRAConfig:
         "(the examples of typical Q, as Moderate Coreset does). Measured on 2,000 Rotten Tomatoes "
         "reviews (python/experiments/selection_rules.py, seed 0), test accuracy high / moderate / "
         "random: 0.720 / 0.796 / 0.786 clean, 0.574 / 0.794 / 0.798 with 20% of the labels "
-        "flipped, where 'high' kept 43.5% flipped and 'moderate' 8.7%.")
+        "flipped, where 'high' kept 43.5% flipped and 'moderate' 8.7%. 'uniform' ignores Q and samples "
+        "uniformly among the examples the wrong-label guard keeps.")
     temperature: float = _f(1.0, "tau of the Gumbel-top-k selection p ~ exp(Q / tau): small -> top-k, "
                             "large -> uniform.")
     stratify: bool = _f(True, "Keep each label's share when selecting.")
@@ -152,8 +153,9 @@ class TsqLoRAConfig:
             bad(f"quality_weights must be 3 non-negative numbers, not all 0, got {w}")
         if self.temperature <= 0:
             bad(f"temperature must be > 0, got {self.temperature}")
-        if self.quality_preference not in ("high", "moderate"):
-            bad(f"quality_preference must be 'high' or 'moderate', got {self.quality_preference!r}")
+        if self.quality_preference not in ("high", "moderate", "uniform"):
+            bad("quality_preference must be 'high', 'moderate' or 'uniform', got "
+                f"{self.quality_preference!r}")
         if self.score_mode not in ("full", "head"):
             bad(f"score_mode must be 'full' or 'head', got {self.score_mode!r}")
         if self.lookahead not in ("exact", "first_order"):

@@ -7,8 +7,9 @@ For example i with loss ℓ_i and per-example gradient g_i = ∇_θ ℓ_i over t
 - C_i = cos(g_i, ḡ), ḡ the mean gradient of the pool;
 - Q_i = α1·z(G_i) + α2·z(D_i) + α3·z(C_i), z = (v − median) / (1.4826·MAD) over the pool;
 - score_i, what the Gumbel-top-k selection samples by (p_i ∝ exp(score_i / τ)): Q_i itself
-  (preference 'high', the paper) or −|Q_i − median Q| (preference 'moderate', the default: the
-  examples of typical Q; see ``selection_score``).
+  (preference 'high', the paper), −|Q_i − median Q| (preference 'moderate', the default: the
+  examples of typical Q) or 0 (preference 'uniform': the pass only feeds the wrong-label guard);
+  see ``selection_score``.
 
 Per-example gradients are never materialised for the whole model. Every scored parameter belongs to
 an ``nn.Linear`` (the task head) or to a ``VarRankLoRALinear`` adapter; a forward hook keeps each
@@ -55,7 +56,7 @@ from .mislabel import flag_mislabeled, guard_abstains, high_loss_spread
 
 SCORE_FIELDS = ("index", "loss", "G", "D", "C", "Q", "score", "p_mislabeled")
 MODES = ("full", "head")
-PREFERENCES = ("high", "moderate")
+PREFERENCES = ("high", "moderate", "uniform")
 LOOKAHEADS = ("exact", "first_order")
 _NON_INPUT_KEYS = ("labels", "index")
 
@@ -100,8 +101,13 @@ def selection_score(Q, preference: str = "moderate") -> np.ndarray:
     Tomatoes reviews (python/experiments/selection_rules.py): 'high' lost 7 points of accuracy to
     a random subset on clean labels and 22 with 20% flipped (it kept 43.5% flipped), 'moderate'
     stayed within a point of random and kept 8.7% flipped.
+    'uniform': score = 0 wherever Q is finite: a uniform sample of what the gate and the wrong-label
+    guard keep, so the scoring pass serves the guard alone (the control that tells what the guard is
+    worth, and the rule to use when no Q preference has beaten random on one's data).
     """
     q = np.asarray(Q, dtype=np.float64)
+    if preference == "uniform":
+        return np.where(np.isfinite(q), 0.0, q)
     if preference == "high":
         return q.copy()
     if preference == "moderate":
@@ -477,7 +483,8 @@ def score_pool(
         mislabel_threshold: flag when P(wrong label) exceeds it.
         mislabel_max_spread: flag nothing when the high-loss component's std / mean exceeds it
             (a tail of model errors, not a cluster of wrong labels; see tsqlora_ext.mislabel).
-        preference: 'high' or 'moderate': how ``score`` follows from Q (``selection_score``).
+        preference: 'high', 'moderate' or 'uniform': how ``score`` follows from Q
+            (``selection_score``).
         loss_fn: (model, batch) -> per-example losses [B]; the default is cross-entropy on
             ``model(**inputs).logits``.
         progress: show a tqdm bar.

@@ -13,7 +13,8 @@ For each bundled task (Rotten Tomatoes, BBC News), each share of training labels
 - ``random``: the same warm-up, then a uniform stratified sample of the same size (no scoring);
 - ``all``: the same warm-up, then every example;
 - ablations (not run unless named in ``--arms``): ``quality_high`` / ``quality_high_noguard``
-  (the paper's preference for high Q instead of the default 'moderate') and ``random_nowarm``
+  (the paper's preference for high Q instead of the default 'moderate'), ``quality_uniform``
+  (the guard alone: a uniform sample of what it keeps, preference 'uniform') and ``random_nowarm``
   (random without the warm-up: plain training on a random sample).
 
 Every selecting arm trains on ``--fraction`` of the pool (the guard's drops are replaced by other
@@ -56,6 +57,7 @@ ARMS = {
     "quality_noguard": ("quality", {"mislabel_guard": False}),
     "quality_high": ("quality", {"quality_preference": "high"}),
     "quality_high_noguard": ("quality", {"quality_preference": "high", "mislabel_guard": False}),
+    "quality_uniform": ("quality", {"quality_preference": "uniform"}),
     "random": ("random", {}),
     "random_nowarm": ("random", {"score_warmup": 0}),
     "all": ("all", {}),
@@ -249,6 +251,7 @@ def summarize(runs: list[dict]) -> dict:
 
 ARM_LABEL = {"quality": "quality (guard on)", "quality_noguard": "quality, no guard",
              "quality_high": "quality 'high' (guard on)", "quality_high_noguard": "quality 'high', no guard",
+             "quality_uniform": "guard only ('uniform')",
              "random": "random", "random_nowarm": "random, no warm-up", "all": "all data"}
 
 
