@@ -70,6 +70,13 @@ def test_rerun_skips_finished_runs_and_refuses_other_settings(tmp_path, capsys):
     assert json.loads(out.read_text())["runs"] == runs
     with pytest.raises(SystemExit, match="other settings"):
         nl.main(args[:-2] + ["--fraction", "0.5", "--out", str(out)])
+    with pytest.raises(SystemExit, match="other settings"):
+        nl.main(args + ["--score-warmup", "7"])
+    warm7 = tmp_path / "w.json"
+    ns.score_warmup = 7
+    warm7.write_text(json.dumps({"settings": nl.settings(ns), "runs": runs}))
+    assert nl.main(args[:-1] + [str(warm7), "--score-warmup", "7"]) == 0
+    assert "--quick --score-warmup 7 --pool 1000" in warm7.with_suffix(".md").read_text()
 
 
 def test_schedule_fits_short_runs():

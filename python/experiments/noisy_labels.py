@@ -107,6 +107,8 @@ def settings(args) -> dict:
         config = config.replace(score_warmup=20, calibration_batches=2, t_init=2, t_final=2,
                                 delta_t=2)
         tdict["epochs"] = 1
+    if getattr(args, "score_warmup", None) is not None:
+        config = config.replace(score_warmup=args.score_warmup)
     return {"config": config.to_dict(), "train": tdict, "pool": args.pool, "eval": args.eval,
             "fraction": args.fraction}
 
@@ -316,10 +318,13 @@ def command(payload: dict, out: Path) -> str:
              "--flips " + " ".join(f"{f:g}" for f in sorted({r["flip"] for r in runs})),
              "--seeds " + " ".join(str(x) for x in sorted({r["seed"] for r in runs})),
              "--arms " + " ".join(arms)]
-    quick = type("Args", (), {"quick": True, "pool": s["pool"], "eval": s["eval"],
-                              "fraction": s["fraction"]})
-    if settings(quick) == s:
-        parts.append("--quick")
+    warm = s["config"]["score_warmup"]
+    for quick, override in ((False, None), (True, None), (False, warm), (True, warm)):
+        args = type("Args", (), {"quick": quick, "score_warmup": override, "pool": s["pool"],
+                                 "eval": s["eval"], "fraction": s["fraction"]})
+        if settings(args) == s:
+            parts += ["--quick"] * quick + ([f"--score-warmup {warm}"] if override is not None else [])
+            break
     parts += [f"--{k} {s[k]}" for k in ("pool", "eval") if s[k]]
     if s["fraction"] != 0.3:
         parts.append(f"--fraction {s['fraction']}")
@@ -361,6 +366,9 @@ def main(argv=None) -> int:
     p.add_argument("--fraction", type=float, default=0.3)
     p.add_argument("--pool", type=int, default=0, help="train rows kept (0: the full split)")
     p.add_argument("--eval", type=int, default=0, help="test rows kept (0: the full split)")
+    p.add_argument("--score-warmup", type=int, default=None,
+                   help="warm-up steps before scoring (default: the demo's); runs with another "
+                   "warm-up need their own --out")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel worker processes")
     p.add_argument("--threads", type=int, default=0,
