@@ -106,6 +106,10 @@ def test_tagged_partial_grid_names_its_files_and_its_command(cm, tmp_path):
             run.update(task="rotten_tomatoes", key=cm.run_key("rotten_tomatoes", method, 1e-3, seed),
                        settings_id=cm.settings_id(settings, "rotten_tomatoes"))
             store.add(run)
+    # A quality run made with another quality_preference is another run, never summarised here.
+    other = {**run, "method": "quality@0.3", "test": {**run["test"], "accuracy": 0.1},
+             "key": cm.run_key("rotten_tomatoes", "quality@0.3", 1e-3, 1) + "|preference=high"}
+    store.add(other)
     args = ["--out", str(tmp_path), "--tasks", "rotten_tomatoes", "--methods", "quality@0.3",
             "random@0.3", "--seeds", "0", "1", "--lrs", "1e-3", "--tag", "cpu-rt"]
     assert cm.main(args + ["--summarize"]) == 0
@@ -114,6 +118,9 @@ def test_tagged_partial_grid_names_its_files_and_its_command(cm, tmp_path):
             "--methods quality@0.3 random@0.3 --seeds 0 1 --lrs 0.001 --tag cpu-rt`") in md
     assert md.startswith("### TsqLoRA against PEFT LoRA and AdaLoRA (bundled MiniLM) — partial grid 'cpu-rt' "
                          "(cpu): TsqLoRA, quality-selected 30%, TsqLoRA, random 30%\n")
-    assert json.loads((tmp_path / "compare_methods-cpu-rt.json").read_text())["seeds"] == [0, 1]
+    summary = json.loads((tmp_path / "compare_methods-cpu-rt.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    quality = summary["tasks"]["rotten_tomatoes"]["methods"]["quality@0.3"]
+    assert quality["test_accuracy_per_seed"] == [0.7, 0.71]  # not the other preference's 0.1
     with pytest.raises(SystemExit):
         cm.main(["--summarize", "--tag", "../elsewhere"])

@@ -404,7 +404,9 @@ def run_tsqlora(method: str, prep: PreparedTask, settings: TaskSettings, lr: flo
         info = {"warmup_examples": int(warm["examples"]) if warm else 0, "warmup_steps": warm_steps,
                 "pool": int(pool.sum()), "gate_drops": gate_drops,
                 "flagged_mislabeled": int(flagged.sum()),
-                "guard": (scores.meta or {}).get("mixture"), "selected": int(len(rows)),
+                "guard": (scores.meta or {}).get("mixture"),
+                "quality_preference": config.quality_preference if kind == "quality" else None,
+                "selected": int(len(rows)),
                 "requested": int(want)}
     total = _steps(len(rows), settings)
     config = config.replace(**schedule(total)) if config.dynamic else config
@@ -492,7 +494,20 @@ class RunStore:
 
 
 def run_key(task: str, method: str, lr: float, seed: int) -> str:
-    return f"{task}|{method}|lr={lr:g}|seed={seed}"
+    key = f"{task}|{method}|lr={lr:g}|seed={seed}"
+    preference = _quality_preference()
+    # A quality run made with another quality_preference is another run: neither skipped as done
+    # nor summarised with this one. 'moderate', the default when the first grids ran, keeps the
+    # bare keys those runs were stored under.
+    if method_family(method)[0] == "quality" and preference != "moderate":
+        key += f"|preference={preference}"
+    return key
+
+
+@functools.lru_cache(maxsize=None)
+def _quality_preference() -> str:
+    from tsqlora_ext import pipeline
+    return pipeline.demo_settings()[0].quality_preference
 
 
 def pick_lr(runs: list[dict[str, Any]], lrs, seed: int) -> float | None:
@@ -760,7 +775,8 @@ def write_summary(store: RunStore, out: Path, name: str, opts, title: str) -> No
     from tsqlora_ext.report import write_json
     settings = task_settings(opts.model, opts.quick)
     sids = {settings_id(settings[t], t) for t in opts.tasks}
-    runs = [r for r in store.runs if r["settings_id"] in sids and r["method"] in opts.methods]
+    runs = [r for r in store.runs if r["settings_id"] in sids and r["method"] in opts.methods
+            and r["key"] == run_key(r["task"], r["method"], r["lr"], r["seed"])]
     if not runs:
         raise SystemExit(f"no finished runs with the current settings in {store.path}: run the grid first")
     # The command that made the runs (also when summarising elsewhere, e.g. after a GPU lease).
