@@ -50,6 +50,11 @@ def test_goal_verdicts_follow_the_numbers():
     assert not clean["no_worse_met"] and clean["accuracy_diff"] == pytest.approx(-0.02)
     runs[0]["kept_flip_share"] = runs[1]["kept_flip_share"] = runs[2]["kept_flip_share"] = 0.07
     assert not {g["flip"]: g for g in nl.summarize(runs)["goals"]}[0.2]["flip_share_met"]
+    # A preference measured beside the default gets its own verdicts.
+    runs_u = runs + [_run("quality_uniform", s, a, kept_flip=0.01) for s, a in enumerate([0.6, 0.7, 0.8])]
+    uniform = [g for g in nl.summarize(runs_u)["goals"] if g["arm"] == "quality_uniform"]
+    assert [g["flip"] for g in uniform] == [0.2] and uniform[0]["flip_share_met"]
+    assert not uniform[0]["beats_random_met"]  # +0.0 against random, spread 0.1
     one_seed = [r for r in runs if r["seed"] == 0]
     assert {g["flip"]: g for g in nl.summarize(one_seed)["goals"]}[0.2]["beats_random_met"] is None
 
@@ -77,6 +82,13 @@ def test_rerun_skips_finished_runs_and_refuses_other_settings(tmp_path, capsys):
     warm7.write_text(json.dumps({"settings": nl.settings(ns), "runs": runs}))
     assert nl.main(args[:-1] + [str(warm7), "--score-warmup", "7"]) == 0
     assert "--quick --score-warmup 7 --pool 1000" in warm7.with_suffix(".md").read_text()
+    # A file made under another default preference stays reproducible, and names it.
+    ns.quality_preference = "high"
+    warm7.write_text(json.dumps({"settings": nl.settings(ns), "runs": runs}))
+    assert nl.main(args[:-1] + [str(warm7), "--score-warmup", "7", "--quality-preference", "high"]) == 0
+    table = warm7.with_suffix(".md").read_text()
+    assert "--quick --score-warmup 7 --quality-preference high --pool 1000" in table
+    assert "quality preference 'high'" in table
 
 
 def test_schedule_fits_short_runs():

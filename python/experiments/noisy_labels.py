@@ -13,9 +13,10 @@ For each bundled task (Rotten Tomatoes, BBC News), each share of training labels
 - ``random``: the same warm-up, then a uniform stratified sample of the same size (no scoring);
 - ``all``: the same warm-up, then every example;
 - ablations (not run unless named in ``--arms``): ``quality_high`` / ``quality_high_noguard``
-  (the paper's preference for high Q instead of the default 'moderate'), ``quality_uniform``
-  (the guard alone: a uniform sample of what it keeps, preference 'uniform') and ``random_nowarm``
-  (random without the warm-up: plain training on a random sample).
+  (the paper's preference for high Q), ``quality_uniform`` (the guard alone: a uniform sample of
+  what it keeps) and ``quality_moderate`` (typical Q first), each beside whatever the default
+  preference is, and ``random_nowarm`` (random without the warm-up: plain training on a random
+  sample). Tables name the default preference their results file was made with.
 
 Every selecting arm trains on ``--fraction`` of the pool (the guard's drops are replaced by other
 examples, as in the pipeline), so the arms differ in which examples they train on, not how many.
@@ -58,6 +59,7 @@ ARMS = {
     "quality_high": ("quality", {"quality_preference": "high"}),
     "quality_high_noguard": ("quality", {"quality_preference": "high", "mislabel_guard": False}),
     "quality_uniform": ("quality", {"quality_preference": "uniform"}),
+    "quality_moderate": ("quality", {"quality_preference": "moderate"}),
     "random": ("random", {}),
     "random_nowarm": ("random", {"score_warmup": 0}),
     "all": ("all", {}),
@@ -107,8 +109,9 @@ def settings(args) -> dict:
         config = config.replace(score_warmup=20, calibration_batches=2, t_init=2, t_final=2,
                                 delta_t=2)
         tdict["epochs"] = 1
-    if getattr(args, "score_warmup", None) is not None:
-        config = config.replace(score_warmup=args.score_warmup)
+    for name in ("score_warmup", "quality_preference"):  # --score-warmup, --quality-preference
+        if getattr(args, name, None) is not None:
+            config = config.replace(**{name: getattr(args, name)})
     return {"config": config.to_dict(), "train": tdict, "pool": args.pool, "eval": args.eval,
             "fraction": args.fraction}
 
@@ -230,15 +233,14 @@ def summarize(runs: list[dict]) -> dict:
             "flagged": (_ms([r["guard"]["flagged"] for r in rs])[0] if "guard" in rs[0] else None),
         }
     goals = []
-    for ds in sorted({k[0] for k in cells}):
-        for flip, name in ((0.2, "20% flipped"), (0.0, "clean")):
-            q, rnd = cells.get((ds, flip, "quality")), cells.get((ds, flip, "random"))
-            if not q or not rnd:
-                continue
+    for ds, flip, arm in ((ds, flip, arm) for ds in sorted({k[0] for k in cells})
+                          for flip in (0.2, 0.0) for arm in GOAL_ARMS):
+        q, rnd = cells.get((ds, flip, arm)), cells.get((ds, flip, "random"))
+        if q and rnd:
             diff = q["accuracy"] - rnd["accuracy"]
             spread = max(q["accuracy_std"], rnd["accuracy_std"])
-            g = {"dataset": ds, "flip": flip, "accuracy_diff": diff, "seed_spread": spread,
-                 "seeds": min(q["seeds"], rnd["seeds"])}
+            g = {"dataset": ds, "flip": flip, "arm": arm, "accuracy_diff": diff,
+                 "seed_spread": spread, "seeds": min(q["seeds"], rnd["seeds"])}
             if flip > 0:
                 g["kept_flip_share"] = q["kept_flip_share"]
                 g["pool_flip_share"] = q["pool_flip_share"]
@@ -251,10 +253,18 @@ def summarize(runs: list[dict]) -> dict:
     return {"cells": list(cells.values()), "goals": goals}
 
 
-ARM_LABEL = {"quality": "quality (guard on)", "quality_noguard": "quality, no guard",
+# The arms whose goals are judged: the default selection, and each preference measured beside it.
+GOAL_ARMS = ("quality", "quality_uniform", "quality_moderate")
+ARM_LABEL = {"quality": "quality, default '{}' (guard on)", "quality_noguard": "quality, default '{}', no guard",
              "quality_high": "quality 'high' (guard on)", "quality_high_noguard": "quality 'high', no guard",
-             "quality_uniform": "guard only ('uniform')",
+             "quality_uniform": "quality 'uniform' (guard only)",
+             "quality_moderate": "quality 'moderate' (guard on)",
              "random": "random", "random_nowarm": "random, no warm-up", "all": "all data"}
+
+
+def arm_label(arm: str, settings: dict) -> str:
+    """The arm's name in tables; the default arms name the preference their results file used."""
+    return ARM_LABEL[arm].format(settings["config"]["quality_preference"])
 
 
 def _verdict(met: bool | None) -> str:
@@ -276,7 +286,7 @@ def markdown(payload: dict, out: Path) -> str:
     for c in sorted(summ["cells"], key=lambda c: (c["dataset"], c["flip"], order[c["arm"]])):
         flags = "-" if c["flagged"] is None else f"{c['flagged']:.0f}"
         lines.append(
-            f"| {c['dataset']} | {c['flip']:.0%} | {ARM_LABEL[c['arm']]} | "
+            f"| {c['dataset']} | {c['flip']:.0%} | {arm_label(c['arm'], s)} | "
             f"{c['accuracy']:.4f} ± {c['accuracy_std']:.4f} | {c['kept_flip_share']:.3f} "
             f"(pool {c['pool_flip_share']:.3f}) | {c['kept']:.0f} | "
             f"{flags} | {c['wall_s']:.0f} | "
@@ -285,7 +295,8 @@ def markdown(payload: dict, out: Path) -> str:
     for g in summ["goals"]:
         if g["flip"] > 0:
             lines.append(
-                f"- {g['dataset']}, 20% flipped: the quality-selected {s['fraction']:.0%} holds "
+                f"- {g['dataset']}, 20% flipped, {arm_label(g['arm'], s)}: the selected "
+                f"{s['fraction']:.0%} holds "
                 f"{g['kept_flip_share']:.3f} flipped vs the pool's {g['pool_flip_share']:.3f} "
                 f"(goal < {g['pool_flip_share'] / 3:.3f}: {'met' if g['flip_share_met'] else 'missed'}); "
                 f"accuracy vs random {g['accuracy_diff']:+.4f}, seed spread {g['seed_spread']:.4f} "
@@ -293,7 +304,8 @@ def markdown(payload: dict, out: Path) -> str:
                 f"{_verdict(g['beats_random_met'])}).")
         else:
             lines.append(
-                f"- {g['dataset']}, clean: accuracy vs random {g['accuracy_diff']:+.4f}, seed "
+                f"- {g['dataset']}, clean, {arm_label(g['arm'], s)}: accuracy vs random "
+                f"{g['accuracy_diff']:+.4f}, seed "
                 f"spread {g['seed_spread']:.4f} (goal: no worse than random: "
                 f"{'met' if g['no_worse_met'] else 'missed'}).")
     lines += ["", f"Settings: pool {s['pool'] or 'the full train split'}, test "
@@ -318,12 +330,19 @@ def command(payload: dict, out: Path) -> str:
              "--flips " + " ".join(f"{f:g}" for f in sorted({r["flip"] for r in runs})),
              "--seeds " + " ".join(str(x) for x in sorted({r["seed"] for r in runs})),
              "--arms " + " ".join(arms)]
-    warm = s["config"]["score_warmup"]
-    for quick, override in ((False, None), (True, None), (False, warm), (True, warm)):
-        args = type("Args", (), {"quick": quick, "score_warmup": override, "pool": s["pool"],
-                                 "eval": s["eval"], "fraction": s["fraction"]})
-        if settings(args) == s:
-            parts += ["--quick"] * quick + ([f"--score-warmup {warm}"] if override is not None else [])
+    cfg = s["config"]
+
+    def args(quick: bool, **overrides):
+        return type("Args", (), {"quick": quick, "pool": s["pool"], "eval": s["eval"],
+                                 "fraction": s["fraction"], **overrides})
+
+    for quick in (False, True):
+        if settings(args(quick, score_warmup=cfg["score_warmup"],
+                         quality_preference=cfg["quality_preference"])) == s:
+            plain = settings(args(quick))["config"]
+            parts += ["--quick"] * quick + [f"--{k.replace('_', '-')} {cfg[k]}"
+                                            for k in ("score_warmup", "quality_preference")
+                                            if cfg[k] != plain[k]]
             break
     parts += [f"--{k} {s[k]}" for k in ("pool", "eval") if s[k]]
     if s["fraction"] != 0.3:
@@ -369,6 +388,9 @@ def main(argv=None) -> int:
     p.add_argument("--score-warmup", type=int, default=None,
                    help="warm-up steps before scoring (default: the demo's); runs with another "
                    "warm-up need their own --out")
+    p.add_argument("--quality-preference", default=None, choices=("high", "moderate", "uniform"),
+                   help="the quality arms' default preference (default: the library's); lets a "
+                   "results file made under an older default be rerun and extended")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel worker processes")
     p.add_argument("--threads", type=int, default=0,
