@@ -290,3 +290,24 @@ def test_row_scores_carry_the_selection_score_not_q():
     assert not np.allclose(by_row[[7, 1, 4, 0, 9]], Q)
     assert set(np.flatnonzero(flag_by_row)) == {1, 9}
     assert (by_row[[2, 3, 5, 6, 8]] == 0).all() and not flag_by_row[[2, 3, 5, 6, 8]].any()
+
+
+def test_uniform_preference_is_the_random_sample_unless_the_guard_acts():
+    """The default preference ignores Q: with nothing flagged it selects exactly the rows a random
+    selection of the same seed selects; with flags it samples among the survivors only."""
+    import pandas as pd
+
+    from tsqlora_ext.quality import selection_score
+    from tsqlora_ext.selector import select
+
+    rng = np.random.default_rng(5)
+    df = pd.DataFrame({"text": [f"review {i} of the pool" for i in range(400)],
+                       "label": rng.integers(0, 3, 400)})
+    score = selection_score(rng.normal(size=400) * 3, "uniform")
+    kw = dict(text_field="text", label_field="label", count=120, seed=11, gate=False)
+    random_rows = np.sort(select(df, **kw).indices)
+    none_flagged = select(df, scores=score, drop={"likely_mislabeled": np.zeros(400, bool)}, **kw)
+    np.testing.assert_array_equal(np.sort(none_flagged.indices), random_rows)
+    flagged = rng.random(400) < 0.3
+    guarded = np.asarray(select(df, scores=score, drop={"likely_mislabeled": flagged}, **kw).indices)
+    assert guarded.size == 120 and not flagged[guarded].any()
