@@ -276,7 +276,7 @@ def markdown(payload: dict, out: Path) -> str:
     summ = summarize(payload["runs"])
     cfg = s["config"]
     lines = [
-        "### Quality selection on data with wrong labels flipped on purpose (noisy_labels.py)",
+        f"### Quality selection on data with wrong labels flipped on purpose ({out.name})",
         "",
         "| data | flipped | selection | test accuracy (mean ± std) | flipped among kept | kept | "
         "guard flags | wall time (s) | seeds |",
