@@ -255,8 +255,10 @@ def summarize(runs: list[dict]) -> dict:
 
 # The arms whose goals are judged: the default selection, and each preference measured beside it.
 GOAL_ARMS = ("quality", "quality_uniform", "quality_moderate")
-ARM_LABEL = {"quality": "quality, default '{}' (guard on)", "quality_noguard": "quality, default '{}', no guard",
-             "quality_high": "quality 'high' (guard on)", "quality_high_noguard": "quality 'high', no guard",
+ARM_LABEL = {"quality": "quality, default '{}' (guard on)",
+             "quality_noguard": "quality, default '{}', no guard",
+             "quality_high": "quality 'high' (guard on)",
+             "quality_high_noguard": "quality 'high', no guard",
              "quality_uniform": "quality 'uniform' (guard only)",
              "quality_moderate": "quality 'moderate' (guard on)",
              "random": "random", "random_nowarm": "random, no warm-up", "all": "all data"}
