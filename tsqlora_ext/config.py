@@ -15,6 +15,12 @@ from pathlib import Path
 from typing import Any
 
 
+# The choices of the string fields, checked here and by the functions that take them directly.
+MODES = ("full", "head")
+PREFERENCES = ("high", "moderate", "uniform")
+LOOKAHEADS = ("exact", "first_order")
+
+
 def dataclass_from_dict(cls, d: dict[str, Any], source: str):
     """cls(**d), refusing unknown keys with a message that names the source and the keys."""
     known = {f.name for f in dataclasses.fields(cls)}
@@ -157,13 +163,12 @@ class TsqLoRAConfig:
             bad(f"quality_weights must be 3 non-negative numbers, not all 0, got {w}")
         if self.temperature <= 0:
             bad(f"temperature must be > 0, got {self.temperature}")
-        if self.quality_preference not in ("high", "moderate", "uniform"):
-            bad("quality_preference must be 'high', 'moderate' or 'uniform', got "
-                f"{self.quality_preference!r}")
-        if self.score_mode not in ("full", "head"):
-            bad(f"score_mode must be 'full' or 'head', got {self.score_mode!r}")
-        if self.lookahead not in ("exact", "first_order"):
-            bad(f"lookahead must be 'exact' or 'first_order', got {self.lookahead!r}")
+        if self.quality_preference not in PREFERENCES:
+            bad(f"quality_preference must be one of {PREFERENCES}, got {self.quality_preference!r}")
+        if self.score_mode not in MODES:
+            bad(f"score_mode must be one of {MODES}, got {self.score_mode!r}")
+        if self.lookahead not in LOOKAHEADS:
+            bad(f"lookahead must be one of {LOOKAHEADS}, got {self.lookahead!r}")
         if not 0.0 < self.mislabel_threshold < 1.0:
             bad(f"mislabel_threshold must be in (0, 1), got {self.mislabel_threshold}")
         if not self.mislabel_max_spread > 0.0:

@@ -51,13 +51,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import LOOKAHEADS, MODES, PREFERENCES
 from .layers import VarRankLoRALinear
 from .mislabel import flag_mislabeled, guard_abstains, high_loss_spread
 
 SCORE_FIELDS = ("index", "loss", "G", "D", "C", "Q", "score", "p_mislabeled")
-MODES = ("full", "head")
-PREFERENCES = ("high", "moderate", "uniform")
-LOOKAHEADS = ("exact", "first_order")
 _NON_INPUT_KEYS = ("labels", "index")
 
 

@@ -379,6 +379,8 @@ def watch_parent() -> None:
 
 # ---- driver --------------------------------------------------------------------------------------
 def main(argv=None) -> int:
+    from tsqlora_ext.config import PREFERENCES
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     p.add_argument("--flips", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.4])
@@ -390,7 +392,7 @@ def main(argv=None) -> int:
     p.add_argument("--score-warmup", type=int, default=None,
                    help="warm-up steps before scoring (default: the demo's); runs with another "
                    "warm-up need their own --out")
-    p.add_argument("--quality-preference", default=None, choices=("high", "moderate", "uniform"),
+    p.add_argument("--quality-preference", default=None, choices=PREFERENCES,
                    help="the quality arms' default preference (default: the library's); lets a "
                    "results file made under an older default be rerun and extended")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
