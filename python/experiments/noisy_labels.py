@@ -167,6 +167,7 @@ def run_one(job: dict) -> dict:
         n_flag = int(flagged.sum())
         rec["guard"] = {
             "on": config.mislabel_guard, "flagged": n_flag, "abstains": mix.get("guard_abstains"),
+            "spread": mix.get("high_loss_spread"),
             "precision": float(flipped[flagged].mean()) if n_flag else None,
             "recall": float(flagged[flipped].mean()) if flipped.any() else None,
         }
