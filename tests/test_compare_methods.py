@@ -107,9 +107,9 @@ def test_tagged_partial_grid_names_its_files_and_its_command(cm, tmp_path):
                        settings_id=cm.settings_id(settings, "rotten_tomatoes"))
             store.add(run)
     # A quality run made with another quality_preference is another run, never summarised here.
-    other = {**run, "method": "quality@0.3", "test": {**run["test"], "accuracy": 0.1},
-             "key": cm.run_key("rotten_tomatoes", "quality@0.3", 1e-3, 1) + "|preference=high"}
-    store.add(other)
+    for seed in (0, 1):
+        store.add({**run, "method": "quality@0.3", "seed": seed, "test": {"accuracy": 0.1},
+                   "key": cm.run_key("rotten_tomatoes", "quality@0.3", 1e-3, seed, "high")})
     args = ["--out", str(tmp_path), "--tasks", "rotten_tomatoes", "--methods", "quality@0.3",
             "random@0.3", "--seeds", "0", "1", "--lrs", "1e-3", "--tag", "cpu-rt"]
     assert cm.main(args + ["--summarize"]) == 0
@@ -117,10 +117,37 @@ def test_tagged_partial_grid_names_its_files_and_its_command(cm, tmp_path):
     assert ("`python python/experiments/compare_methods.py --device cpu --jobs 1 --tasks rotten_tomatoes "
             "--methods quality@0.3 random@0.3 --seeds 0 1 --lrs 0.001 --tag cpu-rt`") in md
     assert md.startswith("### TsqLoRA against PEFT LoRA and AdaLoRA (bundled MiniLM) — partial grid 'cpu-rt' "
-                         "(cpu): TsqLoRA, quality-selected 30%, TsqLoRA, random 30%\n")
+                         "(cpu): TsqLoRA, quality-selected 30%, TsqLoRA, random 30%; quality arms select "
+                         "with quality_preference 'uniform'\n")
     summary = json.loads((tmp_path / "compare_methods-cpu-rt.json").read_text())
     assert summary["seeds"] == [0, 1]
     quality = summary["tasks"]["rotten_tomatoes"]["methods"]["quality@0.3"]
     assert quality["test_accuracy_per_seed"] == [0.7, 0.71]  # not the other preference's 0.1
+    # ... but in its own table, which says so and how to reproduce it.
+    assert cm.main(args + ["--summarize", "--quality-preference", "high"]) == 0
+    md = (tmp_path / "compare_methods-cpu-rt-high.md").read_text()
+    assert "--tag cpu-rt --quality-preference high`" in md and "quality_preference 'high'" in md
+    high = json.loads((tmp_path / "compare_methods-cpu-rt-high.json").read_text())
+    assert high["tasks"]["rotten_tomatoes"]["methods"]["quality@0.3"]["test_accuracy_per_seed"] == [0.1, 0.1]
     with pytest.raises(SystemExit):
         cm.main(["--summarize", "--tag", "../elsewhere"])
+
+
+def test_quality_and_random_arms_share_a_worker_call(cm):
+    """The arms of one (task, lr, seed) share the warm-up and scoring pass; nothing else does."""
+    settings = cm.task_settings("minilm", quick=True)
+
+    def spec(task, method, lr, seed):
+        return {"key": cm.run_key(task, method, lr, seed), "task": task, "method": method, "lr": lr,
+                "seed": seed, "settings_id": cm.settings_id(settings[task], task)}
+    specs = [spec("rotten_tomatoes", m, lr, seed) for m in ("quality@0.1", "random@0.5", "tsqlora",
+                                                            "no_realloc", "lora")
+             for lr in (1e-3, 3e-3) for seed in (0, 1)]
+    specs.append(spec("bbc_news", "random@0.1", 1e-3, 0))
+    calls = cm.worker_calls(specs, settings)
+    assert sorted(len(c) for c in calls) == [1] * 13 + [2] * 4
+    for call in calls:
+        assert len({(s["task"], s["lr"], s["seed"]) for s in call}) == 1
+        if len(call) == 2:
+            assert {s["method"] for s in call} == {"quality@0.1", "random@0.5"}
+    assert sorted(s["key"] for c in calls for s in c) == sorted(s["key"] for s in specs)

@@ -35,6 +35,9 @@ remaining seeds run at that rate only (the full grid x all seeds does not fit a 
 Every run is written to ``<out>/<name>-runs.jsonl`` as soon as it finishes (the whole file
 re-written atomically), and a rerun skips the runs already there, so an interrupted run keeps
 what it finished. ``--summarize`` (also run at the end) writes ``<name>.json`` and ``<name>.md``.
+The quality and random arms of one (task, learning rate, seed) run in one worker call: the gate,
+warm-up and scoring pass, which none of them changes, run once, and each arm trains its own copy
+of the warmed-up model (the same run as alone; each arm's wall time counts the shared part).
 
 The decoder case (--model smollm2, results compare_methods-smollm2.*) runs on a CPU-sized subset of
 Rotten Tomatoes (DECODER below): the 135M-parameter model takes seconds per step on two cores, and a
@@ -361,29 +364,35 @@ def run_peft(method: str, prep: PreparedTask, settings: TaskSettings, lr: float,
             "params_active": active_params(ranks, method == "adalora", head_params(model))}
 
 
-def run_tsqlora(method: str, prep: PreparedTask, settings: TaskSettings, lr: float, seed: int,
-                device) -> dict[str, Any]:
+def run_tsqlora(methods: list[str], prep: PreparedTask, settings: TaskSettings, lr: float, seed: int,
+                device, preference: str) -> list[dict[str, Any]]:
+    """TsqLoRA runs of one (task, lr, seed): one method, or several quality / random arms. The arms
+    share one gate, warm-up and scoring pass, which depend on none of them, and each trains its
+    own copy of the warmed-up model: the run it would make alone (``train`` reseeds torch and the
+    selection draws from its own generator), and each arm's wall time counts the shared part."""
+    import copy
+
     import numpy as np
 
     from tsqlora_ext import pipeline
     from tsqlora_ext.train import evaluate, pad_id_of, train
     from tsqlora_ext.wrap import wrap
 
-    kind, fraction = method_family(method)
+    selecting = {method_family(m)[0] for m in methods} <= {"quality", "random"}
+    if len(methods) > 1 and not selecting:
+        raise ValueError(f"only quality / random arms share a run, got {methods}")
     args = _train_args(settings, lr)
-    config = _base_config(seed, settings)
-    if method == "no_sens_init":
+    config = _base_config(seed, settings).replace(quality_preference=preference)
+    if methods[0] == "no_sens_init":
         config = config.replace(sensitivity_init=False)
-    elif method == "no_realloc":
+    elif methods[0] == "no_realloc":
         # The initial allocation shares the FINAL budget (8 per layer on average) by sensitivity.
         config = config.replace(r_init=TARGET_R, dynamic=False)
     model, _ = pipeline._load_model(model_path(settings.model), len(prep.task.label_names), seed)
     model = wrap(model, config, verbose=False).to(device)
     pad = pad_id_of(prep.tokenizer)
     t0 = time.perf_counter()
-    rows = np.arange(len(prep.train_tok))
-    info: dict[str, Any] = {"warmup_examples": 0}
-    if kind in ("quality", "random"):
+    if selecting:
         pool, gate_drops = pipeline._gate(prep.task, seed)
         pool_rows = np.flatnonzero(pool)
         half_epoch = math.ceil(0.5 * len(pool_rows) / args.batch_size)
@@ -392,60 +401,81 @@ def run_tsqlora(method: str, prep: PreparedTask, settings: TaskSettings, lr: flo
         warm, scores = pipeline._score(model, prep.tokenizer, prep.train_tok.subset(pool_rows), config, args)
         scores.index = pool_rows[scores.index]
         # What the pipeline samples by: the selection score (quality_preference applied), not Q.
-        q, flagged = pipeline.row_scores(scores, len(pool))
-        want = max(1, round(fraction * len(pool)))  # the same count for quality and random
-        if kind == "random":
-            q[:] = 0.0  # Gumbel-top-k of equal scores: uniform among the gated pool
-            flagged[:] = False
-        # _select keeps data_fraction x the gated pool, replacing what the guard drops.
-        sel_cfg = config.replace(data_fraction=min(1.0, want / int(pool.sum())))
-        sel = pipeline._select(prep.task, q, flagged, pool, sel_cfg)
-        rows = np.sort(np.asarray(sel.indices, dtype=np.int64))
-        info = {"warmup_examples": int(warm["examples"]) if warm else 0, "warmup_steps": warm_steps,
-                "pool": int(pool.sum()), "gate_drops": gate_drops,
-                "flagged_mislabeled": int(flagged.sum()),
-                "guard": (scores.meta or {}).get("mixture"),
-                "quality_preference": config.quality_preference if kind == "quality" else None,
-                "selected": int(len(rows)),
-                "requested": int(want)}
-    total = _steps(len(rows), settings)
-    config = config.replace(**schedule(total)) if config.dynamic else config
-    clock = StepClock()
-    clock.start()
-    result = train(model, prep.train_tok.subset(rows), prep.val_tok, config, args,
-                   tokenizer=prep.tokenizer, on_step=clock)
-    _sync(device)
-    wall = time.perf_counter() - t0
-    test = evaluate(model, prep.test_tok, batch_size=args.eval_batch_size, max_length=args.max_length,
-                    pad_id=pad, bf16=args.bf16, num_workers=args.num_workers)
-    ranks = ours_ranks(model)
-    return {"val": result.metrics, "test": test, "wall_s": wall, **clock.summary(),
-            "optimizer_steps": result.optimizer_steps, "reallocations": result.reallocations,
-            "train_examples": int(len(rows)), **info, "adapted_layers": len(ranks),
-            "schedule": schedule(total) if config.dynamic else None,
-            "final_ranks": {n: r for n, (r, _, _) in ranks.items()},
-            "rank_history": result.rank_history if method == "tsqlora" else None,
-            "params_active": active_params(ranks, True, head_params(model))}
+        q_scores, q_flagged = pipeline.row_scores(scores, len(pool))
+    shared_s = time.perf_counter() - t0
+    out = []
+    for method in methods:
+        t1 = time.perf_counter()
+        kind, fraction = method_family(method)
+        rows = np.arange(len(prep.train_tok))
+        info: dict[str, Any] = {"warmup_examples": 0}
+        run_config = config
+        if selecting:
+            want = max(1, round(fraction * len(pool)))  # the same count for quality and random
+            # Random: Gumbel-top-k of equal scores, i.e. uniform among the gated pool.
+            q = q_scores.copy() if kind == "quality" else np.zeros_like(q_scores)
+            flagged = q_flagged.copy() if kind == "quality" else np.zeros_like(q_flagged)
+            # _select keeps data_fraction x the gated pool, replacing what the guard drops.
+            sel = pipeline._select(prep.task, q, flagged, pool,
+                                   config.replace(data_fraction=min(1.0, want / int(pool.sum()))))
+            rows = np.sort(np.asarray(sel.indices, dtype=np.int64))
+            info = {"warmup_examples": int(warm["examples"]) if warm else 0, "warmup_steps": warm_steps,
+                    "pool": int(pool.sum()), "gate_drops": gate_drops,
+                    "flagged_mislabeled": int(flagged.sum()),
+                    "guard": (scores.meta or {}).get("mixture"),
+                    "quality_preference": preference if kind == "quality" else None,
+                    "selected": int(len(rows)), "requested": int(want),
+                    "warmup_score_s": shared_s, "shared_with": [m for m in methods if m != method]}
+        arm_model = copy.deepcopy(model) if len(methods) > 1 else model
+        total = _steps(len(rows), settings)
+        run_config = config.replace(**schedule(total)) if config.dynamic else config
+        clock = StepClock()
+        clock.start()
+        result = train(arm_model, prep.train_tok.subset(rows), prep.val_tok, run_config, args,
+                       tokenizer=prep.tokenizer, on_step=clock)
+        _sync(device)
+        wall = shared_s + time.perf_counter() - t1
+        test = evaluate(arm_model, prep.test_tok, batch_size=args.eval_batch_size,
+                        max_length=args.max_length, pad_id=pad, bf16=args.bf16,
+                        num_workers=args.num_workers)
+        ranks = ours_ranks(arm_model)
+        out.append({"method": method, "val": result.metrics, "test": test, "wall_s": wall,
+                    **clock.summary(), "optimizer_steps": result.optimizer_steps,
+                    "reallocations": result.reallocations, "train_examples": int(len(rows)), **info,
+                    "adapted_layers": len(ranks),
+                    "schedule": schedule(total) if config.dynamic else None,
+                    "final_ranks": {n: r for n, (r, _, _) in ranks.items()},
+                    "rank_history": result.rank_history if method == "tsqlora" else None,
+                    "params_active": active_params(ranks, True, head_params(arm_model))})
+        del arm_model
+    return out
 
 
-def run_one(spec: dict[str, Any]) -> dict[str, Any]:
-    """Worker entry point: one (task, method, lr, seed) run; errors come back as a record."""
+def run_one(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Worker entry point: the runs of one (task, lr, seed), one method or several quality /
+    random arms sharing their warm-up (see run_tsqlora); errors come back as records."""
     import torch
     t0 = time.perf_counter()
+    first = specs[0]
     try:
-        settings = TaskSettings(**spec["settings"])
-        device = torch.device(spec["device"])
-        prep = prepare(spec["task"], settings)
+        settings = TaskSettings(**first["settings"])
+        device = torch.device(first["device"])
+        prep = prepare(first["task"], settings)
         load_s = time.perf_counter() - t0
-        fn = run_peft if spec["method"] in ("lora", "adalora") else run_tsqlora
-        out = fn(spec["method"], prep, settings, spec["lr"], spec["seed"], device)
-        return {**{k: spec[k] for k in ("key", "task", "method", "lr", "seed", "device", "jobs",
-                                        "settings_id")},
-                **out, "prepare_s": load_s, "run_s": time.perf_counter() - t0,
+        methods = [s["method"] for s in specs]
+        if methods[0] in ("lora", "adalora"):
+            outs = [run_peft(methods[0], prep, settings, first["lr"], first["seed"], device)]
+        else:
+            outs = run_tsqlora(methods, prep, settings, first["lr"], first["seed"], device,
+                               first["quality_preference"])
+        done = {"prepare_s": load_s, "run_s": time.perf_counter() - t0, "runs_in_worker_call": len(specs),
                 "threads": torch.get_num_threads(), "pid": os.getpid(), "versions": _versions(),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    except Exception:  # the run is reported and retried on the next invocation, never recorded
-        return {"key": spec["key"], "error": traceback.format_exc()}
+        return [{**{k: spec[k] for k in ("key", "task", "method", "lr", "seed", "device", "jobs",
+                                         "settings_id")}, **out, **done}
+                for spec, out in zip(specs, outs)]
+    except Exception:  # the runs are reported and retried on the next invocation, never recorded
+        return [{"key": spec["key"], "error": traceback.format_exc()} for spec in specs]
 
 
 def _versions() -> dict[str, str]:
@@ -493,9 +523,9 @@ class RunStore:
         os.replace(tmp, self.path)
 
 
-def run_key(task: str, method: str, lr: float, seed: int) -> str:
+def run_key(task: str, method: str, lr: float, seed: int, preference: str | None = None) -> str:
     key = f"{task}|{method}|lr={lr:g}|seed={seed}"
-    preference = _quality_preference()
+    preference = preference or default_preference()
     # A quality run made with another quality_preference is another run: neither skipped as done
     # nor summarised with this one. 'moderate', the default when the first grids ran, keeps the
     # bare keys those runs were stored under.
@@ -505,7 +535,7 @@ def run_key(task: str, method: str, lr: float, seed: int) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _quality_preference() -> str:
+def default_preference() -> str:
     from tsqlora_ext import pipeline
     return pipeline.demo_settings()[0].quality_preference
 
@@ -549,9 +579,10 @@ def run_grid(opts, store: RunStore, name: str) -> int:
 
     def spec(task, method, lr, seed):
         s = settings[task]
-        return {"key": run_key(task, method, lr, seed), "task": task, "method": method, "lr": lr,
-                "seed": seed, "device": opts.device, "jobs": opts.jobs, "settings": dataclasses.asdict(s),
-                "settings_id": settings_id(s, task)}
+        return {"key": run_key(task, method, lr, seed, opts.quality_preference), "task": task,
+                "method": method, "lr": lr, "seed": seed, "device": opts.device, "jobs": opts.jobs,
+                "settings": dataclasses.asdict(s), "settings_id": settings_id(s, task),
+                "quality_preference": opts.quality_preference}
 
     stage1, n_total, steps_total = [], 0, 0
     for task in opts.tasks:
@@ -578,12 +609,14 @@ def run_grid(opts, store: RunStore, name: str) -> int:
     ctx = get_context("spawn")
     with ProcessPoolExecutor(max_workers=opts.jobs, mp_context=ctx, initializer=_init_worker,
                              initargs=(opts.threads,)) as ex:
-        pending: dict[Any, dict[str, Any]] = {}
+        pending: dict[Any, list[dict[str, Any]]] = {}
 
-        def submit(s):
-            pending[ex.submit(run_one, s)] = s
+        def submit(specs):
+            for job in worker_calls(specs, settings):
+                pending[ex.submit(run_one, job)] = job
 
         def expand_ready():
+            ready = []
             for group_key, group in specs_by_group.items():
                 if group_key in expanded:
                     continue
@@ -595,33 +628,47 @@ def run_grid(opts, store: RunStore, name: str) -> int:
                 for seed in opts.seeds[1:]:
                     s = spec(*group_key, best, seed)
                     if not store.done(s["key"], s["settings_id"]):
-                        submit(s)
+                        ready.append(s)
+            submit(ready)
 
-        # Longest runs first (all-data methods), so the pool drains evenly.
-        for s in sorted(todo1, key=lambda s: -estimate_steps(s["task"], s["method"],
-                                                               settings[s["task"]])):
-            submit(s)
+        submit(todo1)
         expand_ready()
         while pending:
             done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
             for fut in done:
-                s = pending.pop(fut)
-                rec = fut.result()
-                if "error" in rec:
-                    failed += 1
-                    print(f"FAILED {s['key']}:\n{rec['error']}", file=sys.stderr, flush=True)
-                    continue
-                store.add(rec)
-                print(f"[{time.perf_counter() - t0:7.1f}s] {s['key']}: val acc "
-                      f"{rec['val']['accuracy']:.4f}, test acc {rec['test']['accuracy']:.4f}, "
-                      f"{rec['optimizer_steps']} steps, {rec['step_ms_median']:.1f} ms/step, "
-                      f"run {rec['run_s']:.1f}s", flush=True)
+                pending.pop(fut)
+                for rec in fut.result():
+                    if "error" in rec:
+                        failed += 1
+                        print(f"FAILED {rec['key']}:\n{rec['error']}", file=sys.stderr, flush=True)
+                        continue
+                    store.add(rec)
+                    print(f"[{time.perf_counter() - t0:7.1f}s] {rec['key']}: val acc "
+                          f"{rec['val']['accuracy']:.4f}, test acc {rec['test']['accuracy']:.4f}, "
+                          f"{rec['optimizer_steps']} steps, {rec['step_ms_median']:.1f} ms/step, "
+                          f"worker call {rec['run_s']:.1f}s ({rec['runs_in_worker_call']} run(s))",
+                          flush=True)
             expand_ready()
     took = [r["run_s"] for r in store.runs if r["settings_id"] in {s["settings_id"] for s in stage1}]
-    print(f"{name}: grid finished in {time.perf_counter() - t0:.1f}s ({failed} failed); per run "
-          f"(worker process, model load to test evaluation): mean {statistics.fmean(took):.1f}s, "
+    print(f"{name}: grid finished in {time.perf_counter() - t0:.1f}s ({failed} failed); per worker "
+          f"call (model load to the last test evaluation): mean {statistics.fmean(took):.1f}s, "
           f"max {max(took):.1f}s over {len(took)} runs" if took else f"{name}: nothing ran")
     return failed
+
+
+def worker_calls(specs: list[dict[str, Any]], settings: dict[str, TaskSettings]) -> list[list[dict[str, Any]]]:
+    """The specs grouped into worker calls: the quality / random arms of one (task, lr, seed) share
+    a call (and their warm-up and scoring pass), every other run has its own; longest calls first
+    (all-data methods, bundles), so the pool drains evenly."""
+    calls: dict[Any, list[dict[str, Any]]] = {}
+    for s in specs:
+        shared = method_family(s["method"])[0] in ("quality", "random")
+        key = (s["task"], s["lr"], s["seed"], s["settings_id"]) if shared else s["key"]
+        calls.setdefault(key, []).append(s)
+
+    def steps(call):
+        return sum(estimate_steps(s["task"], s["method"], settings[s["task"]]) for s in call)
+    return sorted(calls.values(), key=steps, reverse=True)
 
 
 def _stage2_done(store, opts, specs_by_group) -> int:
@@ -629,7 +676,8 @@ def _stage2_done(store, opts, specs_by_group) -> int:
     for (task, method), group in specs_by_group.items():
         for seed in opts.seeds[1:]:
             n += sum(1 for r in store.runs if r["task"] == task and r["method"] == method
-                     and r["seed"] == seed and r["settings_id"] == group[0]["settings_id"])
+                     and r["seed"] == seed and r["settings_id"] == group[0]["settings_id"]
+                     and r["key"] == run_key(task, method, r["lr"], seed, opts.quality_preference))
     return n
 
 
@@ -776,7 +824,7 @@ def write_summary(store: RunStore, out: Path, name: str, opts, title: str) -> No
     settings = task_settings(opts.model, opts.quick)
     sids = {settings_id(settings[t], t) for t in opts.tasks}
     runs = [r for r in store.runs if r["settings_id"] in sids and r["method"] in opts.methods
-            and r["key"] == run_key(r["task"], r["method"], r["lr"], r["seed"])]
+            and r["key"] == run_key(r["task"], r["method"], r["lr"], r["seed"], opts.quality_preference)]
     if not runs:
         raise SystemExit(f"no finished runs with the current settings in {store.path}: run the grid first")
     # The command that made the runs (also when summarising elsewhere, e.g. after a GPU lease).
@@ -789,7 +837,10 @@ def write_summary(store: RunStore, out: Path, name: str, opts, title: str) -> No
         (f" --seeds {' '.join(map(str, opts.seeds))}" if not opts.quick and tuple(opts.seeds) != SEEDS
          else "") + \
         (f" --lrs {' '.join(f'{x:g}' for x in opts.lrs)}" if not opts.quick and opts.lrs != LR_GRID else "") + \
-        (f" --tag {opts.tag}" if opts.tag else "")
+        (f" --tag {opts.tag}" if opts.tag else "") + \
+        (f" --quality-preference {opts.quality_preference}"
+         if opts.quality_preference != default_preference() and
+         any(method_family(m)[0] == "quality" for m in opts.methods) else "")
     summary = summarize(runs, opts.lrs, opts.seeds, command)
     write_json(summary, out / f"{name}.json")
     md = out / f"{name}.md"
@@ -801,6 +852,7 @@ def write_summary(store: RunStore, out: Path, name: str, opts, title: str) -> No
 
 
 def main(argv=None) -> int:
+    from tsqlora_ext.config import PREFERENCES
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel worker processes")
@@ -818,6 +870,9 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="",
                    help="suffix of the results files' name, to keep a partial grid on another device "
                         "(e.g. --tag cpu-rt) apart from the main one")
+    p.add_argument("--quality-preference", choices=PREFERENCES, default=None,
+                   help="what the quality arms sample by (default: the pipeline's, "
+                        "pipeline.demo_settings); another preference's runs and tables are kept apart")
     p.add_argument("--summarize", action="store_true", help="only turn finished runs into tables")
     p.add_argument("--plan", action="store_true", help="print the number of runs and steps, run nothing")
     opts = p.parse_args(argv)
@@ -841,10 +896,16 @@ def main(argv=None) -> int:
         (f"-quick-{opts.device}" if opts.quick else "") + (f"-{opts.tag}" if opts.tag else "")
     opts.out.mkdir(parents=True, exist_ok=True)
     store = RunStore(opts.out / f"{name}-runs.jsonl")
+    opts.quality_preference = opts.quality_preference or default_preference()
+    quality = any(method_family(m)[0] == "quality" for m in opts.methods)
+    if quality and opts.quality_preference != default_preference():
+        name += f"-{opts.quality_preference}"  # the runs file is shared; the tables are not
     title = ("Smoke run (--quick: tiny subsets, one seed, one learning rate; NOT a result)"
              if opts.quick else f"TsqLoRA against PEFT LoRA and AdaLoRA ({MODELS[opts.model][2]})")
     if opts.tag:
         title += f" — partial grid '{opts.tag}' ({opts.device}): {', '.join(LABELS[m] for m in opts.methods)}"
+    if quality:
+        title += f"; quality arms select with quality_preference '{opts.quality_preference}'"
     failed = 0 if opts.summarize else run_grid(opts, store, name)
     if opts.plan:
         return 0
