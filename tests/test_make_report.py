@@ -95,6 +95,14 @@ def test_fraction_plot_from_a_tagged_grid_when_the_main_one_has_none(tmp_path):
     plot = body[body.index("![accuracy against data fraction]"):]
     assert "Reproduce: `python python/experiments/compare_methods.py --device cpu --tag cpu-rt && " in plot
     assert (res / "accuracy_vs_fraction.png").stat().st_size > 1000
+    # A smaller grid (another quality preference, one fraction) named first does not take it over.
+    one = {**main, "command": "python python/experiments/compare_methods.py --tag cpu-moderate"}
+    one["tasks"] = {"toy": {**main["tasks"]["toy"], "methods": {
+        "quality@0.3": {"test_accuracy": [0.7, 0.01]}, "random@0.3": {"test_accuracy": [0.7, 0.01]}}}}
+    (res / "compare_methods-cpu-moderate.json").write_text(json.dumps(one))
+    body = mr.build_body(res, bench, tmp_path / "README.md")
+    assert "--tag cpu-rt && " in body[body.index("![accuracy against data fraction]"):]
+    (res / "compare_methods-cpu-moderate.json").unlink()
     (res / "compare_methods-cpu-rt.json").unlink()
     body = mr.build_body(res, bench, tmp_path / "README.md")
     assert "accuracy_vs_fraction" not in body and not (res / "accuracy_vs_fraction.png").exists()

@@ -149,14 +149,14 @@ def plot_rank_heatmaps(summary: dict[str, Any], results: Path) -> list[tuple[str
     return out
 
 
-def _has_fractions(summary: dict[str, Any]) -> bool:
-    return any(m.startswith(("quality@", "random@")) for v in summary["tasks"].values() for m in v["methods"])
+def _fraction_arms(summary: dict[str, Any]) -> int:
+    return sum(m.startswith(("quality@", "random@")) for v in summary["tasks"].values() for m in v["methods"])
 
 
 def figures(results: Path, readme: Path) -> list[str]:
     """Draw the plots of compare_methods.json (or its smoke counterpart); markdown for each. The
-    fraction plot comes from the first summary holding fraction arms: the main one, else a partial
-    grid kept apart with --tag (e.g. CPU runs)."""
+    fraction plot comes from the summary holding the most fraction arms, the main one on a tie
+    (partial grids are kept apart with --tag, e.g. CPU runs)."""
     full = results / "compare_methods.json"
     smoke_files = sorted(results.glob("compare_methods-quick-*.json"))
     tagged = sorted(p for p in results.glob("compare_methods-*.json") if p not in smoke_files)
@@ -171,7 +171,9 @@ def figures(results: Path, readme: Path) -> list[str]:
         return tag, f"`{summaries[path]['command']} && {GENERATOR}`"
 
     blocks = []
-    source = next((p for p in candidates if _has_fractions(summaries[p])), None)
+    # The summary with the most fraction arms (the first of those, in the order above).
+    source = max(candidates, key=lambda p: _fraction_arms(summaries[p]))
+    source = source if _fraction_arms(summaries[source]) else None
     png = results / "accuracy_vs_fraction.png"
     if source is not None:
         tag, cmd = caption(source)
