@@ -25,10 +25,13 @@ TORCH_LIBRARY(tsqlora_ext, m) {
   // Fused importance update over all adapted layers: updates ipt_avg / unc_avg (the EMAs of
   // |p * grad| and of its deviation) and the scores of active components in place; counters
   // [updates applied, steps skipped for non-finite gradients]. No outputs, no host sync.
+  // check_finite=False: the caller already knows the gradients are finite (e.g. from the global
+  // norm it clips with), so the op skips its own read of them.
   m.def(
       "sensitivity_update(Tensor[] lora_A, Tensor[] lora_E, Tensor[] lora_B, Tensor[] grad_A, "
       "Tensor[] grad_E, Tensor[] grad_B, Tensor(a!)[] ipt_avg, Tensor(b!)[] unc_avg, "
-      "Tensor active_mask, Tensor(c!) scores, Tensor(d!) counters, float beta1, float beta2) -> ()");
+      "Tensor active_mask, Tensor(c!) scores, Tensor(d!) counters, float beta1, float beta2, "
+      "bool check_finite=True) -> ()");
   // sum |weight ⊙ (grad_outᵀ x)| as a 0-d tensor, reduced tile by tile.
   m.def("layer_sensitivity(Tensor weight, Tensor x, Tensor grad_out) -> Tensor");
   // Keep-mask [n] of the best min(budget, sum r_max) components under per-layer bounds.

@@ -145,6 +145,15 @@ def test_non_finite_step_is_skipped(device):
     model.layers[1].lora_B.grad[0, 0] = float("inf")
     alloc.step()
     assert alloc.skipped_steps == 1 and alloc.counters.tolist() == [0, 1]
+    # A caller that knows the step was bad (the training loop's gradient norm) skips it unread,
+    # and the schedule still counts it as an optimizer step.
+    before = [t.clone() for t in alloc.ipt_avg + alloc.unc_avg] + [alloc.scores.clone()]
+    model.layers[1].lora_B.grad[0, 0] = 1.0
+    alloc.step(grads_finite=False)
+    assert alloc.counters.tolist() == [0, 2] and alloc.global_step == 2
+    assert all(torch.equal(a, b) for a, b in zip(alloc.ipt_avg + alloc.unc_avg + [alloc.scores], before))
+    alloc.step(grads_finite=True)
+    assert alloc.counters.tolist() == [1, 2]
 
 
 def test_calibration_shares_b0_by_layer_sensitivity(monkeypatch):

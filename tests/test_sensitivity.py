@@ -93,6 +93,25 @@ def test_non_finite_step_is_skipped_and_counted(device, where, bad):
     assert counters.tolist() == [1, 1]
 
 
+def test_caller_vouching_for_finite_gradients_gets_the_same_update(device):
+    """check_finite=False (the training loop already knows the global gradient norm is finite)
+    skips the op's scan and nothing else: the same EMAs and scores as the checked update."""
+    A, E, B, ipt, unc, mask, scores, counters = make_state(device)
+    u_ipt, u_unc, u_scores, u_counters = clone_all(ipt), clone_all(unc), scores.clone(), counters.clone()
+    r_ipt, r_unc, r_scores, r_counters = clone_all(ipt), clone_all(unc), scores.clone(), counters.clone()
+    for step in range(2):
+        gA, gE, gB = grads_like(A, E, B, seed=40 + step)
+        ops.sensitivity_update(A, E, B, gA, gE, gB, ipt, unc, mask, scores, counters, 0.85, 0.7)
+        ops.sensitivity_update(A, E, B, gA, gE, gB, u_ipt, u_unc, mask, u_scores, u_counters, 0.85,
+                               0.7, check_finite=False)
+        reference.sensitivity_update(A, E, B, gA, gE, gB, r_ipt, r_unc, mask, r_scores, r_counters,
+                                     0.85, 0.7, check_finite=False)
+    for got, want in zip(u_ipt + u_unc + [u_scores], ipt + unc + [scores]):
+        assert torch.equal(got, want)
+    torch.testing.assert_close(u_scores, r_scores, rtol=1e-4, atol=1e-6)
+    assert u_counters.tolist() == r_counters.tolist() == [2, 0]
+
+
 def test_nan_in_an_inactive_component_is_not_read(device):
     A, E, B, ipt, unc, mask, scores, counters = make_state(device)
     mask[0] = False
@@ -121,8 +140,10 @@ def test_update_rejects_bad_input():
 def test_update_opcheck(device):
     A, E, B, ipt, unc, mask, scores, counters = make_state(device, shapes=SHAPES[:2])
     gA, gE, gB = grads_like(A, E, B, seed=3)
-    torch.library.opcheck(torch.ops.tsqlora_ext.sensitivity_update.default,
-                          (A, E, B, gA, gE, gB, ipt, unc, mask, scores, counters, 0.85, 0.85))
+    for check_finite in (True, False):
+        torch.library.opcheck(torch.ops.tsqlora_ext.sensitivity_update.default,
+                              (A, E, B, gA, gE, gB, ipt, unc, mask, scores, counters, 0.85, 0.85,
+                               check_finite))
 
 
 # ---- against PEFT's own RankAllocator ------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("transformers")
 
 from tsqlora_ext.allocator import RankAllocator, budget_schedule  # noqa: E402
+from tsqlora_ext.checkpoint import CheckpointManager  # noqa: E402
 from tsqlora_ext.train import TrainArgs, classification_metrics, train  # noqa: E402
 from tsqlora_ext.wrap import wrap  # noqa: E402
 
@@ -82,6 +83,54 @@ def test_training_learns_the_tiny_task(device):
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
     assert result.metrics["accuracy"] > before["accuracy"]
     assert len(result.eval_history) == 3  # one evaluation per epoch
+
+
+class _PoisonLoss:
+    """A forward hook on the classifier that makes the logits NaN on the chosen forward calls."""
+
+    def __init__(self, calls):
+        self.calls, self.n = set(calls), 0
+
+    def __call__(self, module, inputs, output):
+        self.n += 1
+        return output * float("nan") if self.n in self.calls else output
+
+
+def test_a_step_with_nan_gradients_is_skipped_whole():
+    torch.set_num_threads(1)
+    train_data, _ = tw.tiny_task(n=128)
+    config = tw.tiny_config()
+    model = wrap(tw.tiny_bert(), config, verbose=False)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    seen = {}
+
+    def snapshot(step, rec):
+        seen[step] = {n: p.detach().clone() for n, p in trainable.items()}
+    # Forward calls 1-2 are the sensitivity calibration; step k's forward is call k + 2.
+    model.classifier.register_forward_hook(_PoisonLoss({2 + 4}))
+    result = train(model, train_data, None, config, _args(max_steps=6, batch_size=16), on_step=snapshot)
+    assert result.optimizer_steps == 6 and result.skipped_steps == 1
+    assert all(torch.equal(seen[4][n], seen[3][n]) for n in trainable)  # step 4 changed nothing
+    assert not all(torch.equal(seen[5][n], seen[4][n]) for n in trainable)  # step 5 trained again
+    assert all(torch.isfinite(p).all() for p in trainable.values())
+    assert not np.isfinite(result.loss_history[3]["grad_norm"])
+    assert np.isfinite([h["grad_norm"] for h in result.loss_history if h["step"] != 4]).all()
+
+
+def test_persistent_nan_gradients_stop_with_an_error_and_keep_the_checkpoints(tmp_path):
+    torch.set_num_threads(1)
+    train_data, _ = tw.tiny_task(n=128)
+    config = tw.tiny_config()
+    model = wrap(tw.tiny_bert(), config, verbose=False)
+    model.classifier.register_forward_hook(_PoisonLoss(range(2 + 3, 100)))  # from step 3 on
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(FloatingPointError, match=r"optimizer steps 3 to 5 all had NaN/inf gradients"
+                                                 r".*holds step 2's parameters.*max_nonfinite_steps \(3\)"):
+        train(model, train_data, None, config, _args(max_steps=8, max_nonfinite_steps=3,
+                                                     checkpoint_dir=str(ckpt), checkpoint_every=1))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    _, state = CheckpointManager(ckpt).latest()
+    assert state["step"] == 4 and state["skipped_steps"] == 2
 
 
 def test_classification_metrics_macro_f1():

@@ -280,8 +280,12 @@ class RankAllocator:
         return budget_schedule(t, self.b0, self.b_t, cfg.t_init, cfg.t_final, cfg.total_steps)
 
     @torch.no_grad()
-    def update_scores(self) -> None:
+    def update_scores(self, grads_finite: bool | None = None) -> None:
         """One fused sensitivity update from the current gradients (no host sync).
+
+        ``grads_finite``: what the caller already knows of the gradients. None: the op scans them
+        and skips the update if one is NaN/inf. True: it skips that scan (one read of every
+        adapter gradient less). False: no update, counted as a skipped step.
 
         The per-step host work is kept to building one list of gradients: the parameters go to
         the op as they are (no ``detach`` views: grad mode is off and the op only reads them), and
@@ -289,12 +293,15 @@ class RankAllocator:
         ``zeros_like`` every step.
         """
         self._follow_device()
+        if grads_finite is False:
+            self.counters[1] += 1
+            return
         grads = [p.grad if p.grad is not None else self._zero_grad(p) for p in self._params]
         ops.sensitivity_update(
             self._params[0::3], self._params[1::3], self._params[2::3],
             grads[0::3], grads[1::3], grads[2::3],
             self.ipt_avg, self.unc_avg, self.active_mask, self.scores, self.counters,
-            self.config.beta1, self.config.beta2)
+            self.config.beta1, self.config.beta2, check_finite=grads_finite is None)
 
     def _zero_grad(self, p: torch.Tensor) -> torch.Tensor:
         """A zero tensor standing for p's missing gradient (read-only for the op; kept across
@@ -304,10 +311,11 @@ class RankAllocator:
             z = self._zeros[p] = torch.zeros_like(p)
         return z
 
-    def step(self) -> dict[str, int] | None:
-        """Call once after each optimizer step. Updates the scores and, every delta_t steps of
-        the budget phase (and once when it ends), reallocates. Returns the new ranks when it
-        reallocated, else None."""
+    def step(self, grads_finite: bool | None = None) -> dict[str, int] | None:
+        """Call once after each optimizer step (a skipped one included, with grads_finite=False,
+        so the schedule keeps counting optimizer steps). Updates the scores (see update_scores
+        for ``grads_finite``) and, every delta_t steps of the budget phase (and once when it
+        ends), reallocates. Returns the new ranks when it reallocated, else None."""
         cfg = self.config
         self.global_step += 1
         if not cfg.dynamic:
@@ -317,7 +325,7 @@ class RankAllocator:
         t, end = self.global_step, cfg.total_steps - cfg.t_final
         if t > end:
             return None  # ranks frozen for the final t_final steps
-        self.update_scores()
+        self.update_scores(grads_finite)
         if t == end or (t > cfg.t_init and t % cfg.delta_t == 0):
             return self.reallocate(self.budget(t))
         return None

@@ -100,15 +100,18 @@ def sensitivity_update(
     counters: torch.Tensor,
     beta1: float,
     beta2: float,
+    check_finite: bool = True,
 ) -> None:
     """Fused importance update over all adapted layers, in place (see reference.sensitivity_update).
 
     One call per optimizer step; no host sync. ipt_avg / unc_avg / scores are float32,
     counters int64 [2] = [updates applied, steps skipped because a gradient was NaN/inf].
+    ``check_finite=False`` skips the op's own scan of the gradients, for a caller that already
+    knows them finite (a NaN would then poison the EMAs).
     """
     torch.ops.tsqlora_ext.sensitivity_update.default(
         lora_A, lora_E, lora_B, grad_A, grad_E, grad_B, ipt_avg, unc_avg, active_mask, scores,
-        counters, float(beta1), float(beta2))
+        counters, float(beta1), float(beta2), bool(check_finite))
 
 
 def layer_sensitivity(weight: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
@@ -127,7 +130,7 @@ def topk_realloc(
 
 @torch.library.register_fake("tsqlora_ext::sensitivity_update")
 def _(lora_A, lora_E, lora_B, grad_A, grad_E, grad_B, ipt_avg, unc_avg, active_mask, scores,
-      counters, beta1, beta2):
+      counters, beta1, beta2, check_finite=True):
     return None
 
 

@@ -228,6 +228,7 @@ def sensitivity_update(
     counters: torch.Tensor,
     beta1: float,
     beta2: float,
+    check_finite: bool = True,
 ) -> None:
     """The fused importance update, in place, over all layers.
 
@@ -237,11 +238,12 @@ def sensitivity_update(
     ipt_avg[l] / unc_avg[l] hold layer l's A, E, B elements flat in that order (float32);
     active_mask and scores are flat over all layers' components. Inactive components keep their
     EMAs and score. If any gradient of an active component is NaN/inf, nothing changes except
-    counters[1] += 1; otherwise counters[0] += 1.
+    counters[1] += 1; otherwise counters[0] += 1. ``check_finite=False``: the caller vouches that
+    the gradients are finite, and the update is applied without looking.
     """
     grads_ok = True
     offset = 0
-    for ga, ge, gb in zip(grad_A, grad_E, grad_B):
+    for ga, ge, gb in zip(grad_A, grad_E, grad_B) if check_finite else ():
         act = active_mask[offset:offset + ga.shape[0]]
         offset += ga.shape[0]
         for g in (ga[act], ge[act], gb[:, act]):

@@ -63,6 +63,9 @@ class TrainArgs:
                              "from 0; it then decays linearly to 0.")
     weight_decay: float = _f(0.0, "AdamW weight decay (inactive components are never touched).")
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0: no clipping).")
+    max_nonfinite_steps: int = _f(10, "A step whose gradients hold NaN/inf is skipped (no parameter, "
+                                  "optimizer, LR or score update); stop with an error after this "
+                                  "many in a row.")
     max_length: int = _f(64, "Truncate examples to this many tokens.")
     bf16: str = _f("auto", "'auto': bf16 autocast on CUDA devices that support it, off on CPU; "
                    "'on' / 'off' force it.")
@@ -82,7 +85,8 @@ class TrainArgs:
             bad(f"epochs must be > 0, got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
             bad(f"max_steps must be >= 1, got {self.max_steps}")
-        for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "keep_checkpoints"):
+        for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "keep_checkpoints",
+                     "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio < 1:
@@ -309,6 +313,7 @@ class TrainResult:
     final_ranks: dict[str, int]
     optimizer_steps: int
     reallocations: int
+    skipped_steps: int  # optimizer steps skipped because their gradients held NaN/inf
     wall_time_s: float
     params: dict[str, int]
 
@@ -400,7 +405,7 @@ def train(
     step, epoch, position = 0, 0, 0
     loss_history: list[dict[str, float]] = []
     eval_history: list[dict[str, Any]] = []
-    reallocations = 0
+    reallocations, skipped, nonfinite_run = 0, 0, 0
     elapsed_before = 0.0
 
     if resume is not None:
@@ -419,6 +424,7 @@ def train(
         step, epoch, position = state["step"], state["epoch"], state["position"]
         loss_history, eval_history = state["loss_history"], state["eval_history"]
         reallocations, elapsed_before = state["reallocations"], state["elapsed_s"]
+        skipped = state.get("skipped_steps", 0)  # absent from checkpoints written before it
         set_rng_state(state["rng"][rank])
     elif allocator is not None and config.sensitivity_init and calibrate and config.calibration_batches:
         calib = make_loader(train_tok, batch_size=args.batch_size, max_length=args.max_length,
@@ -446,7 +452,7 @@ def train(
                 "scheduler": scheduler.state_dict(),
                 "allocator": allocator.state_dict() if allocator is not None else None,
                 "loss_history": loss_history, "eval_history": eval_history,
-                "reallocations": reallocations, "rng": rngs,
+                "reallocations": reallocations, "skipped_steps": skipped, "rng": rngs,
                 "elapsed_s": elapsed_before + time.perf_counter() - t_start,
                 "config": config.to_dict(), "args": args.to_dict(),
             })
@@ -480,16 +486,34 @@ def train(
                     mean = torch.tensor([loss_sum], dtype=torch.float64, device=device)
                     torch.distributed.all_reduce(mean)
                     loss_sum = float(mean) / world
-                if args.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                # The global gradient norm (clipped to, when clipping) says whether the step's
+                # gradients are finite: a step with NaN/inf is skipped whole, so parameters, AdamW
+                # moments, LR and scores keep their values, and the allocator need not scan the
+                # gradients itself. One host sync, as for the loss above.
+                norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm) \
+                    if args.max_grad_norm > 0 else \
+                    torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                finite = bool(torch.isfinite(norm))
+                if finite:
+                    optimizer.step()
+                    scheduler.step()
+                    nonfinite_run = 0
+                else:
+                    skipped += 1
+                    nonfinite_run += 1
+                    if nonfinite_run >= args.max_nonfinite_steps:
+                        raise FloatingPointError(
+                            f"train: optimizer steps {step + 2 - nonfinite_run} to {step + 1} all had "
+                            f"NaN/inf gradients (last loss {loss_sum / n_micro:.4g}) and were skipped: "
+                            f"the model holds step {step + 1 - nonfinite_run}'s parameters and every "
+                            f"checkpoint written is intact. Lower TrainArgs.lr ({args.lr:g}), check "
+                            f"the data, or raise max_nonfinite_steps ({args.max_nonfinite_steps}).")
                 if allocator is not None and config.dynamic:
-                    if allocator.step() is not None:
+                    if allocator.step(grads_finite=finite) is not None:
                         reallocations += 1
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                record = {"step": step, "loss": loss_sum / n_micro,
+                record = {"step": step, "loss": loss_sum / n_micro, "grad_norm": float(norm),
                           "lr": scheduler.get_last_lr()[0], "total_rank": total_rank(model)}
                 loss_history.append(record)
                 if position >= micro_per_epoch:
@@ -532,6 +556,7 @@ def train(
         final_ranks={n: m.rank for n, m in layers},
         optimizer_steps=step,
         reallocations=reallocations,
+        skipped_steps=skipped,
         wall_time_s=elapsed_before + time.perf_counter() - t_start,
         params=count_trainable(model),
     )

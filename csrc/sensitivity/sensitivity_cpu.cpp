@@ -14,7 +14,8 @@
 //   written straight to `row_part`), a B item is a range of B's rows [out, r] (contiguous, memory
 //   order), whose per-column partial sums go to a small per-item slot of `col_part`. The element
 //   data is read once in memory order; a final per-layer loop adds the parts into the scores.
-//   The finite check is a first read of the active gradients only (a NaN must not half-apply).
+//   The finite check is a first read of the active gradients only (a NaN must not half-apply);
+//   a caller that already knows them finite (check_finite=false) saves that read.
 //   The inner loops are branch-free elementwise spans (vectorized for float); a layer with
 //   inactive components updates its B tiles into temporaries and commits the active columns with a
 //   blend. Parallel tasks get ~kTaskElems elements each, so a small adapter set runs serially.
@@ -146,7 +147,7 @@ template <typename T>
 void update_cpu(at::TensorList A, at::TensorList E, at::TensorList B, at::TensorList gA,
                 at::TensorList gE, at::TensorList gB, at::TensorList ipt, at::TensorList unc,
                 const bool* active, float* scores, int64_t* counters, float b1, float b2,
-                const LayerShapes& s) {
+                bool check_finite, const LayerShapes& s) {
   const Plan plan = make_plan(s);
   const int64_t n_items = (int64_t)plan.items.size();
   int64_t total_elems = 0;
@@ -167,7 +168,7 @@ void update_cpu(at::TensorList A, at::TensorList E, at::TensorList B, at::Tensor
 
   // Pass 1: is every gradient the update would consume finite?
   std::atomic<bool> bad{false};
-  at::parallel_for(0, n_items, grain, [&](int64_t begin, int64_t end) {
+  if (check_finite) at::parallel_for(0, n_items, grain, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> pat;
     for (int64_t i = begin; i < end && !bad.load(std::memory_order_relaxed); ++i) {
       const Item& it = plan.items[i];
@@ -278,14 +279,14 @@ void sensitivity_update_cpu(at::TensorList A, at::TensorList E, at::TensorList B
                             at::TensorList gA, at::TensorList gE, at::TensorList gB,
                             at::TensorList ipt, at::TensorList unc, const at::Tensor& active_mask,
                             const at::Tensor& scores, const at::Tensor& counters, double beta1,
-                            double beta2) {
+                            double beta2, bool check_finite) {
   const LayerShapes s = check_update_inputs(A, E, B, gA, gE, gB, ipt, unc, active_mask, scores,
                                             counters, beta1, beta2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A[0].scalar_type(),
                                   "sensitivity_update_cpu", [&] {
     update_cpu<scalar_t>(A, E, B, gA, gE, gB, ipt, unc, active_mask.const_data_ptr<bool>(),
                          scores.data_ptr<float>(), counters.data_ptr<int64_t>(),
-                         static_cast<float>(beta1), static_cast<float>(beta2), s);
+                         static_cast<float>(beta1), static_cast<float>(beta2), check_finite, s);
   });
 }
 

@@ -9,7 +9,8 @@
 //   3. nonfinite_check_kernel: one launch over all layers; reads only the gradients of active
 //      components and raises `flag` if one is NaN/inf. The update must not start before the
 //      whole step is known to be finite (a half-applied step cannot be undone), so this is a
-//      separate launch: the kernel boundary is the grid-wide barrier;
+//      separate launch: the kernel boundary is the grid-wide barrier. Not launched when the
+//      caller already knows the gradients finite (check_finite=false): `flag` stays 0;
 //   4. sensitivity_update_kernel: one launch over all layers. With `flag` raised every block exits
 //      and counters[1] += 1. Otherwise each block runs one work item:
 //        - kind A: row k of A (one component, contiguous, coalesced) plus E_k; a block reduction
@@ -225,7 +226,8 @@ void sensitivity_update_cuda(at::TensorList A, at::TensorList E, at::TensorList 
                              at::TensorList gA, at::TensorList gE, at::TensorList gB,
                              at::TensorList ipt, at::TensorList unc,
                              const at::Tensor& active_mask, const at::Tensor& scores,
-                             const at::Tensor& counters, double beta1, double beta2) {
+                             const at::Tensor& counters, double beta1, double beta2,
+                             bool check_finite) {
   const LayerShapes s = check_update_inputs(A, E, B, gA, gE, gB, ipt, unc, active_mask, scores,
                                             counters, beta1, beta2);
   const c10::cuda::CUDAGuard guard(A[0].device());
@@ -269,9 +271,11 @@ void sensitivity_update_cuda(at::TensorList A, at::TensorList E, at::TensorList 
   const auto n_blocks = static_cast<unsigned>(items.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A[0].scalar_type(),
                                   "sensitivity_update_cuda", [&] {
-    nonfinite_check_kernel<scalar_t><<<n_blocks, kThreads, 0, stream>>>(
-        d_layers, d_items, active_mask.const_data_ptr<bool>(), flag);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (check_finite) {
+      nonfinite_check_kernel<scalar_t><<<n_blocks, kThreads, 0, stream>>>(
+          d_layers, d_items, active_mask.const_data_ptr<bool>(), flag);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     sensitivity_update_kernel<scalar_t><<<n_blocks, kThreads, max_r * sizeof(float), stream>>>(
         d_layers, d_items, active_mask.const_data_ptr<bool>(), static_cast<float>(beta1),
         static_cast<float>(beta2), acc, flag, done, scores.data_ptr<float>(),
