@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tsqlora_ext.layers import VarRankLoRALinear
-from tsqlora_ext.mislabel import (fit_loss_mixture, flag_mislabeled, guard_abstains,
+from tsqlora_ext.mislabel import (MAX_CLEAN_LOSS, fit_loss_mixture, flag_mislabeled, guard_abstains,
                                   high_loss_spread, mislabel_probability)
 
 
@@ -63,6 +63,20 @@ def test_guard_flags_nothing_when_the_high_losses_are_a_tail():
     p, flagged, mix = flag_mislabeled(noisy)
     assert guard_abstains(mix) is None and high_loss_spread(mix) < 0.55
     assert flagged[1600:].mean() > 0.9 and (np.arange(2000) >= 1600)[flagged].mean() > 0.9
+
+
+def test_guard_flags_nothing_before_the_model_fits_the_bulk():
+    rng = np.random.default_rng(4)
+    # A barely trained 5-class model (BBC News after 27 warm-up steps): the bulk sits near 0.8
+    # (under half the probability on its label) and a narrow cluster of hard, clean examples
+    # above it. The mixture splits them off; the guard must not call them wrong labels.
+    unfit = np.concatenate([rng.normal(0.78, 0.14, 1450), rng.normal(1.4, 0.4, 230)])
+    p, flagged, mix = flag_mislabeled(unfit)
+    assert mix.means[0] > MAX_CLEAN_LOSS and high_loss_spread(mix) < 0.55 and mix.weights[1] < 0.5
+    assert guard_abstains(mix) == "unfit" and not flagged.any() and (p > 0.5).sum() > 100
+    # The same cluster beside a fitted bulk is flagged.
+    fitted = np.concatenate([np.abs(rng.normal(0.3, 0.1, 1450)), rng.normal(1.9, 0.4, 230)])
+    assert guard_abstains(flag_mislabeled(fitted)[2]) is None
 
 
 def test_guard_input_errors():

@@ -394,8 +394,10 @@ def score_file(model_dir, path, text_field: str, label_field: str, out, config: 
         guard = (f"{meta['n_likely_mislabeled']:,} likely mislabeled (P > "
                  f"{meta['mislabel_threshold']})" if not mix.get("guard_abstains") else
                  f"the wrong-label guard abstains ({mix['guard_abstains']}: "
-                 + ("the high-loss component is a majority" if mix["guard_abstains"] == "majority"
-                    else "the high-loss component is a tail, not a cluster") + ")")
+                 + {"majority": "the high-loss component is a majority",
+                    "tail": "the high-loss component is a tail, not a cluster",
+                    "unfit": "the model does not fit the bulk of the data yet"}[mix["guard_abstains"]]
+                 + ")")
         print(f"scored {len(scores):,} rows of {path} after {warm['steps'] if warm else 0} warm-up "
               f"steps in {fmt_seconds(meta['seconds'] + (warm['seconds'] if warm else 0))}; {guard}; "
               f"wrote {out}")
