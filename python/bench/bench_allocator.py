@@ -10,11 +10,12 @@ parameters and gradients. Two adapter sets at r = 12:
 CPU goal: (update + reallocation) >= 5x faster than PEFT's. Ours is timed twice: as the op runs
 standalone (it first scans the gradients for NaN/inf, so a bad step never half-applies) and as
 tsqlora_ext.train calls it (check_finite=False: the loop already knows from the global gradient
-norm it clips with, and skips a bad step whole). PEFT's update_ipt checks nothing. GPU mode adds: the update kernel's
-effective bandwidth (bytes it must move / its device time from the profiler) against a measured
-device-to-device copy (goal >= 70%), the reallocation of ~100k components (< 1 ms; per call with
-the host's work, and its kernels alone), and a check that neither syncs with the host
-(torch.cuda.set_sync_debug_mode("error")). The per-call times, host work included, are reported
+norm it clips with, and skips a bad step whole). PEFT's update_ipt checks nothing.
+
+GPU mode adds: the update kernel's effective bandwidth (bytes it must move / its device time from
+the profiler) against a measured device-to-device copy (goal >= 70%), the reallocation of ~100k
+components (< 1 ms; per call with the host's work, and its kernels alone), and a check that
+neither syncs with the host (torch.cuda.set_sync_debug_mode("error")). The per-call times, host work included, are reported
 beside the kernel times.
 
     python python/bench/bench_allocator.py [--device cpu|cuda] [--quick]

@@ -409,7 +409,6 @@ def run_tsqlora(methods: list[str], prep: PreparedTask, settings: TaskSettings, 
         kind, fraction = method_family(method)
         rows = np.arange(len(prep.train_tok))
         info: dict[str, Any] = {"warmup_examples": 0}
-        run_config = config
         if selecting:
             want = max(1, round(fraction * len(pool)))  # the same count for quality and random
             # Random: Gumbel-top-k of equal scores, i.e. uniform among the gated pool.
