@@ -33,8 +33,8 @@ on its label), the high-loss side is the model's ignorance, not the labels' faul
 MiniLM on BBC News (5 topics): after 27 warm-up steps (python/experiments/compare_methods.py caps
 the warm-up at half an epoch) on clean labels the low component's mean was 0.77 and 0.79 at seeds 0
 and 2, and the mixture, a narrow cluster, flagged 32 and 160 clean articles; after 120 steps with
-20% / 40% of the labels flipped it was 0.18 / 0.45, where the guard flagged wrong labels at 74-91%
-precision.
+20% / 40% of the labels flipped it was 0.18-0.20 / 0.45-0.52 (3 seeds), where the guard flagged
+wrong labels at 74-91% precision.
 """
 
 from __future__ import annotations

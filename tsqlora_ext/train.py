@@ -493,7 +493,8 @@ def train(
                 norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm) \
                     if args.max_grad_norm > 0 else \
                     torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                finite = bool(torch.isfinite(norm))
+                grad_norm = float(norm)
+                finite = math.isfinite(grad_norm)
                 if finite:
                     optimizer.step()
                     scheduler.step()
@@ -513,7 +514,7 @@ def train(
                         reallocations += 1
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                record = {"step": step, "loss": loss_sum / n_micro, "grad_norm": float(norm),
+                record = {"step": step, "loss": loss_sum / n_micro, "grad_norm": grad_norm,
                           "lr": scheduler.get_last_lr()[0], "total_rank": total_rank(model)}
                 loss_history.append(record)
                 if position >= micro_per_epoch:
