@@ -41,7 +41,8 @@ def _fake_results(tmp_path: Path) -> tuple[Path, Path]:
         "bench": "bench_x", "machine": "cpu", "date": "2026-11-30", "torch": "2.13", "notes": "",
         "goals": [{"goal": "faster than peer", "measured": 3.217, "unit": "x", "direction": ">=",
                    "target": 1.0, "met": True}],
-        "rows": [{"shape": "a", "ratio": 3.217}]}))
+        "rows": [{"shape": "a", "ratio": 3.217}, {"shape": "b", "ratio": 2.5},
+                 {"set": "realloc 100k", "realloc_ms": 0.4321}]}))
     return res, bench
 
 
@@ -58,6 +59,9 @@ def test_section_rebuilt_from_files(tmp_path):
     assert "81.37 ± 0.42" in body and "flipped share 12.9%" in body  # every table, verbatim
     assert "55.55" not in body  # the smoke table yields to the full one
     assert "3.217" in body and "bench_x" in body  # benchmark ratios come from the JSON
+    # rows of another kind get their own header instead of losing their fields
+    assert "| shape | ratio |\n|---|---|\n| a | 3.217 |\n| b | 2.5 |\n\n| set | realloc_ms |\n" in body
+    assert "| realloc 100k | 0.4321 |" in body
     assert body.index("fake table") < body.index("noisy")
     for png in ("accuracy_vs_fraction.png", "rank_heatmap_toy.png"):
         assert (res / png).stat().st_size > 1000

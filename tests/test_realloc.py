@@ -23,14 +23,22 @@ def random_case(seed, n_layers=5, max_size=12, ties=False):
     return scores, sizes, r_min, r_max, budget
 
 
+def ours(scores, sizes, r_min, r_max, budget):
+    return ops.topk_realloc(scores, ops.realloc_bounds(sizes, r_min, r_max), budget)
+
+
+def ref(scores, sizes, r_min, r_max, budget):
+    return reference.topk_realloc(scores, ops.realloc_bounds(sizes, r_min, r_max), budget)
+
+
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("seed", range(8))
 def test_matches_reference(device, seed, ties):
     scores, sizes, r_min, r_max, budget = random_case(seed, ties=ties)
     scores = scores.to(device)
-    got = ops.topk_realloc(scores, sizes, r_min, r_max, budget)
+    got = ours(scores, sizes, r_min, r_max, budget)
     assert got.dtype == torch.bool and got.device == scores.device and got.shape == scores.shape
-    assert torch.equal(got.cpu(), reference.topk_realloc(scores, sizes, r_min, r_max, budget).cpu())
+    assert torch.equal(got.cpu(), ref(scores, sizes, r_min, r_max, budget).cpu())
 
 
 def test_large_case_matches_reference(device):
@@ -38,38 +46,51 @@ def test_large_case_matches_reference(device):
     sizes = [24] * 300
     scores = torch.randint(0, 50, (sum(sizes),), generator=g).double().to(device)  # many ties
     args = (sizes, [2] * 300, [20] * 300, 8 * 300)
-    assert torch.equal(ops.topk_realloc(scores, *args).cpu(),
-                       reference.topk_realloc(scores, *args).cpu())
+    assert torch.equal(ours(scores, *args).cpu(), ref(scores, *args).cpu())
 
 
 def test_ties_prefer_the_lower_index_and_nan_ranks_last(device):
     scores = torch.tensor([1.0, float("nan"), 1.0, 1.0, 0.5], device=device)
-    keep = ops.topk_realloc(scores, [5], [0], [5], 2)
+    keep = ours(scores, [5], [0], [5], 2)
     assert keep.tolist() == [True, False, True, False, False]
-    keep = ops.topk_realloc(scores, [5], [0], [5], 5)
+    keep = ours(scores, [5], [0], [5], 5)
     assert keep.all()
 
 
 def test_budget_below_sum_r_min_is_refused(device):
     with pytest.raises(ValueError, match=r"budget 3 is below the sum of r_min \(4\)"):
-        ops.topk_realloc(torch.rand(8, device=device), [4, 4], [2, 2], [4, 4], 3)
+        ours(torch.rand(8, device=device), [4, 4], [2, 2], [4, 4], 3)
     with pytest.raises(ValueError, match="below the sum of r_min"):
-        reference.topk_realloc(torch.rand(8), [4, 4], [2, 2], [4, 4], 3)
+        ref(torch.rand(8), [4, 4], [2, 2], [4, 4], 3)
 
 
 def test_rejects_bad_input():
     with pytest.raises(RuntimeError, match="sizes add up to 7 but scores holds 8"):
-        ops.topk_realloc(torch.rand(8), [4, 3], [0, 0], [4, 3], 4)
+        ours(torch.rand(8), [4, 3], [0, 0], [4, 3], 4)
     with pytest.raises(RuntimeError, match="layer 1 needs 0 <= r_min <= r_max"):
-        ops.topk_realloc(torch.rand(8), [4, 4], [0, 3], [4, 2], 4)
+        ours(torch.rand(8), [4, 4], [0, 3], [4, 2], 4)
     with pytest.raises(RuntimeError, match="scores must be float32 or float64"):
-        ops.topk_realloc(torch.ones(8, dtype=torch.long), [4, 4], [0, 0], [4, 4], 4)
+        ours(torch.ones(8, dtype=torch.long), [4, 4], [0, 0], [4, 4], 4)
+    with pytest.raises(RuntimeError, match=r"bounds must be a CPU int64 tensor \[3, L\]"):
+        ops.topk_realloc(torch.rand(8), torch.tensor([[4, 4], [0, 0], [4, 4]]).int(), 4)
+    with pytest.raises(RuntimeError, match=r"bounds must be a CPU int64 tensor \[3, L\]"):
+        ops.topk_realloc(torch.rand(8), torch.tensor([[4, 4], [4, 4]]), 4)
+    with pytest.raises(ValueError, match=r"need one entry per layer, got lengths \{'sizes': 2, "
+                                         r"'r_min': 1, 'r_max': 2\}"):
+        ops.realloc_bounds([4, 4], [0], [4, 4])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bounds_on_the_device_are_refused():
+    # The table is read on the host; a CUDA copy would cost a sync per call, so it is an error.
+    with pytest.raises(RuntimeError, match="bounds must be a CPU int64 tensor"):
+        ops.topk_realloc(torch.rand(8, device="cuda"), ops.realloc_bounds([8], [0], [8]).cuda(), 4)
 
 
 def test_opcheck(device):
     scores, sizes, r_min, r_max, budget = random_case(3)
     torch.library.opcheck(torch.ops.tsqlora_ext.topk_realloc.default,
-                          (scores.to(device), sizes, r_min, r_max, budget))
+                          (scores.to(device), ops.realloc_bounds(sizes, r_min, r_max), budget))
 
 
 # ---- properties ------------------------------------------------------------------------------------
@@ -101,7 +122,7 @@ def per_layer(keep, sizes):
 @hypothesis.given(cases())
 def test_budget_met_exactly_and_bounds_hold(case):
     scores, sizes, r_min, r_max, budget = case
-    keep = ops.topk_realloc(scores, sizes, r_min, r_max, budget)
+    keep = ours(scores, sizes, r_min, r_max, budget)
     feasible = sum(min(h, s) for h, s in zip(r_max, sizes))
     assert int(keep.sum()) == min(budget, feasible)
     for k, lo, hi, s in zip(per_layer(keep, sizes), r_min, r_max, sizes):
@@ -112,13 +133,13 @@ def test_budget_met_exactly_and_bounds_hold(case):
 @hypothesis.given(cases(), st.integers(0, 10**6), st.sampled_from([0.1, 1.0, 5.0]))
 def test_raising_a_kept_score_never_removes_it(case, pick, raise_by):
     scores, sizes, r_min, r_max, budget = case
-    keep = ops.topk_realloc(scores, sizes, r_min, r_max, budget)
+    keep = ours(scores, sizes, r_min, r_max, budget)
     kept = torch.nonzero(keep).flatten()
     hypothesis.assume(kept.numel() > 0)
     c = int(kept[pick % kept.numel()])
     raised = scores.clone()
     raised[c] += raise_by
-    assert bool(ops.topk_realloc(raised, sizes, r_min, r_max, budget)[c])
+    assert bool(ours(raised, sizes, r_min, r_max, budget)[c])
 
 
 @hypothesis.settings(max_examples=100, deadline=None)
@@ -131,7 +152,7 @@ def test_a_layer_can_grow_back(n_layers, size, seed):
     budget = size
     scores = torch.rand(n_layers * size, generator=g) + 1.0
     scores[:size] = torch.rand(size, generator=g) * 0.5
-    before = per_layer(ops.topk_realloc(scores, sizes, r_min, r_max, budget), sizes)[0]
+    before = per_layer(ours(scores, sizes, r_min, r_max, budget), sizes)[0]
     scores[:size] += 10.0
-    after = per_layer(ops.topk_realloc(scores, sizes, r_min, r_max, budget), sizes)[0]
+    after = per_layer(ours(scores, sizes, r_min, r_max, budget), sizes)[0]
     assert before == 0 and after == size

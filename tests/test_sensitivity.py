@@ -199,7 +199,7 @@ def test_update_matches_peft_rank_allocator(device):
     pattern = peft_alloc.mask_to_budget(model, budget)
     peft_keep = torch.tensor(sum((pattern[f"blocks.{i}.lora_E.default"] for i in range(len(A))), []))
     sizes = [a.shape[0] for a in A]
-    keep = ops.topk_realloc(scores, sizes, [0] * len(A), sizes, budget)
+    keep = ops.topk_realloc(scores, ops.realloc_bounds(sizes, [0] * len(A), sizes), budget)
     assert torch.equal(keep.cpu(), peft_keep)
 
 

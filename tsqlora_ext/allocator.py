@@ -347,7 +347,7 @@ class RankAllocator:
             r_min = [min(lo, h) for lo, h in zip(r_min, r_max)]
             scores = scores.masked_fill(~self.active_mask, float("-inf"))
         budget = max(int(budget), sum(r_min))
-        keep = ops.topk_realloc(scores, self.sizes, r_min, r_max, budget)
+        keep = ops.topk_realloc(scores, ops.realloc_bounds(self.sizes, r_min, r_max), budget)
         keep_cpu = keep.cpu()
         for off, size, m in zip(self.offsets, self.sizes, mods):
             m.set_active(torch.nonzero(keep_cpu[off:off + size]).flatten())

@@ -119,13 +119,23 @@ def layer_sensitivity(weight: torch.Tensor, x: torch.Tensor, grad_out: torch.Ten
     return torch.ops.tsqlora_ext.layer_sensitivity.default(weight, x, grad_out)
 
 
-def topk_realloc(
-    scores: torch.Tensor, sizes: list[int], r_min: list[int], r_max: list[int], budget: int
-) -> torch.Tensor:
+def realloc_bounds(sizes, r_min, r_max) -> torch.Tensor:
+    """The per-layer table topk_realloc reads: a CPU int64 [3, L] tensor with rows sizes, r_min,
+    r_max. Build it once and reuse it: it is host metadata, so a call needs no host sync and no
+    per-call conversion of 3 x L Python ints."""
+    rows = {"sizes": sizes, "r_min": r_min, "r_max": r_max}
+    lengths = {name: len(v) for name, v in rows.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"realloc_bounds: sizes, r_min and r_max need one entry per layer, got "
+                         f"lengths {lengths}")
+    return torch.tensor([list(row) for row in rows.values()], dtype=torch.int64)
+
+
+def topk_realloc(scores: torch.Tensor, bounds: torch.Tensor, budget: int) -> torch.Tensor:
     """Bool keep-mask [n]: the best min(budget, Σ r_max) components, r_min[l] <= kept in layer l
-    <= r_max[l], ties by lower flat index (see reference.topk_realloc). No host sync on CUDA."""
-    return torch.ops.tsqlora_ext.topk_realloc.default(
-        scores, [int(s) for s in sizes], [int(v) for v in r_min], [int(v) for v in r_max], int(budget))
+    <= r_max[l], ties by lower flat index (see reference.topk_realloc); ``bounds`` from
+    :func:`realloc_bounds`. No host sync on CUDA."""
+    return torch.ops.tsqlora_ext.topk_realloc.default(scores, bounds, int(budget))
 
 
 @torch.library.register_fake("tsqlora_ext::sensitivity_update")
@@ -144,7 +154,7 @@ def _(weight, x, grad_out):
 
 
 @torch.library.register_fake("tsqlora_ext::topk_realloc")
-def _(scores, sizes, r_min, r_max, budget):
+def _(scores, bounds, budget):
     return scores.new_empty(scores.shape, dtype=torch.bool)
 
 

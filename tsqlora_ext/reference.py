@@ -293,16 +293,16 @@ def layer_sensitivity(weight: torch.Tensor, x: torch.Tensor, grad_out: torch.Ten
     return (weight.to(dtype) * (d2.t() @ x2)).abs().sum()
 
 
-def topk_realloc(
-    scores: torch.Tensor, sizes: list[int], r_min: list[int], r_max: list[int], budget: int
-) -> torch.Tensor:
+def topk_realloc(scores: torch.Tensor, bounds: torch.Tensor, budget: int) -> torch.Tensor:
     """Keep-mask [n] of the best components under per-layer bounds.
 
-    Layer l owns sizes[l] consecutive entries of scores. Order each layer by (score desc, flat
+    bounds is the [3, L] table of rows sizes, r_min, r_max (ops.realloc_bounds). Layer l owns
+    sizes[l] consecutive entries of scores. Order each layer by (score desc, flat
     index asc; NaN counts as -inf); its first r_min[l] are kept, its next min(r_max[l], size) −
     r_min[l] are candidates; of all candidates the best min(budget, Σ min(r_max, size)) − Σ r_min
     by the same key are kept. budget < Σ r_min raises ValueError.
     """
+    sizes, r_min, r_max = bounds.tolist()
     if budget < sum(r_min):
         raise ValueError(f"topk_realloc: budget {budget} is below the sum of r_min ({sum(r_min)})")
     vals = torch.nan_to_num(scores.double(), nan=float("-inf")).tolist()

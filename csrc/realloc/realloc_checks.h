@@ -1,6 +1,7 @@
 // Input validation shared by the CPU and CUDA backends of topk_realloc.
 //
-// topk_realloc(scores [n], sizes [L], r_min [L], r_max [L], budget) -> keep: bool [n]
+// topk_realloc(scores [n], bounds [3, L], budget) -> keep: bool [n]
+//   bounds is a CPU int64 table with rows sizes, r_min, r_max (ops.realloc_bounds builds it).
 //   Layer l owns the components [offset_l, offset_l + sizes[l]) of the flat score vector. The
 //   kept set holds exactly min(budget, sum min(r_max, size)) components, at least r_min[l] and at
 //   most r_max[l] of layer l, chosen by score (highest first; equal scores: lower flat index
@@ -16,18 +17,26 @@ struct Bounds {
   int64_t extra = 0;                    // components kept beyond the sum of r_min
 };
 
-inline Bounds check_realloc_inputs(const at::Tensor& scores, at::IntArrayRef sizes,
-                                   at::IntArrayRef r_min, at::IntArrayRef r_max, int64_t budget) {
+inline Bounds check_realloc_inputs(const at::Tensor& scores, const at::Tensor& bounds,
+                                   int64_t budget) {
   TORCH_CHECK(scores.dim() == 1, "topk_realloc: scores must be 1-D [n], got ", scores.sizes());
   TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
               "topk_realloc: scores must be float32 or float64, got ", scores.scalar_type());
-  const size_t L = sizes.size();
-  TORCH_CHECK(L >= 1, "topk_realloc: sizes must name at least one layer");
-  TORCH_CHECK(r_min.size() == L && r_max.size() == L, "topk_realloc: sizes, r_min and r_max must "
-              "have one entry per layer, got ", L, ", ", r_min.size(), ", ", r_max.size());
+  TORCH_CHECK(bounds.device().is_cpu() && bounds.scalar_type() == at::kLong && bounds.dim() == 2 &&
+                  bounds.size(0) == 3,
+              "topk_realloc: bounds must be a CPU int64 tensor [3, L] with rows sizes, r_min, "
+              "r_max (ops.realloc_bounds builds it), got ", bounds.scalar_type(), " ",
+              bounds.sizes(), " on ", bounds.device());
+  const int64_t L = bounds.size(1);
+  TORCH_CHECK(L >= 1, "topk_realloc: bounds must name at least one layer");
+  const at::Tensor table = bounds.contiguous();
+  const int64_t* sizes = table.const_data_ptr<int64_t>();
+  const int64_t* r_min = sizes + L;
+  const int64_t* r_max = sizes + 2 * L;
   Bounds b;
+  b.offset.reserve(L), b.lo.reserve(L), b.hi.reserve(L);
   int64_t n = 0, sum_lo = 0, sum_hi = 0;
-  for (size_t l = 0; l < L; ++l) {
+  for (int64_t l = 0; l < L; ++l) {
     TORCH_CHECK(sizes[l] >= 0, "topk_realloc: sizes[", l, "] = ", sizes[l], " is negative");
     TORCH_CHECK(0 <= r_min[l] && r_min[l] <= r_max[l] && r_min[l] <= sizes[l],
                 "topk_realloc: layer ", l, " needs 0 <= r_min <= r_max and r_min <= size, got "

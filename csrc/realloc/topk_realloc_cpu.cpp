@@ -64,9 +64,8 @@ at::Tensor topk_realloc_impl(const at::Tensor& scores_in, const Bounds& b) {
   return keep;
 }
 
-at::Tensor topk_realloc_cpu(const at::Tensor& scores, at::IntArrayRef sizes,
-                            at::IntArrayRef r_min, at::IntArrayRef r_max, int64_t budget) {
-  const Bounds b = check_realloc_inputs(scores, sizes, r_min, r_max, budget);
+at::Tensor topk_realloc_cpu(const at::Tensor& scores, const at::Tensor& bounds, int64_t budget) {
+  const Bounds b = check_realloc_inputs(scores, bounds, budget);
   return AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "topk_realloc_cpu",
                                     [&] { return topk_realloc_impl<scalar_t>(scores, b); });
 }

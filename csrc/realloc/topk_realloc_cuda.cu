@@ -5,6 +5,7 @@
 //   order   = stable sort of the scores, descending (NaN as -inf)     -> global key order
 //   layer_of_kernel: key[j] = layer of order[j] (binary search in the layer offsets)
 //   (layer_sorted, inner) = stable sort of key;  perm = order[inner]  -> per-layer key order
+//     (int32 layer keys: the radix sort then makes half the passes of an int64 one)
 //     (stable sorts keep equal scores in flat-index order, which is the tie rule)
 //   classify_kernel: position i - offset[l] in the layer's order -> forced / candidate / out
 //   rank    = inclusive cumsum over `order` of "is a candidate"
@@ -41,13 +42,13 @@ __device__ __forceinline__ int64_t layer_of(const int64_t* offset, int64_t L, in
 __global__ void layer_of_kernel(const int64_t* __restrict__ order,   // [n]
                                 const int64_t* __restrict__ bounds,  // [3, L]: offset, lo, hi
                                 int64_t L, int64_t n,
-                                int64_t* __restrict__ key) {         // [n]
+                                int32_t* __restrict__ key) {         // [n]
   const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (j < n) key[j] = layer_of(bounds, L, order[j]);
+  if (j < n) key[j] = static_cast<int32_t>(layer_of(bounds, L, order[j]));
 }
 
 __global__ void classify_kernel(const int64_t* __restrict__ perm,          // [n] per-layer order
-                                const int64_t* __restrict__ layer_sorted,  // [n] layer of perm[i]
+                                const int32_t* __restrict__ layer_sorted,  // [n] layer of perm[i]
                                 const int64_t* __restrict__ bounds,        // [3, L]
                                 int64_t L, int64_t n,
                                 int8_t* __restrict__ status) {             // [n] by flat index
@@ -69,13 +70,13 @@ __global__ void select_kernel(const int64_t* __restrict__ order,   // [n] global
   keep[c] = status[c] == kForced || (status[c] == kCandidate && rank[j] <= extra);
 }
 
-at::Tensor topk_realloc_cuda(const at::Tensor& scores, at::IntArrayRef sizes,
-                             at::IntArrayRef r_min, at::IntArrayRef r_max, int64_t budget) {
-  const Bounds b = check_realloc_inputs(scores, sizes, r_min, r_max, budget);
+at::Tensor topk_realloc_cuda(const at::Tensor& scores, const at::Tensor& bounds, int64_t budget) {
+  const Bounds b = check_realloc_inputs(scores, bounds, budget);
   const c10::cuda::CUDAGuard guard(scores.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t n = scores.numel();
   const int64_t L = static_cast<int64_t>(b.offset.size());
+  TORCH_CHECK(L <= std::numeric_limits<int32_t>::max(), "topk_realloc: at most 2^31 - 1 layers");
   at::Tensor keep = at::empty({n}, scores.options().dtype(at::kBool));
   if (n == 0) return keep;
 
@@ -84,23 +85,23 @@ at::Tensor topk_realloc_cuda(const at::Tensor& scores, at::IntArrayRef sizes,
   std::memcpy(h, b.offset.data(), L * sizeof(int64_t));
   std::memcpy(h + L, b.lo.data(), L * sizeof(int64_t));
   std::memcpy(h + 2 * L, b.hi.data(), L * sizeof(int64_t));
-  const at::Tensor bounds = host.to(scores.device(), /*non_blocking=*/true);
+  const at::Tensor table = host.to(scores.device(), /*non_blocking=*/true);  // offset, lo, hi
 
   const double inf = std::numeric_limits<double>::infinity();
   const at::Tensor key = at::nan_to_num(scores, -inf, inf, -inf);
   const at::Tensor order = std::get<1>(at::sort(key, /*stable=*/true, 0, /*descending=*/true));
-  at::Tensor layer_key = at::empty({n}, order.options());
+  at::Tensor layer_key = at::empty({n}, order.options().dtype(at::kInt));
   const auto blocks = static_cast<unsigned>((n + kThreads - 1) / kThreads);
   layer_of_kernel<<<blocks, kThreads, 0, stream>>>(order.const_data_ptr<int64_t>(),
-                                                   bounds.const_data_ptr<int64_t>(), L, n,
-                                                   layer_key.data_ptr<int64_t>());
+                                                   table.const_data_ptr<int64_t>(), L, n,
+                                                   layer_key.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const auto [layer_sorted, inner] = at::sort(layer_key, /*stable=*/true, 0, /*descending=*/false);
   const at::Tensor perm = order.index_select(0, inner);
   at::Tensor status = at::empty({n}, scores.options().dtype(at::kChar));
   classify_kernel<<<blocks, kThreads, 0, stream>>>(
-      perm.const_data_ptr<int64_t>(), layer_sorted.const_data_ptr<int64_t>(),
-      bounds.const_data_ptr<int64_t>(), L, n, status.data_ptr<int8_t>());
+      perm.const_data_ptr<int64_t>(), layer_sorted.const_data_ptr<int32_t>(),
+      table.const_data_ptr<int64_t>(), L, n, status.data_ptr<int8_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const at::Tensor rank = at::cumsum(status.index_select(0, order).eq(kCandidate), 0, at::kLong);
   select_kernel<<<blocks, kThreads, 0, stream>>>(order.const_data_ptr<int64_t>(),

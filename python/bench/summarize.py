@@ -27,11 +27,16 @@ def render(folder: Path, pattern: str = "*.json") -> str:
         lines += ["", f"### {r['bench']} on {r['machine']} ({r['date']}, torch {r['torch']})", ""]
         if r.get("notes"):
             lines += [r["notes"], ""]
-        if r["rows"]:
-            cols = list(r["rows"][0])
-            lines.append("| " + " | ".join(cols) + " |")
-            lines.append("|" + "---|" * len(cols))
-            lines += ["| " + " | ".join(_fmt(row.get(c, "")) for c in cols) + " |" for row in r["rows"]]
+        # One table per run of rows with the same columns: a benchmark may add rows of another
+        # kind (e.g. GPU bandwidth figures), whose fields the first row's header would drop.
+        cols = None
+        for row in r["rows"]:
+            if list(row) != cols:
+                cols = list(row)
+                lines += [""] if lines[-1] else []
+                lines.append("| " + " | ".join(cols) + " |")
+                lines.append("|" + "---|" * len(cols))
+            lines.append("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
