@@ -54,21 +54,32 @@ def median_ms(fn: Callable[[], object], device: str, repeats: int = 20, warmup: 
 
 
 def round_robin_ms(fns: dict[str, Callable[[], object]], device: str, repeats: int,
-                   warmup: int = 1) -> dict[str, float]:
+                   warmup: int = 1, between: Callable[[], object] | None = None) -> dict[str, float]:
     """Median ms of each fn, timed round-robin (one call of each per round), so machine noise hits
-    all of them alike; `warmup` untimed calls each first (allocator, BLAS handles, lazy inits)."""
+    all of them alike; `warmup` untimed calls each first (allocator, BLAS handles, lazy inits).
+    `between` runs untimed before every timed call (e.g. evict_caches), so no fn inherits the
+    data the one before it left in cache."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            if between is not None:
+                between()
             sync(device)
             t0 = time.perf_counter()
             fn()
             sync(device)
             times[k].append((time.perf_counter() - t0) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def cache_evictor(device: str, mb: int = 128) -> Callable[[], None]:
+    """A callable that streams through `mb` MiB (beyond this machine's 32 MiB L3 and an H200's
+    50 MB L2), leaving the caches as a training step leaves them for the next bookkeeping call."""
+    buf = torch.empty(mb << 18, device=device)  # mb MiB of float32
+    return lambda: buf.add_(1.0)
 
 
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
