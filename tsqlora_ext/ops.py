@@ -1,7 +1,7 @@
 """Typed Python entry points to the native ops (torch.ops.tsqlora_ext.*).
 
-Fake kernels and autograd formulas are registered here through torch.library, so every op works
-under autograd, torch.compile and torch.library.opcheck.
+Fake kernels are registered here through torch.library, so every op works under torch.compile and
+torch.library.opcheck; varrank_lora's autograd is C++ (csrc/lora/varrank_lora_autograd.cpp).
 """
 
 from __future__ import annotations
@@ -32,9 +32,6 @@ def varrank_lora(
     active components, [r] with 0 <= r <= r_max (r = 0 gives the base output). Gradients of
     lora_A/E/B are zero outside the active components.
     """
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
-        raise ValueError("varrank_lora: weight and bias are the frozen base layer and get no "
-                         "gradient; call requires_grad_(False) on them")
     y, _ = torch.ops.tsqlora_ext.varrank_lora.default(
         x, x_lora, weight, bias, lora_A, lora_E, lora_B, active, float(scaling))
     return y
@@ -53,34 +50,6 @@ def _varrank_lora_backward_fake(grad_y, x, x_lora, weight, lora_A, lora_E, lora_
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
     dx_lora = torch.empty_like(x) if (x_lora is not None and need_dx_lora) else x.new_empty(0)
     return dx, dx_lora, torch.empty_like(lora_A), torch.empty_like(lora_E), torch.empty_like(lora_B)
-
-
-def _varrank_lora_setup_context(ctx, inputs, output):
-    x, x_lora, weight, _bias, lora_A, lora_E, lora_B, active, scaling = inputs
-    _y, xa = output
-    # xa is the saved product x_lora A_actᵀ, an implementation detail: it carries no gradient.
-    ctx.mark_non_differentiable(xa)
-    # Without this, autograd would fill a zero tensor [..., r] for xa's (never used) gradient on
-    # every call: one op per layer per step for nothing. grad_y may then arrive as None.
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, x_lora, weight, lora_A, lora_E, lora_B, active, xa)
-    ctx.scaling = scaling
-
-
-def _varrank_lora_backward(ctx, grad_y, _grad_xa):
-    if grad_y is None:  # y did not reach the loss
-        return (None,) * 9
-    x, x_lora, weight, lora_A, lora_E, lora_B, active, xa = ctx.saved_tensors
-    need_dx, need_dx_lora = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dx, dx_lora, dA, dE, dB = torch.ops.tsqlora_ext.varrank_lora_backward.default(
-        grad_y.contiguous(), x, x_lora, weight, lora_A, lora_E, lora_B, active, ctx.scaling, xa,
-        need_dx, need_dx_lora)
-    return (dx if need_dx else None, dx_lora if need_dx_lora else None, None, None,
-            dA, dE, dB, None, None)
-
-
-torch.library.register_autograd(
-    "tsqlora_ext::varrank_lora", _varrank_lora_backward, setup_context=_varrank_lora_setup_context)
 
 
 # ---- sensitivity and rank reallocation (csrc/sensitivity/, csrc/realloc/) ----------------------

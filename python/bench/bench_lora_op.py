@@ -12,6 +12,10 @@ and runs y = layer(x); y.backward(g) with x requiring grad (as inside a model):
             not depend on the mask, so one AdaLoRA timing per r_max serves every row of that r_max.
 - base      the frozen nn.Linear alone: the floor every adapter adds to.
 
+One more row times a 16x16 layer on 8 tokens (r 8), where the compute is negligible: the host time
+(Python, dispatch, autograd, launches) each adapter adds per layer, which is what bounds training
+steps of small models on a GPU.
+
 Timings are interleaved round-robin (one call of each implementation per round), so machine noise
 hits all of them alike; figures are medians. "overhead" = time - base time: the adapter's own cost,
 which is what the goals on rank scaling and on AdaLoRA are about (on large layers the frozen GEMMs
@@ -138,6 +142,25 @@ def bench_shape(n_in, n_out, tokens, configs, device, dtype, repeats, alpha=16.0
     return rows
 
 
+def host_latency(device: str, repeats: int) -> dict:
+    """fwd+bwd of a 16x16 layer on 8 tokens at r 8: the compute is negligible, so the time is the
+    host's (Python, dispatch, autograd, kernel launches). Where steps are launch-bound (small
+    models on a GPU), this is what an adapter adds per layer."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 16, device=device).requires_grad_(False)
+    x = torch.randn(8, 16, device=device, requires_grad=True)
+    g = torch.randn(8, 16, device=device)
+    layers = {"base": copy_of(base), "ours": ours(copy_of(base), 8, 8, 16.0),
+              "lora": peft_lora(copy_of(base), 8, 16.0).to(device)}
+    us = {k: 1e3 * v for k, v in common.round_robin_ms(
+        {k: step_fn(layer, x, g) for k, layer in layers.items()}, device, repeats, warmup=50).items()}
+    return {"set": "host latency: 16x16, 8 tokens, r 8", "base_us": round(us["base"], 1),
+            "ours_us": round(us["ours"], 1), "lora_us": round(us["lora"], 1),
+            "ours/lora": round(us["ours"] / us["lora"], 3),
+            "ours_over_base_us": round(us["ours"] - us["base"], 1),
+            "lora_over_base_us": round(us["lora"] - us["base"], 1)}
+
+
 def geomean(values) -> float:
     values = list(values)
     return math.exp(sum(math.log(v) for v in values) / len(values))
@@ -227,6 +250,11 @@ def main() -> None:
         notes = ("bf16 on CUDA, fwd+bwd with dx; peak_mb = peak allocated during one fwd+bwd. "
                  f"PEFT LoRA r 16 adds {100 * (head['lora_ms'] / head['base_ms'] - 1):.1f}% to the "
                  f"frozen base in the same run (ours: {100 * (head['ours_ms'] / head['base_ms'] - 1):.1f}%).")
+    latency = host_latency(args.device, 200 if args.quick else 2000)
+    print(latency)
+    rows.append(latency)
+    goals.append(common.goal("ours / PEFT LoRA fwd+bwd, launch-bound tiny layer (host time)",
+                             latency["ours/lora"], 1.0, higher_is_better=False, unit="x"))
     common.write_results("bench_lora_op", args.device, args.out, rows, goals, notes)
     for gl in goals:
         print(gl)

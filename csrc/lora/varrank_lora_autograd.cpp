@@ -1,0 +1,100 @@
+// Autograd of varrank_lora, registered in C++ at the Autograd key (one kernel for every backend).
+//
+// Why C++ and not torch.library.register_autograd: the Python formula ran one Python autograd
+// Function per layer per forward and per backward, about 100 us of host time per adapted layer
+// and training step on these CPUs, more than all of PEFT LoRA's Python around its two Linear
+// modules. On a GPU, training steps of small models are bound by that host time. Here the
+// autograd node is C++, so the engine calls the backward without entering Python.
+//
+// The formula: the backward is the op varrank_lora_backward (dx through base and adapter, dA, dE,
+// dB; none for the frozen weight and bias). xa, the saved x_lora A_actᵀ, is an output only so
+// the backward can reuse it: non-differentiable, and its gradient is never materialized. Under
+// torch.compile, AOTAutograd traces through this kernel with fake tensors, so both ops appear in
+// the graph as themselves (their fake kernels are in tsqlora_ext/ops.py).
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace tsq::lora {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::tuple<at::Tensor, at::Tensor> call_forward(
+    const at::Tensor& x, const std::optional<at::Tensor>& x_lora, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& E,
+    const at::Tensor& B, const at::Tensor& active, double scaling) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("tsqlora_ext::varrank_lora", "")
+                             .typed<decltype(call_forward)>();
+  return op.call(x, x_lora, weight, bias, A, E, B, active, scaling);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& x_lora,
+    const at::Tensor& weight, const at::Tensor& A, const at::Tensor& E, const at::Tensor& B,
+    const at::Tensor& active, double scaling, const at::Tensor& xa, bool need_dx,
+    bool need_dx_lora) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("tsqlora_ext::varrank_lora_backward", "")
+                             .typed<decltype(call_backward)>();
+  return op.call(grad_y, x, x_lora, weight, A, E, B, active, scaling, xa, need_dx, need_dx_lora);
+}
+
+class VarRankLoRA : public torch::autograd::Function<VarRankLoRA> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
+                               const std::optional<at::Tensor>& x_lora, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& A,
+                               const at::Tensor& E, const at::Tensor& B, const at::Tensor& active,
+                               double scaling) {
+    TORCH_CHECK_VALUE(!weight.requires_grad() && !(bias.has_value() && bias->requires_grad()),
+                      "varrank_lora: weight and bias are the frozen base layer and get no "
+                      "gradient; call requires_grad_(False) on them");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [y, xa] = call_forward(x, x_lora, weight, bias, A, E, B, active, scaling);
+    // An undefined tensor stands for "x_lora is x itself".
+    ctx->save_for_backward({x, x_lora.value_or(at::Tensor()), weight, A, E, B, active, xa});
+    ctx->saved_data["scaling"] = scaling;
+    ctx->mark_non_differentiable({xa});
+    // Otherwise autograd fills a zero [..., r] tensor for xa's unused gradient on every call.
+    ctx->set_materialize_grads(false);
+    return {y, xa};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // One gradient slot per forward argument: x, x_lora, weight, bias, A, E, B, active, scaling.
+    variable_list out(9);
+    const at::Tensor& grad_y = grads[0];
+    if (!grad_y.defined()) return out;  // y did not reach the loss
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x_lora = saved[1];
+    const std::optional<at::Tensor> x_lora_opt =
+        x_lora.defined() ? std::optional<at::Tensor>(x_lora) : std::nullopt;
+    const bool need_dx = ctx->needs_input_grad(0);
+    const bool need_dx_lora = x_lora.defined() && ctx->needs_input_grad(1);
+    auto [dx, dx_lora, dA, dE, dB] = call_backward(
+        grad_y.contiguous(), saved[0], x_lora_opt, saved[2], saved[3], saved[4], saved[5], saved[6],
+        ctx->saved_data["scaling"].toDouble(), saved[7], need_dx, need_dx_lora);
+    if (need_dx) out[0] = dx;
+    if (need_dx_lora) out[1] = dx_lora;
+    out[4] = dA, out[5] = dE, out[6] = dB;
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> varrank_lora_autograd(
+    const at::Tensor& x, const std::optional<at::Tensor>& x_lora, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& E,
+    const at::Tensor& B, const at::Tensor& active, double scaling) {
+  auto outs = VarRankLoRA::apply(x, x_lora, weight, bias, A, E, B, active, scaling);
+  return {outs[0], outs[1]};
+}
+
+}  // namespace
+}  // namespace tsq::lora
+
+TORCH_LIBRARY_IMPL(tsqlora_ext, Autograd, m) {
+  m.impl("varrank_lora", &tsq::lora::varrank_lora_autograd);
+}
