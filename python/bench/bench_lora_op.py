@@ -151,7 +151,8 @@ def host_latency(device: str, repeats: int) -> dict:
     x = torch.randn(8, 16, device=device, requires_grad=True)
     g = torch.randn(8, 16, device=device)
     layers = {"base": copy_of(base), "ours": ours(copy_of(base), 8, 8, 16.0),
-              "lora": peft_lora(copy_of(base), 8, 16.0).to(device)}
+              "lora": peft_lora(copy_of(base), 8, 16.0)}
+    layers = {k: v.to(device) for k, v in layers.items()}
     us = {k: 1e3 * v for k, v in common.round_robin_ms(
         {k: step_fn(layer, x, g) for k, layer in layers.items()}, device, repeats, warmup=50).items()}
     return {"set": "host latency: 16x16, 8 tokens, r 8", "base_us": round(us["base"], 1),
