@@ -96,27 +96,51 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _device_events(fn: Callable[[], object], device: str, iters: int) -> list[tuple[str, float]]:
+    """(name, µs) of every kernel fn() ran over `iters` calls, from the profiler's device
+    timestamps (on CPU: every op's self time, the nearest thing)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            fn()
+        sync(device)
+    want = DeviceType.CUDA if cuda else DeviceType.CPU
+    return [(e.name, e.device_time_total if cuda else e.self_cpu_time_total)
+            for e in prof.events() if e.device_type == want]
+
+
 def cuda_kernel_ms(fn: Callable[[], object], iters: int = 20) -> float:
     """Mean GPU time per call of fn() spent in its kernels (copies and memsets left out), from the
     profiler's device timestamps: what the device did, without the host's launch overhead that
     a wall clock (or events around back-to-back calls) also counts when the host is the
     bottleneck."""
-    from torch.profiler import ProfilerActivity, profile
-    from torch.autograd import DeviceType
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    us = sum(e.device_time_total for e in prof.events()
-             if e.device_type == DeviceType.CUDA and "memcpy" not in e.name.lower()
-             and "memset" not in e.name.lower())
+    us = sum(t for name, t in _device_events(fn, "cuda", iters)
+             if "memcpy" not in name.lower() and "memset" not in name.lower())
     if us == 0:
         print("cuda_kernel_ms: the profiler recorded no kernel time; reporting NaN")
         return float("nan")
     return us / iters / 1e3
+
+
+def kernel_table(fn: Callable[[], object], device: str, label: str, iters: int = 10,
+                 top: int = 15) -> list[dict]:
+    """Rows {set, kernel, us_per_call, launches_per_call} of fn()'s `top` costliest kernels, so a
+    device run records where the time goes, not only how much there is."""
+    total: dict[str, list[float]] = {}
+    for name, t in _device_events(fn, device, iters):
+        acc = total.setdefault(name, [0.0, 0])
+        acc[0] += t
+        acc[1] += 1
+    ranked = sorted(total.items(), key=lambda kv: -kv[1][0])[:top]
+    # Kernel names are C++ template spellings: cut them to a table cell.
+    return [{"set": label, "kernel": name.replace("|", "/")[:100],
+             "us_per_call": round(t / iters, 2), "launches_per_call": round(n / iters, 2)}
+            for name, (t, n) in ranked]
 
 
 def machine(device: str) -> str:
