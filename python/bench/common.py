@@ -57,7 +57,7 @@ def round_robin_ms(fns: dict[str, Callable[[], object]], device: str, repeats: i
                    warmup: int = 1, between: Callable[[], object] | None = None) -> dict[str, float]:
     """Median ms of each fn, timed round-robin (one call of each per round), so machine noise hits
     all of them alike; `warmup` untimed calls each first (allocator, BLAS handles, lazy inits).
-    `between` runs untimed before every timed call (e.g. evict_caches), so no fn inherits the
+    `between` runs untimed before every timed call (e.g. cache_evictor), so no fn inherits the
     data the one before it left in cache."""
     for fn in fns.values():
         for _ in range(warmup):
