@@ -13,7 +13,8 @@ the pool that survives the filters.
 The wrong-label guard follows the rules of the TsqLoRA pipeline (tsqlora_ext.mislabel): with a
 ``loss`` column in the scores file (what ``tsqlora score`` writes) it fits the two-component
 mixture to the losses of the scored rows and drops the rows whose P(wrong label) exceeds
-``mislabel_threshold``, unless the high-loss component is a majority or a tail, when it drops
+``mislabel_threshold``, unless the high-loss component is a majority or a tail, or the model does
+not fit the bulk of the rows yet (the low-loss component's mean loss above ln 2), when it drops
 nothing; with only a ``p_mislabeled`` column it drops the rows above the threshold.
 
 jsonl, csv and tsv files are read natively (C++ thread pool, GIL released); parquet files,

@@ -108,11 +108,18 @@ def saved_mb(layer: nn.Module, x: torch.Tensor) -> float:
     return sum(seen.values()) / 2**20
 
 
-def bench_shape(n_in, n_out, tokens, configs, device, dtype, repeats, alpha=16.0):
+def layer_inputs(n_in, n_out, tokens, device, dtype=torch.float32):
+    """A frozen nn.Linear, an input x that requires grad (as inside a model) and an output
+    gradient g, seeded so every implementation timed against them sees the same numbers."""
     torch.manual_seed(0)
     base = nn.Linear(n_in, n_out, device=device, dtype=dtype).requires_grad_(False)
     x = torch.randn(tokens, n_in, device=device, dtype=dtype, requires_grad=True)
     g = torch.randn(tokens, n_out, device=device, dtype=dtype)
+    return base, x, g
+
+
+def bench_shape(n_in, n_out, tokens, configs, device, dtype, repeats, alpha=16.0):
+    base, x, g = layer_inputs(n_in, n_out, tokens, device, dtype)
     layers = {"base": copy_of(base)}
     for r_max, act in configs:
         layers[f"ours {r_max}/{act}"] = ours(copy_of(base), r_max, act, alpha)
@@ -146,10 +153,7 @@ def host_latency(device: str, repeats: int) -> dict:
     """fwd+bwd of a 16x16 layer on 8 tokens at r 8: the compute is negligible, so the time is the
     host's (Python, dispatch, autograd, kernel launches). Where steps are launch-bound (small
     models on a GPU), this is what an adapter adds per layer."""
-    torch.manual_seed(0)
-    base = nn.Linear(16, 16, device=device).requires_grad_(False)
-    x = torch.randn(8, 16, device=device, requires_grad=True)
-    g = torch.randn(8, 16, device=device)
+    base, x, g = layer_inputs(16, 16, 8, device)
     layers = {"base": copy_of(base), "ours": ours(copy_of(base), 8, 8, 16.0),
               "lora": peft_lora(copy_of(base), 8, 16.0)}
     layers = {k: v.to(device) for k, v in layers.items()}
@@ -166,10 +170,7 @@ def kernel_rows(device: str, dtype: torch.dtype, n: int = 4096, tokens: int = 81
                 r: int = 16) -> list[dict]:
     """Where one fwd+bwd of the GPU goal's layer spends device time, kernel by kernel: ours at
     r 16, PEFT LoRA at r 16 and the frozen base (the gap to the 10% goal is in these tables)."""
-    torch.manual_seed(0)
-    base = nn.Linear(n, n, device=device, dtype=dtype).requires_grad_(False)
-    x = torch.randn(tokens, n, device=device, dtype=dtype, requires_grad=True)
-    g = torch.randn(tokens, n, device=device, dtype=dtype)
+    base, x, g = layer_inputs(n, n, tokens, device, dtype)
     layers = {f"kernels: ours r {r}": ours(copy_of(base), r, r, 16.0),
               f"kernels: PEFT LoRA r {r}": peft_lora(copy_of(base), r, 16.0),
               "kernels: frozen base": copy_of(base)}
