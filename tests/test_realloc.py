@@ -57,6 +57,26 @@ def test_ties_prefer_the_lower_index_and_nan_ranks_last(device):
     assert keep.all()
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_nonfinite_scores_match_reference(device, seed):
+    # NaN ties with -inf (both rank last, lower index first) and +inf ranks first, in the op and
+    # the reference alike; -inf is what RankAllocator gives inactive components when they may not
+    # grow back.
+    scores, sizes, r_min, r_max, budget = random_case(seed, n_layers=4)
+    g = torch.Generator().manual_seed(seed)
+    special = torch.tensor([float("nan"), float("-inf"), float("inf")])
+    pick = torch.randint(0, 4, scores.shape, generator=g)
+    scores = torch.where(pick < 3, special[pick.clamp(max=2)], scores).to(device)
+    got = ours(scores, sizes, r_min, r_max, budget)
+    assert torch.equal(got.cpu(), ref(scores, sizes, r_min, r_max, budget).cpu())
+
+
+def test_nan_ties_with_minus_inf(device):
+    scores = torch.tensor([float("nan"), float("-inf"), float("inf")], device=device)
+    assert ours(scores, [3], [0], [3], 2).tolist() == [True, False, True]
+    assert ref(scores, [3], [0], [3], 2).tolist() == [True, False, True]
+
+
 def test_budget_below_sum_r_min_is_refused(device):
     with pytest.raises(ValueError, match=r"budget 3 is below the sum of r_min \(4\)"):
         ours(torch.rand(8, device=device), [4, 4], [2, 2], [4, 4], 3)
@@ -75,6 +95,10 @@ def test_rejects_bad_input():
         ops.topk_realloc(torch.rand(8), torch.tensor([[4, 4], [0, 0], [4, 4]]).int(), 4)
     with pytest.raises(RuntimeError, match=r"bounds must be a CPU int64 tensor \[3, L\]"):
         ops.topk_realloc(torch.rand(8), torch.tensor([[4, 4], [4, 4]]), 4)
+    with pytest.raises(RuntimeError, match="bounds must name at least one layer"):
+        ops.topk_realloc(torch.rand(0), ops.realloc_bounds([], [], []), 0)
+    with pytest.raises(ValueError, match="bounds must name at least one layer"):
+        reference.topk_realloc(torch.rand(0), ops.realloc_bounds([], [], []), 0)
     with pytest.raises(ValueError, match=r"need one entry per layer, got lengths \{'sizes': 2, "
                                          r"'r_min': 1, 'r_max': 2\}"):
         ops.realloc_bounds([4, 4], [0], [4, 4])

@@ -300,12 +300,18 @@ def topk_realloc(scores: torch.Tensor, bounds: torch.Tensor, budget: int) -> tor
     sizes[l] consecutive entries of scores. Order each layer by (score desc, flat
     index asc; NaN counts as -inf); its first r_min[l] are kept, its next min(r_max[l], size) −
     r_min[l] are candidates; of all candidates the best min(budget, Σ min(r_max, size)) − Σ r_min
-    by the same key are kept. budget < Σ r_min raises ValueError.
+    by the same key are kept. budget < Σ r_min, or no layer at all, raises ValueError (the ops
+    refuse both too).
     """
     sizes, r_min, r_max = bounds.tolist()
+    if not sizes:
+        raise ValueError("topk_realloc: bounds must name at least one layer")
     if budget < sum(r_min):
         raise ValueError(f"topk_realloc: budget {budget} is below the sum of r_min ({sum(r_min)})")
-    vals = torch.nan_to_num(scores.double(), nan=float("-inf")).tolist()
+    # Only NaN is remapped: nan_to_num's default would also clamp ±inf to finite values, ranking
+    # a NaN below a real -inf (the ops tie them).
+    vals = torch.nan_to_num(scores.double(), nan=float("-inf"), posinf=float("inf"),
+                            neginf=float("-inf")).tolist()
 
     def key(i):
         return (-vals[i], i)
