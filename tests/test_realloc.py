@@ -77,6 +77,11 @@ def test_nan_ties_with_minus_inf(device):
     assert ref(scores, [3], [0], [3], 2).tolist() == [True, False, True]
 
 
+def test_bounds_table_stays_on_the_cpu_under_a_default_device():
+    with torch.device("meta"):
+        assert ops.realloc_bounds([4, 4], [0, 0], [4, 4]).device.type == "cpu"
+
+
 def test_budget_below_sum_r_min_is_refused(device):
     with pytest.raises(ValueError, match=r"budget 3 is below the sum of r_min \(4\)"):
         ours(torch.rand(8, device=device), [4, 4], [2, 2], [4, 4], 3)

@@ -97,7 +97,8 @@ def realloc_bounds(sizes, r_min, r_max) -> torch.Tensor:
     if len(set(lengths.values())) != 1:
         raise ValueError(f"realloc_bounds: sizes, r_min and r_max need one entry per layer, got "
                          f"lengths {lengths}")
-    return torch.tensor([list(row) for row in rows.values()], dtype=torch.int64)
+    # On the CPU even under torch.device("cuda") or set_default_device: the op reads it on the host.
+    return torch.tensor([list(row) for row in rows.values()], dtype=torch.int64, device="cpu")
 
 
 def topk_realloc(scores: torch.Tensor, bounds: torch.Tensor, budget: int) -> torch.Tensor:
