@@ -124,6 +124,18 @@ def test_without_growth_layers_only_shrink():
     assert sum(alloc.ranks().values()) == 4
 
 
+def test_without_growth_a_nan_score_does_not_revive_an_inactive_component():
+    cfg = CFG.replace(allow_growth=False)
+    alloc = RankAllocator(Tiny(cfg), cfg)
+    first = next(iter(alloc.layers.values()))
+    first.set_active(torch.tensor([2, 3, 4, 5]))
+    alloc._refresh_mask()
+    alloc.scores.copy_(torch.rand(alloc.scores.shape))
+    alloc.scores[3] = float("nan")  # an active component of the first layer
+    alloc.reallocate(sum(alloc.ranks().values()))
+    assert first.active.tolist() == [2, 3, 4, 5]
+
+
 def test_dynamic_off_keeps_ranks():
     cfg = CFG.replace(dynamic=False)
     model = Tiny(cfg)

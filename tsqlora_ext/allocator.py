@@ -345,7 +345,10 @@ class RankAllocator:
             # one can outrank an active one.
             r_max = [min(h, m.rank) for h, m in zip(r_max, mods)]
             r_min = [min(lo, h) for lo, h in zip(r_min, r_max)]
-            scores = scores.masked_fill(~self.active_mask, float("-inf"))
+            # An active component's NaN score (the op ranks NaN as -inf) must still beat them.
+            lowest = torch.finfo(scores.dtype).min
+            scores = torch.where(self.active_mask, scores.nan_to_num(nan=lowest, posinf=float("inf")),
+                                 float("-inf"))
         budget = max(int(budget), sum(r_min))
         keep = ops.topk_realloc(scores, ops.realloc_bounds(self.sizes, r_min, r_max), budget)
         keep_cpu = keep.cpu()
