@@ -15,7 +15,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.fl
 
 
 def dtypes_for(device):
-    return [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
+    return [torch.float64, torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
 
 
 def active_ids(kind: str, r_max: int, gen: torch.Generator) -> torch.Tensor:
@@ -50,7 +50,7 @@ def make_inputs(lead, n_in, n_out, r_max, kind, dtype, device, *, bias=True, wit
     )
     t = {k: (v.to(device=device, dtype=dtype) if v is not None else None) for k, v in t.items()}
     t["active"] = active_ids(kind, r_max, gen).to(device)
-    t["scaling"] = 0.75
+    t["scaling"] = 16 / 12  # alpha / r_init, inexact in float32 (float64 keeps every digit)
     return t
 
 
@@ -130,6 +130,23 @@ def test_noncontiguous_input(device):
     assert_matches_reference(t, torch.float32)
 
 
+@pytest.mark.parametrize("with_x_lora", [False, True])
+def test_backward_inside_an_autocast_region_keeps_float32(device, with_x_lora):
+    # A float32 forward whose backward runs inside autocast: the backward op's GEMMs must not be
+    # cast to bf16 (the gradients would change dtype and precision).
+    t = make_inputs((4, 6), 24, 20, 8, "scattered", torch.float32, device, with_x_lora=with_x_lora)
+    grad_y = torch.randn(4, 6, 20, generator=torch.Generator().manual_seed(3)).to(device)
+    y, want = run(ops.varrank_lora, t, grad_y)
+    leaves = {k: (v.detach().clone().requires_grad_(True) if k in GRAD_OF and v is not None else v)
+              for k, v in t.items()}
+    y = ops.varrank_lora(*(leaves[k] for k in ARGS))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y.backward(grad_y)
+    for k, g in want.items():
+        assert leaves[k].grad.dtype == torch.float32, k
+        torch.testing.assert_close(leaves[k].grad, g, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("lead", [(9,), (2, 5)])
 def test_rank_zero_is_exactly_the_base_layer(device, lead):
     t = make_inputs(lead, 24, 20, 8, "empty", torch.float32, device)
@@ -144,6 +161,14 @@ def _sample_args(device):
         for k in GRAD_OF:
             if t[k] is not None:
                 t[k].requires_grad_(True)
+        yield tuple(t[k] for k in ARGS)
+    # Transposed views: the fake kernels must give the real outputs' (contiguous) strides.
+    for kind in ("scattered", "empty"):
+        t = make_inputs((3, 4), 12, 10, 6, kind, torch.float32, device, with_x_lora=True)
+        for k in ("x", "x_lora"):
+            t[k] = t[k].transpose(0, 1)
+        for k in GRAD_OF:
+            t[k].requires_grad_(True)
         yield tuple(t[k] for k in ARGS)
 
 

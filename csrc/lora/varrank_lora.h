@@ -37,6 +37,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <tuple>
 
@@ -133,6 +134,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
     const std::optional<at::Tensor>& x_lora, const at::Tensor& weight, const at::Tensor& A,
     const at::Tensor& E, const at::Tensor& B, const at::Tensor& active, double scaling,
     const at::Tensor& xa, bool need_dx, bool need_dx_lora) {
+  // The op computes in its inputs' dtype. Its autograd may run inside an autocast region, which
+  // would otherwise cast the GEMMs below to bf16/fp16 (the forward's autocast rule is in ops.py).
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t in = weight.size(1), out = weight.size(0), r = active.numel();
   TORCH_CHECK(grad_y.sizes() == with_last(x, out), "varrank_lora_backward: grad_y must be ",
               with_last(x, out), ", got ", grad_y.sizes());
@@ -151,7 +155,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
   at::Tensor dx_lora = x.new_empty({0});
   if (r == 0) {
     // No active component: the adapter contributed nothing, so its gradients are exact zeros.
-    if (separate && need_dx_lora) dx_lora = at::zeros_like(*x_lora);
+    if (separate && need_dx_lora) dx_lora = at::zeros(x_lora->sizes(), x_lora->options());
     return {need_dx ? dx.view(x.sizes()) : dx, dx_lora, at::zeros_like(A), at::zeros_like(E),
             at::zeros_like(B)};
   }
