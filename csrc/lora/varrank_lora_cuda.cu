@@ -9,7 +9,8 @@
 //
 // Each touches O(out·r) values, against O(N·out·r) FLOPs in the GEMMs, so they are written for
 // clarity: one thread per element (grid-stride) for the first two, one block per component for the
-// reduction. Arithmetic is in float for bf16/fp16 (at::opmath_type), rounded once on store.
+// reduction. Arithmetic is in at::opmath_type (float for bf16/fp16, double for float64), rounded
+// once on store; s arrives as a double, so float64 keeps all of alpha / r_init.
 // Active ids are checked on the device (CUDA_KERNEL_ASSERT), never copied to the host: uniqueness
 // is the caller's contract (VarRankLoRALinear.set_active guarantees it; the CPU backend checks it).
 #include <ATen/ATen.h>
@@ -37,7 +38,7 @@ __global__ void gather_scale_B_kernel(const scalar_t* __restrict__ B,      // [o
                                       const scalar_t* __restrict__ E,      // [r_max]
                                       const int64_t* __restrict__ act,     // [r]
                                       scalar_t* __restrict__ BseT,         // [r, out]
-                                      int64_t out, int64_t r_max, int64_t r, float s) {
+                                      int64_t out, int64_t r_max, int64_t r, double s) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < out * r;
        i += int64_t(gridDim.x) * blockDim.x) {
@@ -52,7 +53,7 @@ __global__ void scatter_dB_kernel(const scalar_t* __restrict__ Pt,         // [r
                                   const scalar_t* __restrict__ E,          // [r_max]
                                   const int64_t* __restrict__ act,         // [r]
                                   scalar_t* __restrict__ dB,               // [out, r_max], zeroed
-                                  int64_t out, int64_t r_max, int64_t r, float s) {
+                                  int64_t out, int64_t r_max, int64_t r, double s) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < out * r;
        i += int64_t(gridDim.x) * blockDim.x) {
@@ -68,7 +69,7 @@ __global__ void reduce_dE_kernel(const scalar_t* __restrict__ Pt,          // [r
                                  const scalar_t* __restrict__ B,           // [out, r_max]
                                  const int64_t* __restrict__ act,          // [r]
                                  scalar_t* __restrict__ dE,                // [r_max], zeroed
-                                 int64_t out, int64_t r_max, int64_t r, float s) {
+                                 int64_t out, int64_t r_max, int64_t r, double s) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t partial[kThreads];
   const int64_t k = blockIdx.x, id = act[k];
@@ -107,7 +108,7 @@ at::Tensor gather_scale_B_cuda(const at::Tensor& B, const at::Tensor& E, const a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, B.scalar_type(), "gather_scale_B", [&] {
     gather_scale_B_kernel<scalar_t><<<blocks_for(out * r), kThreads, 0, stream>>>(
         B.data_ptr<scalar_t>(), E.data_ptr<scalar_t>(), act.data_ptr<int64_t>(),
-        BseT.data_ptr<scalar_t>(), out, r_max, r, static_cast<float>(s));
+        BseT.data_ptr<scalar_t>(), out, r_max, r, s);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return BseT;
@@ -130,11 +131,11 @@ std::tuple<at::Tensor, at::Tensor> grad_B_E_cuda(const at::Tensor& Pt_in, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, B.scalar_type(), "grad_B_E", [&] {
     scatter_dB_kernel<scalar_t><<<blocks_for(out * r), kThreads, 0, stream>>>(
         Pt.data_ptr<scalar_t>(), E.data_ptr<scalar_t>(), act.data_ptr<int64_t>(),
-        dB.data_ptr<scalar_t>(), out, r_max, r, static_cast<float>(s));
+        dB.data_ptr<scalar_t>(), out, r_max, r, s);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     reduce_dE_kernel<scalar_t><<<static_cast<unsigned>(r), kThreads, 0, stream>>>(
         Pt.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(), act.data_ptr<int64_t>(),
-        dE.data_ptr<scalar_t>(), out, r_max, r, static_cast<float>(s));
+        dE.data_ptr<scalar_t>(), out, r_max, r, s);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {dB, dE};
