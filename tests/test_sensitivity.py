@@ -11,7 +11,10 @@ from torch import nn
 import tsqlora_ext  # noqa: F401  (loads the ops)
 from tsqlora_ext import ops, reference
 
-SHAPES = [(6, 5, 7), (4, 33, 3), (8, 300, 260)]  # (r, in, out) per layer; the last spans B tiles
+# (r, in, out) per layer. (8, 300, 600) spans several B tiles on both backends (CPU: 2048 rows
+# each at r 8, CUDA: 512); r 300 is above the CUDA block size (a thread's column moves as it
+# strides) and its A rows are short; (4, 8, 2000) has many B tiles of a narrow layer.
+SHAPES = [(6, 5, 7), (4, 33, 3), (8, 300, 2600), (300, 4, 20), (4, 8, 2000)]
 
 
 def make_state(device, dtype=torch.float32, shapes=SHAPES, seed=0):
@@ -93,6 +96,23 @@ def test_non_finite_step_is_skipped_and_counted(device, where, bad):
     assert counters.tolist() == [1, 1]
 
 
+def test_float64_gradient_beyond_float32_range_counts_as_inf(device):
+    # The update computes in float32, where 1e39 is inf: the op (both backends) and the reference
+    # skip the step alike.
+    A, E, B, ipt, unc, mask, scores, counters = make_state(device, torch.float64)
+    mask[:] = True
+    gA, gE, gB = grads_like(A, E, B, seed=11)
+    gB[0].view(-1)[2] = 1e39
+    r_ipt, r_unc, r_scores, r_counters = clone_all(ipt), clone_all(unc), scores.clone(), counters.clone()
+    before = clone_all(ipt)
+    reference.sensitivity_update(A, E, B, gA, gE, gB, r_ipt, r_unc, mask, r_scores, r_counters,
+                                 0.85, 0.85)
+    ops.sensitivity_update(A, E, B, gA, gE, gB, ipt, unc, mask, scores, counters, 0.85, 0.85)
+    assert counters.tolist() == r_counters.tolist() == [0, 1]
+    for got, want, old in zip(ipt, r_ipt, before):
+        assert torch.equal(got, old) and torch.equal(want, old)
+
+
 def test_caller_vouching_for_finite_gradients_gets_the_same_update(device):
     """check_finite=False (the training loop already knows the global gradient norm is finite)
     skips the op's scan and nothing else: the same EMAs and scores as the checked update."""
@@ -126,7 +146,7 @@ def test_update_rejects_bad_input():
     A, E, B, ipt, unc, mask, scores, counters = make_state("cpu")
     gA, gE, gB = grads_like(A, E, B, seed=1)
     with pytest.raises(RuntimeError, match=r"ipt_avg\[1\] must be a contiguous float32"):
-        ops.sensitivity_update(A, E, B, gA, gE, gB, [ipt[0], ipt[1][:-1], ipt[2]], unc, mask,
+        ops.sensitivity_update(A, E, B, gA, gE, gB, [ipt[0], ipt[1][:-1], *ipt[2:]], unc, mask,
                                scores, counters, 0.85, 0.85)
     with pytest.raises(RuntimeError, match=r"grad_B\[0\] has shape"):
         ops.sensitivity_update(A, E, B, gA, gE, [gB[0].t().contiguous()] + gB[1:], ipt, unc, mask,
@@ -233,7 +253,21 @@ def test_layer_sensitivity_half_inputs_compute_in_float(device):
     torch.testing.assert_close(got, reference.layer_sensitivity(W, x, d), rtol=1e-5, atol=0)
 
 
+def test_layer_sensitivity_ignores_an_enclosing_autocast_region(device):
+    # Inside autocast the op's own GEMM would come back in bf16; it computes in float32 regardless.
+    g = torch.Generator().manual_seed(10)
+    W = torch.randn(40, 30, generator=g).to(device)
+    x = torch.randn(2, 6, 30, generator=g).to(device)
+    d = torch.randn(2, 6, 40, generator=g).to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = ops.layer_sensitivity(W, x, d)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, reference.layer_sensitivity(W, x, d), rtol=1e-5, atol=0)
+
+
 def test_layer_sensitivity_rejects_bad_shapes():
+    with pytest.raises(RuntimeError, match=r"weight must be a non-empty \[out, in\] matrix, got \[3, 0\]"):
+        ops.layer_sensitivity(torch.randn(3, 0), torch.randn(2, 0), torch.randn(2, 3))
     W = torch.randn(6, 4)
     with pytest.raises(RuntimeError, match=r"x must be \[\.\.\., in=4\]"):
         ops.layer_sensitivity(W, torch.randn(3, 5), torch.randn(3, 6))

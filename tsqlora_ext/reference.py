@@ -237,7 +237,8 @@ def sensitivity_update(
     Ī), s = Ī Ū; and S_k = s(E_k) + mean_j s(A_kj) + mean_j s(B_jk) is written to scores.
     ipt_avg[l] / unc_avg[l] hold layer l's A, E, B elements flat in that order (float32);
     active_mask and scores are flat over all layers' components. Inactive components keep their
-    EMAs and score. If any gradient of an active component is NaN/inf, nothing changes except
+    EMAs and score. If any gradient of an active component is NaN/inf as float32 (the update's
+    arithmetic: a float64 gradient beyond float32's range counts as inf), nothing changes except
     counters[1] += 1; otherwise counters[0] += 1. ``check_finite=False``: the caller vouches that
     the gradients are finite, and the update is applied without looking.
     """
@@ -247,7 +248,7 @@ def sensitivity_update(
         act = active_mask[offset:offset + ga.shape[0]]
         offset += ga.shape[0]
         for g in (ga[act], ge[act], gb[:, act]):
-            grads_ok = grads_ok and bool(torch.isfinite(g).all())
+            grads_ok = grads_ok and bool(torch.isfinite(g.float()).all())
     if not grads_ok:
         counters[1] += 1
         return

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 namespace tsq::sensitivity {
 
@@ -105,7 +106,8 @@ inline LayerShapes check_update_inputs(
 
 // layer_sensitivity(weight [out, in], x [..., in], grad_out [..., out]) -> 0-d tensor.
 // Returns x and grad_out flattened to 2-D in the compute dtype (float64 if any input is float64,
-// else float32) together with the weight in that dtype.
+// else float32) together with the weight in that dtype. The backends exclude autocast's dispatch
+// keys first: inside an autocast region their at::mm would otherwise come back in bf16/fp16.
 struct LayerSensInputs {
   at::Tensor w, x, d;
 };
@@ -113,8 +115,8 @@ struct LayerSensInputs {
 inline LayerSensInputs check_layer_sensitivity_inputs(const at::Tensor& weight,
                                                       const at::Tensor& x,
                                                       const at::Tensor& grad_out) {
-  TORCH_CHECK(weight.dim() == 2, "layer_sensitivity: weight must be [out, in], got ",
-              weight.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.numel() > 0,
+              "layer_sensitivity: weight must be a non-empty [out, in] matrix, got ", weight.sizes());
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), "layer_sensitivity: x must be [..., in=",
               weight.size(1), "], got ", x.sizes());
   TORCH_CHECK(grad_out.dim() >= 1 && grad_out.size(-1) == weight.size(0),

@@ -292,6 +292,7 @@ void sensitivity_update_cpu(at::TensorList A, at::TensorList E, at::TensorList B
 
 at::Tensor layer_sensitivity_cpu(const at::Tensor& weight, const at::Tensor& x,
                                  const at::Tensor& grad_out) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   auto [w, x2, d] = check_layer_sensitivity_inputs(weight, x, grad_out);
   const int64_t out = w.size(0), in = w.size(1);
   const int64_t tile_rows = std::max<int64_t>(1, kTileElems / in);

@@ -65,12 +65,11 @@ struct WorkItem {
   int64_t row_begin, row_end;
 };
 
-// Bit tests, immune to --use_fast_math. Half/bfloat16 convert to float exactly.
+// A bit test on the value as the update reads it, in float (as the CPU backend does): a float64
+// gradient beyond float's range would make I = inf there, so it counts as non-finite too.
+// Half/bfloat16 convert to float exactly.
 __device__ __forceinline__ bool finite_value(float v) {
   return (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u;
-}
-__device__ __forceinline__ bool finite_value(double v) {
-  return (__double_as_longlong(v) & 0x7ff0000000000000LL) != 0x7ff0000000000000LL;
 }
 template <typename T>
 __device__ __forceinline__ bool finite_value(T v) {
@@ -301,6 +300,7 @@ __global__ void __launch_bounds__(kThreads) abs_product_sum_kernel(
 
 at::Tensor layer_sensitivity_cuda(const at::Tensor& weight, const at::Tensor& x,
                                   const at::Tensor& grad_out) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   auto [w, x2, d] = check_layer_sensitivity_inputs(weight, x, grad_out);
   const c10::cuda::CUDAGuard guard(w.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
