@@ -5,7 +5,8 @@
 // host sync:
 //   1. one H2D copy (pinned, non-blocking) of a small table: per-layer pointers/shapes and the work
 //      items;
-//   2. one memset of a workspace: acc [n_comp] partial scores | flag | done [L] counters;
+//   2. one memset of a workspace: acc [n_comp] row parts | flag | done [L] counters | part [slots]
+//      per-B-item column sums;
 //   3. nonfinite_check_kernel: one launch over all layers; reads only the gradients of active
 //      components and raises `flag` if one is NaN/inf. The update must not start before the
 //      whole step is known to be finite (a half-applied step cannot be undone), so this is a
@@ -14,20 +15,24 @@
 //   4. sensitivity_update_kernel: one launch over all layers. With `flag` raised every block exits
 //      and counters[1] += 1. Otherwise each block runs one work item:
 //        - kind A: row k of A (one component, contiguous, coalesced) plus E_k; a block reduction
-//          gives s(E_k) + mean_j s(A_kj), atomically added to acc[k];
-//        - kind B: a tile of consecutive rows of B [out, r] (contiguous). Threads stride by a
-//          multiple of r, so each thread always meets the same column: one register partial per
-//          thread, folded in shared memory, then one atomicAdd per column into acc.
+//          gives s(E_k) + mean_j s(A_kj), stored to acc[k] (its only writer);
+//        - kind B: a tile of consecutive rows of B [out, r] (contiguous). With r <= blockDim,
+//          threads stride by a multiple of r, so each thread always meets the same column: one
+//          register partial per thread, and the partials of a column are added in thread order;
+//          with r > blockDim each thread owns whole columns and walks the tile's rows. Either way
+//          the item stores its r column sums to its own slot of `part`.
 //      Inactive components are skipped without reading their data. The last block to finish a
-//      layer (per-layer done counter, threadfence reduction) copies that layer's active acc into
-//      scores, so inactive scores keep their last value and no per-element score tensor exists.
+//      layer (per-layer done counter, threadfence reduction) computes that layer's active scores,
+//      acc[k] + (the layer's B slots summed in item order) / out, so inactive scores keep their
+//      last value and no per-element score tensor exists. No float atomics: every sum has a fixed
+//      order, so a step's scores are the same bits on every run (reallocation ties included).
 //   Traffic per active element: read p, grad, Ibar, Ubar, write Ibar, Ubar, plus the grad again in
 //   the check (7 accesses for 6 useful ones).
 //
 // layer_sensitivity — S = sum |W ⊙ (δᵀX)|: δᵀX is formed per tile of W's rows by cuBLAS (at::mm)
 //   into a tile buffer of at most kTileElems elements and reduced against W by
-//   abs_product_sum_kernel into a float64 accumulator (atomicAdd of block sums); nothing is copied
-//   to the host.
+//   abs_product_sum_kernel into per-block float64 sums, added by at::sum (a fixed order, so the
+//   result does not change from run to run); nothing is copied to the host.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -56,13 +61,16 @@ struct LayerMeta {
   float* ipt;      // [r*in + r + out*r]: A, E, B elements
   float* unc;      // same layout
   int64_t in, out, r, comp_offset;
-  int64_t n_items;  // work items of this layer, to find the last one to finish
+  int64_t n_items;    // work items of this layer, to find the last one to finish
+  int64_t b_slot;     // `part` offset of its first B item; the i-th one's r sums start at + i·r
+  int64_t n_b_items;
 };
 
 struct WorkItem {
   int64_t layer;
   int64_t kind;  // 0: A row `row_begin` and E[row_begin]; 1: rows [row_begin, row_end) of B
   int64_t row_begin, row_end;
+  int64_t slot;  // B items: where its r column sums go in `part`
 };
 
 // A bit test on the value as the update reads it, in float (as the CPU backend does): a float64
@@ -100,16 +108,6 @@ __device__ Acc block_sum(Acc v, Acc* warp_sums /* [kThreads / 32] shared */) {
   return v;
 }
 
-// Threads of a B tile stride by `stride` (a multiple of r when r <= blockDim) over the flat
-// elements; `step` = stride mod r advances the column without a 64-bit modulo.
-struct BStride {
-  int64_t stride, step;
-};
-__device__ __forceinline__ BStride b_stride(int64_t r) {
-  const int64_t stride = r <= blockDim.x ? (blockDim.x / r) * r : blockDim.x;
-  return {stride, stride % r};
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads) nonfinite_check_kernel(
     const LayerMeta* __restrict__ layers,  // [L]
@@ -127,15 +125,17 @@ __global__ void __launch_bounds__(kThreads) nonfinite_check_kernel(
     for (int64_t j = threadIdx.x; j < m.in; j += blockDim.x) ok &= finite_value(ga[j]);
     if (threadIdx.x == 0) ok &= finite_value(static_cast<const T*>(m.gE)[k]);
   } else {
+    // The update kernel's walk of a B tile (see there); only active columns are read.
     const T* gb = static_cast<const T*>(m.gB);
-    const BStride s = b_stride(m.r);
-    if (threadIdx.x < s.stride) {
-      int64_t c = threadIdx.x % m.r;
-      for (int64_t x = it.row_begin * m.r + threadIdx.x; x < it.row_end * m.r; x += s.stride) {
-        ok &= !act[c] || finite_value(gb[x]);
-        c += s.step;
-        if (c >= m.r) c -= m.r;
-      }
+    if (m.r <= blockDim.x) {
+      const int64_t stride = (blockDim.x / m.r) * m.r;
+      if (threadIdx.x < stride && act[threadIdx.x % m.r])
+        for (int64_t x = it.row_begin * m.r + threadIdx.x; x < it.row_end * m.r; x += stride)
+          ok &= finite_value(gb[x]);
+    } else {
+      for (int64_t c = threadIdx.x; c < m.r; c += blockDim.x)
+        if (act[c])
+          for (int64_t j = it.row_begin; j < it.row_end; ++j) ok &= finite_value(gb[j * m.r + c]);
     }
   }
   if (!ok) *flag = 1u;
@@ -147,7 +147,8 @@ __global__ void __launch_bounds__(kThreads) sensitivity_update_kernel(
     const WorkItem* __restrict__ items,    // [gridDim.x]
     const bool* __restrict__ active,       // [n_comp]
     float b1, float b2,
-    float* __restrict__ acc,               // [n_comp], zeroed: partial scores
+    float* __restrict__ acc,               // [n_comp]: s(E_k) + mean_j s(A_kj)
+    float* __restrict__ part,              // [slots]: column sums of s(B) per B item
     const unsigned* __restrict__ flag,     // [1], set by nonfinite_check_kernel
     unsigned* __restrict__ done,           // [L], zeroed: finished items per layer
     float* __restrict__ scores,            // [n_comp]
@@ -157,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) sensitivity_update_kernel(
     return;
   }
   if (blockIdx.x == 0 && threadIdx.x == 0) counters[0] += 1;
-  extern __shared__ float col_sum[];  // [r] of this item's layer
+  __shared__ float thread_part[kThreads];
   __shared__ float warp_sums[kThreads / 32];
   __shared__ bool is_last;
   const WorkItem it = items[blockIdx.x];
@@ -180,33 +181,40 @@ __global__ void __launch_bounds__(kThreads) sensitivity_update_kernel(
         const float se = update_element(static_cast<const T*>(m.E)[k],
                                          static_cast<const T*>(m.gE)[k], m.ipt + e, m.unc + e,
                                          b1, b2);
-        atomicAdd(acc + m.comp_offset + k, se + sum / static_cast<float>(m.in));
+        acc[m.comp_offset + k] = se + sum / static_cast<float>(m.in);
       }
     }
   } else {
-    for (int64_t c = threadIdx.x; c < m.r; c += blockDim.x) col_sum[c] = 0.f;
-    __syncthreads();
     const T* b = static_cast<const T*>(m.B);
     const T* gb = static_cast<const T*>(m.gB);
-    const int64_t base = m.r * m.in + m.r;  // B follows A and E in the state buffers
-    const BStride s = b_stride(m.r);
-    if (threadIdx.x < s.stride) {
-      int64_t c = threadIdx.x % m.r;
-      float part = 0.f;
-      for (int64_t x = it.row_begin * m.r + threadIdx.x; x < it.row_end * m.r; x += s.stride) {
-        if (act[c]) part += update_element(b[x], gb[x], m.ipt + base + x, m.unc + base + x, b1, b2);
-        if (s.step != 0) {  // only when r > blockDim: the column moves, flush the partial
-          atomicAdd(col_sum + c, part);
-          part = 0.f;
-          c += s.step;
-          if (c >= m.r) c -= m.r;
-        }
+    float* ib = m.ipt + m.r * m.in + m.r;  // B follows A and E in the state buffers
+    float* ub = m.unc + m.r * m.in + m.r;
+    float* sums = part + it.slot;
+    if (m.r <= blockDim.x) {  // uniform over the block, so the barrier below is safe
+      // Thread t < groups·r owns column t mod r and every groups-th row from row t / r.
+      const int64_t groups = blockDim.x / m.r, stride = groups * m.r;
+      float own = 0.f;
+      if (threadIdx.x < stride && act[threadIdx.x % m.r])
+        for (int64_t x = it.row_begin * m.r + threadIdx.x; x < it.row_end * m.r; x += stride)
+          own += update_element(b[x], gb[x], ib + x, ub + x, b1, b2);
+      thread_part[threadIdx.x] = own;
+      __syncthreads();
+      if (threadIdx.x < m.r) {
+        float sum = 0.f;
+        for (int64_t g = 0; g < groups; ++g) sum += thread_part[g * m.r + threadIdx.x];
+        sums[threadIdx.x] = sum;
       }
-      atomicAdd(col_sum + c, part);
+    } else {
+      for (int64_t c = threadIdx.x; c < m.r; c += blockDim.x) {
+        float sum = 0.f;
+        if (act[c])
+          for (int64_t j = it.row_begin; j < it.row_end; ++j) {
+            const int64_t x = j * m.r + c;
+            sum += update_element(b[x], gb[x], ib + x, ub + x, b1, b2);
+          }
+        sums[c] = sum;
+      }
     }
-    __syncthreads();
-    for (int64_t c = threadIdx.x; c < m.r; c += blockDim.x)
-      if (act[c]) atomicAdd(acc + m.comp_offset + c, col_sum[c] / static_cast<float>(m.out));
   }
   // The last block to finish this layer publishes its scores (threadfence reduction).
   __threadfence();
@@ -216,8 +224,12 @@ __global__ void __launch_bounds__(kThreads) sensitivity_update_kernel(
   __syncthreads();
   if (is_last) {
     __threadfence();
-    for (int64_t c = threadIdx.x; c < m.r; c += blockDim.x)
-      if (act[c]) scores[m.comp_offset + c] = __ldcg(acc + m.comp_offset + c);
+    for (int64_t c = threadIdx.x; c < m.r; c += blockDim.x) {
+      if (!act[c]) continue;
+      float col = 0.f;
+      for (int64_t i = 0; i < m.n_b_items; ++i) col += __ldcg(part + m.b_slot + i * m.r + c);
+      scores[m.comp_offset + c] = __ldcg(acc + m.comp_offset + c) + col / static_cast<float>(m.out);
+    }
   }
 }
 
@@ -232,22 +244,23 @@ void sensitivity_update_cuda(at::TensorList A, at::TensorList E, at::TensorList 
   const c10::cuda::CUDAGuard guard(A[0].device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t L = static_cast<int64_t>(s.r.size());
-  const int64_t max_r = *std::max_element(s.r.begin(), s.r.end());
-  TORCH_CHECK(max_r * static_cast<int64_t>(sizeof(float)) <= 32 * 1024,
-              "sensitivity_update: r = ", max_r, " exceeds the CUDA limit of 8192 components");
 
   std::vector<LayerMeta> metas(L);
   std::vector<WorkItem> items;
+  int64_t slots = 0;
   for (int64_t l = 0; l < L; ++l) {
     const int64_t r = s.r[l], out = s.out[l];
     const size_t first = items.size();
-    for (int64_t k = 0; k < r; ++k) items.push_back({l, 0, k, k + 1});
+    for (int64_t k = 0; k < r; ++k) items.push_back({l, 0, k, k + 1, -1});
     const int64_t rows = std::max<int64_t>(1, kBTileElems / r);
-    for (int64_t j = 0; j < out; j += rows) items.push_back({l, 1, j, std::min(j + rows, out)});
+    const int64_t b_slot = slots;
+    for (int64_t j = 0; j < out; j += rows, slots += r)
+      items.push_back({l, 1, j, std::min(j + rows, out), slots});
     metas[l] = {A[l].const_data_ptr(), E[l].const_data_ptr(), B[l].const_data_ptr(),
                 gA[l].const_data_ptr(), gE[l].const_data_ptr(), gB[l].const_data_ptr(),
                 ipt[l].data_ptr<float>(), unc[l].data_ptr<float>(),
-                s.in[l], out, r, s.comp_offset[l], static_cast<int64_t>(items.size() - first)};
+                s.in[l], out, r, s.comp_offset[l], static_cast<int64_t>(items.size() - first),
+                b_slot, (slots - b_slot) / r};
   }
   const size_t meta_bytes = metas.size() * sizeof(LayerMeta);
   const size_t item_bytes = items.size() * sizeof(WorkItem);
@@ -262,11 +275,12 @@ void sensitivity_update_cuda(at::TensorList A, at::TensorList E, at::TensorList 
   const auto* d_items =
       reinterpret_cast<const WorkItem*>(dev_table.const_data_ptr<uint8_t>() + meta_bytes);
 
-  // acc [n_comp] | flag | done [L]; zero bits are 0.f and 0u alike.
-  at::Tensor work = at::zeros({s.n_components + 1 + L}, scores.options());
+  // acc [n_comp] | flag | done [L] | part [slots]; zero bits are 0.f and 0u alike.
+  at::Tensor work = at::zeros({s.n_components + 1 + L + slots}, scores.options());
   float* acc = work.data_ptr<float>();
   auto* flag = reinterpret_cast<unsigned*>(acc + s.n_components);
   unsigned* done = flag + 1;
+  float* part = reinterpret_cast<float*>(done + L);
   const auto n_blocks = static_cast<unsigned>(items.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A[0].scalar_type(),
                                   "sensitivity_update_cuda", [&] {
@@ -275,9 +289,9 @@ void sensitivity_update_cuda(at::TensorList A, at::TensorList E, at::TensorList 
           d_layers, d_items, active_mask.const_data_ptr<bool>(), flag);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    sensitivity_update_kernel<scalar_t><<<n_blocks, kThreads, max_r * sizeof(float), stream>>>(
+    sensitivity_update_kernel<scalar_t><<<n_blocks, kThreads, 0, stream>>>(
         d_layers, d_items, active_mask.const_data_ptr<bool>(), static_cast<float>(beta1),
-        static_cast<float>(beta2), acc, flag, done, scores.data_ptr<float>(),
+        static_cast<float>(beta2), acc, part, flag, done, scores.data_ptr<float>(),
         counters.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -288,14 +302,14 @@ __global__ void __launch_bounds__(kThreads) abs_product_sum_kernel(
     const T* __restrict__ w,     // [n] rows of W of this tile
     const T* __restrict__ g,     // [n] the same rows of δᵀX
     int64_t n,
-    double* __restrict__ total) {  // [1] accumulator
+    double* __restrict__ block_sums) {  // [gridDim.x] this tile's slice
   __shared__ double warp_sums[kThreads / 32];
   double acc = 0.0;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     acc += fabs(static_cast<double>(w[i]) * static_cast<double>(g[i]));
   acc = block_sum(acc, warp_sums);
-  if (threadIdx.x == 0) atomicAdd(total, acc);
+  if (threadIdx.x == 0) block_sums[blockIdx.x] = acc;
 }
 
 at::Tensor layer_sensitivity_cuda(const at::Tensor& weight, const at::Tensor& x,
@@ -306,22 +320,24 @@ at::Tensor layer_sensitivity_cuda(const at::Tensor& weight, const at::Tensor& x,
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t out = w.size(0), in = w.size(1);
   const int64_t tile_rows = std::max<int64_t>(1, kTileElems / in);
+  const int64_t n_tiles = (out + tile_rows - 1) / tile_rows;
   const int max_blocks = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * 8;
-  at::Tensor total = at::zeros({}, w.options().dtype(at::kDouble));
+  // Row t holds tile t's block sums (a tile with fewer blocks leaves zeros).
+  at::Tensor block_sums = at::zeros({n_tiles, max_blocks}, w.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "layer_sensitivity_cuda", [&] {
-    for (int64_t r0 = 0; r0 < out; r0 += tile_rows) {
-      const int64_t rows = std::min(tile_rows, out - r0);
+    for (int64_t t = 0; t < n_tiles; ++t) {
+      const int64_t r0 = t * tile_rows, rows = std::min(tile_rows, out - r0);
       const at::Tensor g = at::mm(d.narrow(1, r0, rows).t(), x2);  // [rows, in], contiguous
       const int64_t n = rows * in;
       const auto blocks = static_cast<unsigned>(
           std::min<int64_t>(max_blocks, (n + kThreads - 1) / kThreads));
       abs_product_sum_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
           w.const_data_ptr<scalar_t>() + r0 * in, g.const_data_ptr<scalar_t>(), n,
-          total.data_ptr<double>());
+          block_sums.data_ptr<double>() + t * max_blocks);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  return total.to(w.scalar_type());
+  return block_sums.sum().to(w.scalar_type());
 }
 
 }  // namespace
