@@ -31,12 +31,43 @@ def test_probability_is_monotone_in_loss():
     rng = np.random.default_rng(1)
     # a wide clean component and a narrow wrong one: raw Gaussian posteriors fall again far right
     losses = np.concatenate([rng.normal(1.0, 1.0, 500), rng.normal(3.0, 0.2, 100), [9.0]])
-    _, post = fit_loss_mixture(losses)
+    mix, post = fit_loss_mixture(losses)
     p, _ = mislabel_probability(losses)
     order = np.argsort(losses)
     assert np.all(np.diff(p[order]) >= 0)
-    assert np.all(p >= post - 1e-15)
+    above = losses > mix.means[0]
+    assert np.all(p[above] >= post[above] - 1e-15) and np.all(p[~above] == 0)
     assert p[-1] > 0.5  # the most extreme loss is flagged
+
+
+def test_a_straggler_fitting_better_than_the_bulk_flags_nothing_else():
+    # A narrow clean bulk, a wider cluster of wrong labels, and one clean example far below the
+    # bulk: the raw posterior of the wide component is ~1 out there (both Gaussian tails), and a
+    # running maximum from it would flag the whole pool.
+    rng = np.random.default_rng(6)
+    losses = np.concatenate([rng.normal(0.35, 0.04, 89), [0.05], rng.normal(2.5, 0.4, 10)])
+    _, post = fit_loss_mixture(losses)
+    p, flagged, _ = flag_mislabeled(losses)
+    assert post[89] > 0.99 and p[89] == 0
+    assert flagged.tolist() == [False] * 90 + [True] * 10
+
+
+def test_losses_mostly_tied_still_split():
+    # A confident model's float32 cross-entropy is exactly 0 for most examples: the 25% and 90%
+    # quantiles coincide, and EM started there would stay symmetric (and abstain as 'majority').
+    rng = np.random.default_rng(7)
+    losses = np.concatenate([np.zeros(95), rng.normal(3.0, 0.1, 5)])
+    p, flagged, mix = flag_mislabeled(losses)
+    assert mix.means[0] == 0 and mix.means[1] == pytest.approx(3.0, abs=0.1)
+    assert flagged.tolist() == [False] * 95 + [True] * 5
+
+
+def test_examples_the_model_agrees_with_are_never_flagged():
+    # Every example fits (P(label) > 0.98): a split into two mixture components means nothing.
+    rng = np.random.default_rng(8)
+    losses = np.concatenate([np.abs(rng.normal(0.002, 0.001, 90)), np.abs(rng.normal(0.01, 0.002, 10))])
+    p, flagged, _ = flag_mislabeled(losses)
+    assert (p > 0.5).any() and not flagged.any()
 
 
 def test_guard_flags_nothing_without_a_minority_of_misfits():
@@ -46,7 +77,9 @@ def test_guard_flags_nothing_without_a_minority_of_misfits():
     p, flagged, mix = flag_mislabeled(losses)
     assert mix.weights[1] > 0.5 and (p > 0.5).sum() > 500
     assert not flagged.any()
-    assert flag_mislabeled(losses, max_share=0.8)[1].sum() > 500
+    # (those with a loss under ln 2 are not flagged even then: the model agrees with their label)
+    allowed = flag_mislabeled(losses, max_share=0.8)[1]
+    assert allowed.sum() > 400 and allowed.sum() == ((p > 0.5) & (losses > MAX_CLEAN_LOSS)).sum()
 
 
 def test_guard_flags_nothing_when_the_high_losses_are_a_tail():

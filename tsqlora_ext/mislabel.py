@@ -10,7 +10,12 @@ initialisation, no random restarts.
 Gaussian tails can make that posterior fall again for very large losses (when the low component is
 the wider one), which would spare the most extreme examples. The posterior is therefore made
 non-decreasing in the loss (running maximum over the sorted losses): a larger loss is never judged
-less likely to be wrong.
+less likely to be wrong. The same tails bend it up again at the far *left* when the high component
+is the wider one, so a clean example fitting better than the bulk would score near 1 and, through
+the running maximum, lift every larger loss with it: below the low component's mean the probability
+is 0 (such an example fits better than the typical clean one), and the maximum runs from there.
+Nor is an example flagged whose loss is below ``MAX_CLEAN_LOSS``: it puts more than half of the
+probability on its label, so the model agrees with that label.
 
 Wrong labels are a minority by assumption. When the fitted high-loss component holds more than
 ``max_share`` of the pool (default one half), the losses did not split into "most fit, a few do
@@ -78,6 +83,8 @@ def fit_loss_mixture(losses, max_iter: int = 200, tol: float = 1e-8) -> tuple[Lo
         return LossMixture((1.0, 0.0), (float(x[0]),) * 2, (0.0, 0.0), 0, True), np.zeros_like(x)
     floor = 1e-6 * total_var
     mean = np.quantile(x, [0.25, 0.9])
+    if mean[0] == mean[1]:  # >= 65% of the losses tie (e.g. exact zeros): EM would stay symmetric
+        mean = np.array([x.min(), x.max()])
     var = np.full(2, total_var / 4)
     w = np.array([0.5, 0.5])
     prev = -np.inf
@@ -116,7 +123,7 @@ def mislabel_probability(losses) -> tuple[np.ndarray, LossMixture]:
     mix, post = fit_loss_mixture(x)
     order = np.argsort(x, kind="stable")
     p = np.empty_like(post)
-    p[order] = np.maximum.accumulate(post[order])
+    p[order] = np.maximum.accumulate(np.where(x[order] <= mix.means[0], 0.0, post[order]))
     return p, mix
 
 
@@ -139,7 +146,8 @@ def guard_abstains(mix: LossMixture, max_share: float = 0.5, max_spread: float =
 
 def flag_mislabeled(losses, threshold: float = 0.5, max_share: float = 0.5,
                     max_spread: float = 0.55) -> tuple[np.ndarray, np.ndarray, LossMixture]:
-    """(p_mislabeled, likely_mislabeled, mixture): flag p > threshold, unless the high-loss
+    """(p_mislabeled, likely_mislabeled, mixture): flag p > threshold where the loss exceeds
+    ``MAX_CLEAN_LOSS`` (below it the model agrees with the label), unless the high-loss
     component's weight exceeds ``max_share`` (no minority of misfits), its spread (std / mean)
     exceeds ``max_spread`` (a tail of the model's own errors, not a cluster of wrong labels), or
     the low-loss component's mean exceeds ``MAX_CLEAN_LOSS`` (the model does not fit the bulk yet);
@@ -150,8 +158,9 @@ def flag_mislabeled(losses, threshold: float = 0.5, max_share: float = 0.5,
         raise ValueError(f"flag_mislabeled: max_share must be in (0, 1], got {max_share}")
     if not max_spread > 0.0:
         raise ValueError(f"flag_mislabeled: max_spread must be > 0, got {max_spread}")
-    p, mix = mislabel_probability(losses)
-    flagged = p > threshold
+    x = np.asarray(losses, dtype=np.float64).ravel()
+    p, mix = mislabel_probability(x)
+    flagged = (p > threshold) & (x > MAX_CLEAN_LOSS)
     if guard_abstains(mix, max_share, max_spread) is not None:
         flagged[:] = False
     return p, flagged, mix
