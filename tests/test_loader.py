@@ -32,6 +32,16 @@ def test_batches_are_padded_rows_of_the_input():
     assert sorted(seen) == list(range(len(rows)))
 
 
+def test_width_never_exceeds_max_length():
+    # Rounding 30 up to a multiple of 8 gave 32 columns, wider than a model with 30 positions.
+    loader = TokenBatchLoader([list(range(1, 41))] * 4, [0, 1, 0, 1], batch_size=4, max_length=30,
+                              pad_to_multiple_of=8, shuffle=False)
+    b = next(iter(loader))
+    assert b["input_ids"].shape == (4, 30) and b["attention_mask"].sum().item() == 4 * 30
+    short = TokenBatchLoader([list(range(1, 11))] * 4, batch_size=4, max_length=30, pad_to_multiple_of=8)
+    assert next(iter(short))["input_ids"].shape[1] == 16  # below max_length the rounding still applies
+
+
 def test_bucketing_cuts_padding():
     rows = _rows(2000)
     def pad_share(mult):

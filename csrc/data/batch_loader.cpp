@@ -98,6 +98,8 @@ Batch BatchLoader::build(const std::vector<int64_t>& rows) const {
     L = std::max(L, len);
   }
   L = (L + cfg_.pad_to_multiple_of - 1) / cfg_.pad_to_multiple_of * cfg_.pad_to_multiple_of;
+  // Never wider than max_length: a model's position table may hold exactly max_length entries.
+  if (cfg_.max_length > 0) L = std::min(L, cfg_.max_length);
   Batch out;
   out.input_ids = at::full({B, L}, cfg_.pad_id, at::kLong);
   out.attention_mask = at::zeros({B, L}, at::kLong);

@@ -14,7 +14,8 @@
 //      are skipped, different ones each epoch).
 // Batches: input_ids [B, L] (pad_id beyond each row), attention_mask [B, L] (1 on tokens),
 // labels [B] (class labels) or [B, L] (the input ids with -100 on padding, for language models),
-// index [B] (row ids). L = longest row in the batch rounded up to pad_to_multiple_of.
+// index [B] (row ids). L = longest row in the batch rounded up to pad_to_multiple_of, but never past
+// max_length (when set).
 // num_workers threads build the next `prefetch` batches while the caller trains on the current one.
 #pragma once
 
