@@ -263,3 +263,20 @@ def test_bundled_smollm2_gguf_classifies_padded_batches(smollm2_gguf, tmp_path):
     tf.LlamaForCausalLM(tiny).save_pretrained(tmp_path)
     model, tok = _load_model(tmp_path, 2, seed=0)
     assert tok.pad_token_id == tok.eos_token_id == model.config.pad_token_id
+
+
+def test_adapters_take_the_replaced_modules_training_mode(tiny_model, tmp_path):
+    # from_pretrained returns a model in eval mode: adapter dropout must not run in it.
+    base, inputs = tiny_model("bert")
+    cfg = CFG.replace(lora_dropout=0.5)
+    model = tsqlora_ext.wrap(copy.deepcopy(base), cfg, verbose=False)
+    _randomize_adapters(model)
+    assert not any(layer.training for _, layer in tsqlora_ext.adapted_layers(model))
+    assert torch.equal(_logits(model, inputs), _logits(model, inputs))
+    tsqlora_ext.save_adapter(model, tmp_path / "a")
+    loaded = tsqlora_ext.load_adapter(copy.deepcopy(base), tmp_path / "a")
+    assert not any(layer.training for _, layer in tsqlora_ext.adapted_layers(loaded))
+    assert torch.equal(_logits(loaded, inputs), _logits(model, inputs))
+
+    training = tsqlora_ext.wrap(copy.deepcopy(base).train(), cfg, verbose=False)
+    assert all(layer.training for _, layer in tsqlora_ext.adapted_layers(training))

@@ -233,6 +233,9 @@ def wrap(model: nn.Module, config: TsqLoRAConfig | None = None, verbose: bool = 
             layer = VarRankLoRALinear(base, r_max=config.r_max, r_init=config.r_init,
                                       alpha=config.lora_alpha, dropout=config.lora_dropout,
                                       init=config.init)
+            # A new module starts in training mode; the model may be in eval mode (from_pretrained
+            # returns it so), where adapter dropout must not run.
+            layer.train(module.training)
             _set_submodule(model, name, layer)
 
     for name in modules_to_save:
