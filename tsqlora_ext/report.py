@@ -175,7 +175,10 @@ _ABBREV = {"attention.self.query": "q", "attention.self.key": "k", "attention.se
 
 
 def fmt_seconds(s: float) -> str:
-    return f"{int(s // 60)} min {s - 60 * (s // 60):.0f} s" if s >= 60 else f"{s:.1f} s"
+    if s < 59.95:  # what rounds to 60.0 s reads as a minute
+        return f"{s:.1f} s"
+    m, sec = divmod(round(s), 60)  # round first, so 119.6 s is 2 min 0 s, not 1 min 60 s
+    return f"{m} min {sec} s"
 
 
 def finite_or_none(x: float) -> float | None:
