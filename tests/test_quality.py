@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -13,6 +14,7 @@ from torch import nn
 import tsqlora_ext
 from tsqlora_ext.config import TsqLoRAConfig
 from tsqlora_ext.layers import VarRankLoRALinear
+from tsqlora_ext.mislabel import flag_mislabeled
 from tsqlora_ext.quality import (
     SCORE_FIELDS, combine, make_batches, read_scores, robust_z, score_pool, scored_modules,
     sequence_classification_loss, warmup, write_scores,
@@ -124,7 +126,7 @@ def test_scores_equal_brute_force(mode):
         # exact D is not the first-order value at this step size: the test can tell them apart
         assert np.max(np.abs(scores.D - eta * G ** 2)) > 1e-3 * np.max(np.abs(scores.D))
         fo = score_pool(model, batches, mode=mode, lookahead="first_order", eta=eta,
-                        compute_alignment=False, progress=False)
+                        weights=(0.5, 0.5, 0.0), compute_alignment=False, progress=False)
         np.testing.assert_allclose(fo.D, eta * G ** 2, rtol=1e-9)
         assert np.all(np.isnan(fo.C))
         # C against a held-out reference set: ḡ is that set's mean gradient, no second pool pass
@@ -142,6 +144,48 @@ def test_scores_equal_brute_force(mode):
         assert all(p.requires_grad for p in scored_params(model, "full"))
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_an_index_of_the_wrong_length_is_refused():
+    ids, mask, labels = tiny_pool(n=6)
+    with pytest.raises(ValueError, match=r"make_batches: index has shape \(3,\), expected one id per example \(6,\)"):
+        make_batches(ids, mask, labels, index=[0, 1, 2])
+    batches = make_batches(ids, mask, labels, batch_size=4)
+    batches[1]["index"] = torch.tensor([7])
+    with pytest.raises(ValueError, match=r"a batch's 'index' has shape \(1,\) for its 2 examples"):
+        score_pool(tiny_bert(), batches, weights=(0.5, 0.5, 0.0), progress=False)
+
+
+def test_alignment_off_with_a_weight_on_c_is_refused():
+    model = tiny_bert()
+    batches = make_batches(*tiny_pool(), batch_size=4)
+    with pytest.raises(ValueError, match=r"alpha3 = 0.3.*compute_alignment=False leaves C undefined"):
+        score_pool(model, batches, weights=(0.3, 0.4, 0.3), compute_alignment=False, progress=False)
+
+
+@pytest.mark.parametrize("lookahead", ["first_order", "exact"])
+def test_half_precision_model_scores_like_float32(lookahead):
+    # Gram matrices of ordinary activations overflow float16 (65504): the taps compute in float32.
+    torch.manual_seed(0)
+    lin = VarRankLoRALinear(nn.Linear(256, 256), r_max=4, r_init=4, alpha=8.0)
+    with torch.no_grad():
+        lin.lora_B.normal_()
+    model = nn.Sequential(lin, nn.Linear(256, 3))
+    x = torch.randn(6, 8, 256) * 30
+    batches = [{"x": x, "labels": torch.tensor([0, 1, 2, 0, 1, 2])}]
+
+    def loss_fn(m, b):
+        return nn.functional.cross_entropy(m(b["x"]).mean(1).float(), b["labels"], reduction="none")
+
+    def score(dtype):
+        m = copy.deepcopy(model).to(dtype)
+        b = [{"x": x.to(dtype), "labels": batches[0]["labels"]}]
+        return score_pool(m, b, mode="full", lookahead=lookahead, weights=(0.5, 0.5, 0.0),
+                          loss_fn=loss_fn, progress=False)
+
+    full, half = score(torch.float32), score(torch.float16)
+    assert np.all(np.isfinite(half.G)) and np.all(np.isfinite(half.D))
+    np.testing.assert_allclose(half.G, full.G, rtol=2e-2)
 
 
 def test_ghost_and_direct_paths_agree():
@@ -193,12 +237,31 @@ def test_scores_file_round_trip(tmp_path):
     path = write_scores(tmp_path / "scores.jsonl", s)
     assert not (tmp_path / "scores.jsonl.tmp").exists()
     first = json.loads(path.read_text().splitlines()[0])
-    assert set(first) == set(SCORE_FIELDS)
+    assert set(first) == set(SCORE_FIELDS) | {"likely_mislabeled"}
     back = read_scores(path, mislabel_threshold=0.5)
     np.testing.assert_array_equal(back.index, s.index)
     for f in SCORE_FIELDS[1:]:
         np.testing.assert_array_equal(getattr(back, f), getattr(s, f))  # bit-exact, NaN kept
-    np.testing.assert_array_equal(back.likely_mislabeled, s.p_mislabeled > 0.5)
+    # the guard's decision as written (it abstained here although many p exceed 0.5)
+    assert (s.p_mislabeled > 0.5).any()
+    np.testing.assert_array_equal(back.likely_mislabeled, s.likely_mislabeled)
+
+
+def test_scores_file_without_the_guard_decision_refits_it(tmp_path):
+    # Files written before the field existed: the guard is refitted on their loss column.
+    s = _random_scores(n=40)
+    s.loss[:] = np.r_[np.abs(np.random.default_rng(3).normal(0.1, 0.05, 36)), [3.0, 3.1, 2.9, 3.2]]
+    path = write_scores(tmp_path / "old.jsonl", s)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "likely_mislabeled"}) + "\n"
+                            for r in rows))
+    back = read_scores(path)
+    np.testing.assert_array_equal(back.likely_mislabeled, flag_mislabeled(s.loss)[1])
+    assert back.likely_mislabeled[-4:].all() and not back.likely_mislabeled[:36].any()
+    rows[1]["likely_mislabeled"] = "yes"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"old\.jsonl: line 2: field 'likely_mislabeled' must be true or false"):
+        read_scores(path)
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -175,6 +175,12 @@ def _module_params(module: nn.Module) -> list[nn.Parameter]:
 
 
 # ---- per-layer tap: inputs, output grads, and what follows from them ----------------------------
+def _widen(t: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 -> float32. The scores' Gram matrices and squared norms overflow float16's
+    range (65504) at ordinary activation sizes, and lose most digits in bfloat16."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _outer_sq_norms(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """‖Σ_t g_t x_tᵀ‖_F² per example; x [B, T, d], g [B, T, p] -> [B]."""
     T, d, p = x.shape[1], x.shape[2], g.shape[2]
@@ -210,21 +216,21 @@ class _Tap:
                 "layers are not supported")
         x = inputs[0].detach()
         self.out_shape = output.shape
-        self.x = x.reshape(x.shape[0], -1, x.shape[-1])
+        self.x = _widen(x.reshape(x.shape[0], -1, x.shape[-1]))
         if output.requires_grad:
             output.register_hook(self._grad)
         return None
 
     def _grad(self, grad: torch.Tensor) -> None:
-        self.g = grad.detach().reshape(grad.shape[0], -1, grad.shape[-1])
+        self.g = _widen(grad.detach().reshape(grad.shape[0], -1, grad.shape[-1]))
 
     # -- quantities of the current batch ---------------------------------------------------------
     def _lora_parts(self):
         m = self.module
         act = m.active
-        a = m.lora_A.detach().index_select(0, act)    # [r, in]
-        e = m.lora_E.detach().index_select(0, act)    # [r]
-        b = m.lora_B.detach().index_select(1, act)    # [out, r]
+        a = m.lora_A.detach().index_select(0, act).to(self.x.dtype)    # [r, in]
+        e = m.lora_E.detach().index_select(0, act).to(self.x.dtype)    # [r]
+        b = m.lora_B.detach().index_select(1, act).to(self.x.dtype)    # [out, r]
         h = self.x @ a.t()                            # [B, T, r]
         u = self.g @ b                                # [B, T, r]
         return act, a, e, b, h, u
@@ -318,19 +324,20 @@ class _Tap:
             return output
         B = x_new.shape[0]
         x3 = x_new.reshape(B, -1, x_new.shape[-1])
+        x3w = _widen(x3)  # the perturbation was built in the taps' (widened) dtype
         if self.is_lora:
             m = self.module
             base = m.base_layer(x3)
-            lora = torch.bmm(torch.bmm(x3, p["A"].transpose(1, 2)) * p["E"][:, None, :],
+            lora = torch.bmm(torch.bmm(x3w, p["A"].transpose(1, 2)) * p["E"][:, None, :],
                              p["B"].transpose(1, 2))
-            return (base + m.scaling * lora).reshape(output.shape)
+            return (base + m.scaling * lora).to(output.dtype).reshape(output.shape)
         out3 = output.reshape(B, -1, output.shape[-1])
-        corr = torch.zeros_like(out3)
+        corr = torch.zeros_like(out3, dtype=x3w.dtype)
         if p["w"]:
-            corr = corr + torch.bmm(torch.bmm(x3, p["x"].transpose(1, 2)), p["g"])
+            corr = corr + torch.bmm(torch.bmm(x3w, p["x"].transpose(1, 2)), p["g"])
         if p["b"]:
             corr = corr + p["g"].sum(1, keepdim=True)
-        return (out3 - p["eta"] * corr).reshape(output.shape)
+        return (out3 - p["eta"] * corr).to(output.dtype).reshape(output.shape)
 
 
 # ---- the pass -----------------------------------------------------------------------------------
@@ -355,11 +362,13 @@ class QualityScores:
     def rows(self) -> list[dict]:
         cols = [getattr(self, f) for f in SCORE_FIELDS]
         out = []
-        for vals in zip(*cols):
+        for *vals, flag in zip(*cols, self.likely_mislabeled):
             row = {"index": int(vals[0])}
             for f, v in zip(SCORE_FIELDS[1:], vals[1:]):
                 v = float(v)
                 row[f] = v if math.isfinite(v) else None
+            # The guard's decision itself: p_mislabeled alone cannot tell whether it abstained.
+            row["likely_mislabeled"] = bool(flag)
             out.append(row)
         return out
 
@@ -393,6 +402,9 @@ def make_batches(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels, 
     if batch_size < 1:
         raise ValueError(f"make_batches: batch_size must be >= 1, got {batch_size}")
     index = torch.arange(n) if index is None else torch.as_tensor(index, dtype=torch.long)
+    if index.shape != (n,):
+        raise ValueError(f"make_batches: index has shape {tuple(index.shape)}, expected one id per "
+                         f"example ({n},)")
     return [{"input_ids": input_ids[i:i + batch_size], "attention_mask": attention_mask[i:i + batch_size],
              "labels": labels[i:i + batch_size], "index": index[i:i + batch_size]}
             for i in range(0, n, batch_size)]
@@ -440,7 +452,7 @@ def _per_layer_refs(taps, flat: list[torch.Tensor]) -> list[dict[str, torch.Tens
         for nm in (("lora_A", "lora_E", "lora_B") if t.is_lora else ("weight", "bias")):
             p = getattr(t.module, nm, None)
             if isinstance(p, nn.Parameter) and p.requires_grad:
-                ref[nm] = flat[pos].to(p.dtype)
+                ref[nm] = flat[pos].to(torch.promote_types(p.dtype, torch.float32))
                 pos += 1
         refs.append(ref)
     return refs
@@ -499,6 +511,10 @@ def score_pool(
         raise ValueError(f"preference must be one of {PREFERENCES}, got {preference!r}")
     if compute_alignment is None:
         compute_alignment = float(weights[2]) != 0.0 or alignment_reference is not None
+    if not compute_alignment and float(weights[2]) != 0.0:
+        raise ValueError(f"quality score: weights {tuple(weights)} give C the weight alpha3 = "
+                         f"{weights[2]}, but compute_alignment=False leaves C undefined (every Q "
+                         "would be NaN); set alpha3 to 0 or compute the alignment")
     pool_reference = compute_alignment and alignment_reference is None
     layers = scored_modules(model, mode)
     params = [p for _, m in layers for p in _module_params(m)]
@@ -537,7 +553,11 @@ def score_pool(
             d_l.append((losses - after).double().cpu())
         idx = batch.get("index")
         start = sum(x.numel() for x in idx_l)
-        idx_l.append(torch.arange(start, start + B) if idx is None else torch.as_tensor(idx).cpu().long())
+        idx = torch.arange(start, start + B) if idx is None else torch.as_tensor(idx).cpu().long()
+        if idx.shape != (B,):
+            raise ValueError(f"quality score: a batch's 'index' has shape {tuple(idx.shape)} for its "
+                             f"{B} examples; it needs one id per example")
+        idx_l.append(idx)
         loss_l.append(losses.double().cpu())
 
     def reference():
@@ -664,8 +684,8 @@ def warmup(model: nn.Module, optimizer: torch.optim.Optimizer, pool: dict, steps
 
 # ---- scores file --------------------------------------------------------------------------------
 def write_scores(path: str | os.PathLike, scores: QualityScores) -> Path:
-    """Write one JSON object per example (index, loss, G, D, C, Q, score, p_mislabeled)
-    atomically; ``tsqlora select --scores`` reads it (``score`` is what it samples by)."""
+    """Write one JSON object per example (index, loss, G, D, C, Q, score, p_mislabeled, and the
+    guard's likely_mislabeled) atomically; ``tsqlora select --scores`` reads it (``score`` is what it samples by)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -676,9 +696,15 @@ def write_scores(path: str | os.PathLike, scores: QualityScores) -> Path:
 
 
 def read_scores(path: str | os.PathLike, mislabel_threshold: float = 0.5) -> QualityScores:
-    """Read a scores file; a malformed line raises ValueError naming the file and the line."""
+    """Read a scores file; a malformed line raises ValueError naming the file and the line.
+
+    ``likely_mislabeled`` is the guard's decision as written. A file without it (written before
+    the field existed) gets the guard refitted on its ``loss`` column with ``mislabel_threshold``,
+    as ``tsqlora select --scores`` does.
+    """
     path = Path(path)
     cols: dict[str, list] = {f: [] for f in SCORE_FIELDS}
+    flags: list = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -702,16 +728,26 @@ def read_scores(path: str | os.PathLike, mislabel_threshold: float = 0.5) -> Qua
                 elif not isinstance(v, (int, float)) or isinstance(v, bool):
                     raise ValueError(f"{where}: field {k!r} must be a number, got {v!r}")
                 cols[k].append(float(v))
+            flag = row.get("likely_mislabeled")
+            if flag is not None and not isinstance(flag, bool):
+                raise ValueError(f"{where}: field 'likely_mislabeled' must be true or false, got {flag!r}")
+            if flags and (flag is None) != (flags[-1] is None):
+                raise ValueError(f"{where}: field 'likely_mislabeled' is on some lines and not on others")
+            flags.append(flag)
             cols["index"].append(row["index"])
     if not cols["index"]:
         raise ValueError(f"{path}: no scores (the file is empty)")
     index = np.asarray(cols["index"], dtype=np.int64)
     if np.unique(index).size != index.size:
         raise ValueError(f"{path}: an 'index' appears more than once")
-    p = np.asarray(cols["p_mislabeled"])
     arrays = {k: np.asarray(cols[k]) for k in SCORE_FIELDS[1:]}
-    return QualityScores(index=index, likely_mislabeled=p > mislabel_threshold,
-                         meta={"source": str(path)}, **arrays)
+    if flags[0] is not None:
+        flagged = np.asarray(flags, dtype=bool)
+    elif index.size >= 2:
+        flagged = flag_mislabeled(arrays["loss"], mislabel_threshold)[1]
+    else:
+        flagged = np.zeros(index.size, dtype=bool)
+    return QualityScores(index=index, likely_mislabeled=flagged, meta={"source": str(path)}, **arrays)
 
 
 __all__ = [
