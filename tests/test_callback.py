@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from tsqlora_ext.callback import TsqLoRACallback  # noqa: E402
+from tsqlora_ext.callback import ALLOCATOR_FILE, TsqLoRACallback  # noqa: E402
 from tsqlora_ext.wrap import wrap  # noqa: E402
 
 import train_worker as tw  # noqa: E402
@@ -26,14 +26,14 @@ def _collate(rows):
             "labels": torch.tensor([r["labels"] for r in rows])}
 
 
-def _trainer(tmp_path, config, callback, max_steps):
+def _trainer(tmp_path, config, callback, max_steps, save_steps=0):
     data, _ = tw.tiny_task(n=128)
     rows = [{"input_ids": t, "labels": int(y)} for t, y in zip(data.token_ids, data.labels)]
     model = wrap(tw.tiny_bert(), config, verbose=False)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=8, gradient_accumulation_steps=2,
-        max_steps=max_steps, learning_rate=5e-3, report_to=[], save_strategy="no",
-        logging_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+        max_steps=max_steps, learning_rate=5e-3, report_to=[],
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, logging_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
         remove_unused_columns=False, seed=0)
     return model, transformers.Trainer(model=model, args=args, train_dataset=rows,
                                        data_collator=_collate, callbacks=[callback])
@@ -74,6 +74,34 @@ def test_warns_when_schedule_leaves_no_reallocation(tmp_path):
     with pytest.warns(UserWarning, match="no periodic reallocation falls in the budget phase"):
         trainer.train()
     assert cb.reallocations == 1  # only the forced one at the end of the budget phase
+
+
+def test_resume_from_a_checkpoint_continues_the_rank_schedule(tmp_path):
+    torch.set_num_threads(1)
+    config = tw.tiny_config(t_init=1, t_final=1, delta_t=2)
+    full = TsqLoRACallback()
+    _trainer(tmp_path, config, full, max_steps=8, save_steps=4)[1].train()
+    checkpoint = tmp_path / "checkpoint-4"
+    assert (checkpoint / ALLOCATOR_FILE).is_file()
+
+    resumed = TsqLoRACallback()
+    _trainer(tmp_path, config, resumed, max_steps=8, save_steps=4)[1].train(
+        resume_from_checkpoint=str(checkpoint))
+    assert resumed.allocator.global_step == 8
+    assert resumed.allocator.history == full.allocator.history
+    assert resumed.allocator.ranks() == full.allocator.ranks()
+    assert resumed.reallocations == full.reallocations
+
+    # A checkpoint without the allocator's file (one written by an older version): the schedule
+    # still continues from the checkpoint's step, with a warning that the scores start afresh.
+    (checkpoint / ALLOCATOR_FILE).unlink()
+    fresh = TsqLoRACallback()
+    with pytest.warns(UserWarning, match=f"no {ALLOCATOR_FILE}"):
+        _trainer(tmp_path, config, fresh, max_steps=8, save_steps=4)[1].train(
+            resume_from_checkpoint=str(checkpoint))
+    assert fresh.allocator.global_step == 8
+    assert [h["step"] for h in fresh.allocator.history[1:]] == [6, 7]
+    assert sum(fresh.allocator.ranks().values()) == sum(full.allocator.ranks().values())
 
 
 def test_unwrapped_model_is_refused(tmp_path):

@@ -11,6 +11,10 @@ callback does the work at the one correct moment and refuses to be silent about 
   Trainer's ``max_steps``), checks that the model is wrapped and that the schedule leaves room
   for at least one reallocation, and holds inactive components still in the Trainer's optimizer
   (``protect_inactive``);
+- ``on_save`` writes the allocator's state (EMAs, scores, step, history) into the checkpoint
+  folder the Trainer has just written, and ``on_train_begin`` of a run resumed from that
+  checkpoint loads it back, so the rank schedule continues where it stopped instead of
+  restarting at step 0;
 - ``on_step_end`` checks that ``on_optimizer_step`` really ran for that step (a Trainer too old to
   emit the event fails loudly instead of training at fixed rank), and when the budget phase has
   ended without a single reallocation it warns once, saying why.
@@ -18,15 +22,21 @@ callback does the work at the one correct moment and refuses to be silent about 
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .checkpoint import atomic_save, load_checkpoint
 from .config import TsqLoRAConfig
 from .layers import protect_inactive
 from .train import lora_layers
+
+# The allocator's state in each Trainer checkpoint folder (written by on_save, read on resume).
+ALLOCATOR_FILE = "tsqlora_allocator.pt"
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -43,8 +53,9 @@ class TsqLoRACallback(TrainerCallback):
         config: the TsqLoRAConfig for that allocator; the model's own (``model.tsqlora_config``)
             when None.
 
-    After training, ``allocator_steps`` (sensitivity updates, one per optimizer step),
-    ``reallocations`` and ``allocator.history`` say what happened.
+    After training, ``allocator_steps`` (sensitivity updates, one per optimizer step of this
+    ``train()`` call), ``reallocations`` (including those before a resumed checkpoint) and
+    ``allocator.history`` say what happened.
     """
 
     def __init__(self, allocator=None, config: TsqLoRAConfig | None = None) -> None:
@@ -58,6 +69,28 @@ class TsqLoRACallback(TrainerCallback):
     # ---- helpers -------------------------------------------------------------------------------
     def _budget_end(self) -> int:
         return self.config.total_steps - self.config.t_final
+
+    def _restore(self, args, state) -> None:
+        """Load the allocator state saved with the checkpoint this run resumes from."""
+        # Trainer.train(resume_from_checkpoint=...) does not tell callbacks which folder it
+        # loaded; its folders are named after the step, which the loaded state carries.
+        folder = args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) \
+            else os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        path = os.path.join(folder, ALLOCATOR_FILE)
+        if not os.path.isfile(path):
+            warnings.warn(f"TsqLoRACallback: resuming at step {state.global_step} but there is no "
+                          f"{ALLOCATOR_FILE} in {folder} (a checkpoint written without it): the "
+                          "rank schedule continues from that step, but the sensitivity scores "
+                          "start afresh and the rank history before it is lost", stacklevel=3)
+            self.allocator.global_step = state.global_step
+            return
+        saved = load_checkpoint(path)
+        if saved["step"] != state.global_step:
+            raise ValueError(f"TsqLoRACallback: {path} holds the allocator of step {saved['step']} "
+                             f"but the Trainer resumes at step {state.global_step}: resume from "
+                             "the checkpoint folder it belongs to")
+        self.allocator.load_state_dict(saved["allocator"])
+        self.reallocations = saved["reallocations"]
 
     # ---- events --------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -91,20 +124,28 @@ class TsqLoRACallback(TrainerCallback):
                           f"{cfg.delta_t}; the phase ends at step {cfg.total_steps - cfg.t_final} of "
                           f"{state.max_steps}): ranks jump once to the final budget and never follow "
                           "sensitivity; lower t_init / delta_t / t_final", stacklevel=2)
+        self.allocator_steps = 0
+        self.reallocations = 0
+        if state.global_step > 0:
+            self._restore(args, state)
         if optimizer is not None:
             # accelerate wraps the optimizer; its step() calls the inner one, where hooks live.
             while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
                 optimizer = optimizer.optimizer
             self._guard = protect_inactive(optimizer, model)
         self._seen_step = state.global_step
-        self.allocator_steps = 0
-        self.reallocations = 0
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.config.dynamic:
             if self.allocator.step() is not None:
                 self.reallocations += 1
             self.allocator_steps += 1
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            atomic_save({"step": state.global_step, "allocator": self.allocator.state_dict(),
+                         "reallocations": self.reallocations}, os.path.join(folder, ALLOCATOR_FILE))
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.config.dynamic and self.allocator_steps != state.global_step - self._seen_step:

@@ -78,14 +78,7 @@ class CheckpointManager:
         self.directory.mkdir(parents=True, exist_ok=True)
         for stray in self.directory.glob(".step-*.tmp"):
             stray.unlink(missing_ok=True)
-        final = self.directory / f"step-{step:09d}.ckpt"
-        tmp = self.directory / f".{final.name}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(self.directory)
+        final = atomic_save(state, self.directory / f"step-{step:09d}.ckpt")
         for _, old in self.checkpoints()[:-self.keep]:
             old.unlink(missing_ok=True)
         return final
@@ -99,6 +92,20 @@ class CheckpointManager:
                 warnings.warn(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); "
                               "trying the one before it", stacklevel=2)
         return None
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` ``obj`` to ``path`` so that it is either fully there or absent: written to
+    ``.<name>.<pid>.tmp`` beside it, fsync-ed, renamed into place, and the rename fsync-ed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
