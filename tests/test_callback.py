@@ -33,7 +33,8 @@ def _trainer(tmp_path, config, callback, max_steps, save_steps=0):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=8, gradient_accumulation_steps=2,
         max_steps=max_steps, learning_rate=5e-3, report_to=[],
-        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, logging_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+        logging_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
         remove_unused_columns=False, seed=0)
     return model, transformers.Trainer(model=model, args=args, train_dataset=rows,
                                        data_collator=_collate, callbacks=[callback])
