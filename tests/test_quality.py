@@ -306,6 +306,35 @@ def test_warmup_steps_the_model_and_reports():
     assert opt.state[params[0]]["step"] == 5  # the optimizer carries on into training
 
 
+def test_warmup_keeps_inactive_components_and_skips_nan_steps():
+    # The training loop's protections: weight decay must not move pruned components, and one
+    # batch with NaN gradients must not poison every parameter before the scoring pass.
+    model = tiny_bert(dropout=0.0)
+    ids, mask, labels = tiny_pool(n=16)
+    layers = [m for m in model.modules() if isinstance(m, VarRankLoRALinear)]
+    inactive = [(m, m.inactive.clone(), m.lora_A.detach()[m.inactive].clone()) for m in layers]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    pool = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    calls = [0]
+
+    def nan_on_second(m, batch):
+        calls[0] += 1
+        loss = sequence_classification_loss(m, batch)
+        return loss * float("nan") if calls[0] == 2 else loss
+
+    rec = warmup(model, opt, pool, steps=4, batch_size=4, loss_fn=nan_on_second,
+                 max_grad_norm=1.0, progress=False)
+    assert rec["skipped"] == 1 and opt.state[params[0]]["step"] == 3
+    assert all(torch.isfinite(p).all() for p in params)
+    assert any(idx.numel() for _, idx, _ in inactive)
+    for m, idx, rows in inactive:
+        assert torch.equal(m.lora_A.detach()[idx], rows)
+    with pytest.raises(FloatingPointError, match="all 2 steps had NaN/inf gradients"):
+        warmup(model, opt, pool, steps=2, batch_size=4, progress=False,
+               loss_fn=lambda m, b: sequence_classification_loss(m, b) * float("nan"))
+
+
 def test_pool_index_kept_and_guard_switch():
     model = tiny_bert(dropout=0.0)
     ids, mask, labels = tiny_pool(n=12)

@@ -139,7 +139,7 @@ def _warmup(model, tokenizer, pool_tok: TokenizedData, config: TsqLoRAConfig,
                             weight_decay=args.weight_decay)
     return quality.warmup(model, opt, pool_tok.padded(args.max_length, pad_id_of(tokenizer)),
                           config.score_warmup, batch_size=args.batch_size, seed=config.seed,
-                          progress=args.progress)
+                          max_grad_norm=args.max_grad_norm, bf16=args.bf16, progress=args.progress)
 
 
 def _score(model, tokenizer, pool_tok: TokenizedData, config: TsqLoRAConfig, args: TrainArgs):

@@ -52,8 +52,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LOOKAHEADS, MODES, PREFERENCES
-from .layers import VarRankLoRALinear
+from .layers import VarRankLoRALinear, protect_inactive
 from .mislabel import flag_mislabeled, guard_abstains, high_loss_spread
+from .train import _autocast
 
 SCORE_FIELDS = ("index", "loss", "G", "D", "C", "Q", "score", "p_mislabeled")
 _NON_INPUT_KEYS = ("labels", "index")
@@ -642,14 +643,19 @@ def score_pool_from_config(model: nn.Module, batches: Iterable[dict], config, *,
 # ---- warm-up ------------------------------------------------------------------------------------
 def warmup(model: nn.Module, optimizer: torch.optim.Optimizer, pool: dict, steps: int, *,
            batch_size: int = 32, seed: int = 0, loss_fn=sequence_classification_loss,
-           progress: bool = True) -> dict:
+           max_grad_norm: float = 0.0, bf16: str = "off", progress: bool = True) -> dict:
     """Run ``steps`` optimizer steps on random minibatches of ``pool`` before scoring.
 
     ``pool`` maps input names (``input_ids``, ``attention_mask``, ``labels``, ...) to tensors with
     the pool on the first dimension. The model and optimizer carry on into training afterwards, so
-    the steps are not lost. Returns a record for the report: steps, examples drawn, seed, the mean
-    loss of the first and last steps.
+    the steps are not lost, and they get the training loop's protections: inactive adapter
+    components stay exactly as they are (``protect_inactive``), the gradient norm is clipped to
+    ``max_grad_norm`` (0: not clipped), a step with NaN/inf gradients is skipped whole, and ``bf16``
+    is TrainArgs.bf16. Returns a record for the report: steps, examples drawn, steps skipped, seed,
+    the mean loss of the first and last steps. Raises FloatingPointError when every step was
+    skipped.
     """
+
     if steps < 0:
         raise ValueError(f"warmup: steps must be >= 0, got {steps}")
     if "labels" not in pool:
@@ -657,26 +663,43 @@ def warmup(model: nn.Module, optimizer: torch.optim.Optimizer, pool: dict, steps
     n = int(pool["labels"].shape[0])
     if n == 0 and steps > 0:
         raise ValueError("warmup: the pool is empty")
-    device = next(p for p in model.parameters() if p.requires_grad).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
+    skipped = 0
     was_training = model.training
     model.train()
+    guard = protect_inactive(optimizer, model) if any(
+        isinstance(m, VarRankLoRALinear) for m in model.modules()) else None
     t0 = time.perf_counter()
     try:
         for _ in _progress(range(steps), steps, "warm-up", progress):
             pick = torch.randint(n, (min(batch_size, n),), generator=gen)
             batch = {k: v[pick].to(device) for k, v in pool.items() if k != "index"}
-            loss = loss_fn(model, batch).mean()
             optimizer.zero_grad(set_to_none=True)
+            with _autocast(device, bf16):
+                loss = loss_fn(model, batch).mean()
             loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = (torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm > 0
+                    else torch.nn.utils.get_total_norm(grads))
+            if math.isfinite(float(norm)):
+                optimizer.step()
+                losses.append(float(loss.detach()))
+            else:
+                skipped += 1
         optimizer.zero_grad(set_to_none=True)
     finally:
+        if guard is not None:
+            guard.remove()
         model.train(was_training)
+    if steps > 0 and skipped == steps:
+        raise FloatingPointError(f"warmup: all {steps} steps had NaN/inf gradients and were skipped; "
+                                 "lower the learning rate or check the data")
     k = max(1, min(5, len(losses)))
     return {"steps": steps, "batch_size": batch_size, "examples": steps * min(batch_size, n),
+            "skipped": skipped,
             "seed": seed, "first_loss": float(np.mean(losses[:k])) if losses else None,
             "last_loss": float(np.mean(losses[-k:])) if losses else None,
             "seconds": round(time.perf_counter() - t0, 3)}
