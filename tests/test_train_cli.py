@@ -128,6 +128,47 @@ def test_bad_input_exits_2_naming_file_and_line(tmp_path, model_dir, capsys):
 
 
 # ---- --resume through the CLI -----------------------------------------------------------------
+def _record_pipeline(monkeypatch) -> list:
+    """Replace the pipeline with a recorder of what `tsqlora train` would run."""
+    from tsqlora_ext import pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda model, task, out, config, args, **kw:
+                        calls.append({"model": model, "task": task, "out": out, "args": args, **kw}))
+    monkeypatch.setattr(pipeline, "file_task", lambda data, *a, **k: data)
+    return calls
+
+
+def test_resume_finds_the_run_from_any_directory_and_refuses_other_flags(tmp_path, monkeypatch, capsys):
+    calls = _record_pipeline(monkeypatch)
+    proj = tmp_path / "proj"
+    (proj / "model").mkdir(parents=True)
+    (proj / "train.jsonl").write_text('{"text": "w1 w2 w3", "label": 0}\n')
+    monkeypatch.chdir(proj)
+    assert main(["train", "--data", "train.jsonl", "--out", "runs/x", "--model", "model"]) == 0
+    run = json.loads((proj / "runs/x/run.json").read_text())
+    assert (run["data"], run["model"], run["out"], run["train"]["checkpoint_dir"]) == (
+        str(proj / "train.jsonl"), str(proj / "model"), str(proj / "runs/x"),
+        str(proj / "runs/x/checkpoints"))
+
+    monkeypatch.chdir(tmp_path)  # elsewhere, naming the run folder from there
+    assert main(["train", "--resume", "proj/runs/x"]) == 0
+    assert (calls[-1]["out"], calls[-1]["task"], calls[-1]["resume"]) == (
+        str(proj / "runs/x"), str(proj / "train.jsonl"), True)
+    assert calls[-1]["args"].checkpoint_dir == str(proj / "runs/x/checkpoints")
+
+    (proj / "runs/x").rename(tmp_path / "moved")  # the run folder itself moved
+    assert main(["train", "--resume", "moved"]) == 0
+    assert calls[-1]["out"] == str(tmp_path / "moved")
+    assert calls[-1]["args"].checkpoint_dir == str(tmp_path / "moved/checkpoints")
+
+    n = len(calls)
+    assert main(["train", "--resume", "moved", "--epochs", "5", "--out", "other", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume continues" in err and "--epochs, --out, --progress" in err
+    assert len(calls) == n
+
+
 # `tsqlora train` that pauses once checkpoint PAUSE_AT is written, so the test kills it at a known
 # point: that checkpoint on disk, the steps after it not yet run.
 _PAUSING_CLI = """

@@ -194,8 +194,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     _model_flag(p)
     p.add_argument("--data", help="training data: a jsonl/csv/tsv/parquet file or bundled:NAME "
                    "(bundled:rotten_tomatoes, bundled:bbc_news)")
-    p.add_argument("--text-field", default="text", help="the text column (default: text)")
-    p.add_argument("--label-field", default="label", help="the label column (default: label)")
+    # None, not the default column, so that --resume can tell a typed flag from an absent one.
+    p.add_argument("--text-field", help="the text column (default: text)")
+    p.add_argument("--label-field", help="the label column (default: label)")
     p.add_argument("--eval-data", help="held-out data in the same format (default: a seeded 10%% "
                    "of --data is held out; bundled data uses its test split)")
     p.add_argument("--out", help="the report folder (metrics.json, plots, adapter/, checkpoints/)")
@@ -206,6 +207,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", action="store_true", help="also train plain LoRA at the same budget")
     _dataclass_flags(p, TsqLoRAConfig, "TsqLoRA method (TsqLoRAConfig)")
     _dataclass_flags(p, TrainArgs, "training (TrainArgs)")
+    p.set_defaults(_parser=p)
 
 
 def _split_settings(values: dict, source: str) -> tuple[dict, dict]:
@@ -230,6 +232,7 @@ def _split_settings(values: dict, source: str) -> tuple[dict, dict]:
             arguments=_train_arguments)
 def _train(args: argparse.Namespace) -> int:
     import json
+    import os
     from pathlib import Path
 
     from . import bundled
@@ -239,25 +242,45 @@ def _train(args: argparse.Namespace) -> int:
     from .train import TrainArgs
 
     if args.resume:
-        run_file = Path(args.resume) / "run.json"
+        typed = sorted("--" + k.replace("_", "-") for k, v in vars(args).items()
+                       if not k.startswith("_") and k not in ("command", "resume")
+                       and v != args._parser.get_default(k))
+        if typed:
+            raise ValueError(f"--resume continues the run in {args.resume} with the settings of its "
+                             f"run.json and takes no other flag, got {', '.join(typed)} (to train "
+                             "with other settings, start a new run with another --out)")
+        folder = Path(os.path.abspath(args.resume))
+        run_file = folder / "run.json"
         if not run_file.is_file():
             raise FileNotFoundError(f"--resume {args.resume}: no run.json there (not a tsqlora "
                                     "train output folder)")
         run = json.loads(run_file.read_text())
+        # The run is the folder named here, wherever it now lies: its default checkpoint folder
+        # moves with it (run.json of earlier versions also stored these relative to the cwd).
+        if run["train"]["checkpoint_dir"] == str(Path(run["out"]) / "checkpoints"):
+            run["train"]["checkpoint_dir"] = str(folder / "checkpoints")
+        run["out"] = str(folder)
     else:
         if not args.data or not args.out:
             raise ValueError("--data and --out are required (or --resume DIR)")
         method, training = _settings(args, ("model", "data", "text_field", "label_field",
                                             "eval_data", "out", "resume", "baseline"))
+        # run.json holds absolute paths: --resume may be run from another directory.
+        out = os.path.abspath(args.out)
         training.setdefault("checkpoint_every", 50)
-        training.setdefault("checkpoint_dir", str(Path(args.out) / "checkpoints"))
-        run = {"model": args.model or str(bundled.minilm_dir()), "data": args.data,
-               "text_field": args.text_field, "label_field": args.label_field,
-               "eval_data": args.eval_data, "out": args.out, "baseline": args.baseline,
+        training.setdefault("checkpoint_dir", str(Path(out) / "checkpoints"))
+        if training["checkpoint_dir"] is not None:
+            training["checkpoint_dir"] = os.path.abspath(training["checkpoint_dir"])
+        model = args.model or str(bundled.minilm_dir())
+        run = {"model": os.path.abspath(model) if os.path.exists(model) else model,
+               "data": args.data if args.data.startswith("bundled:") else os.path.abspath(args.data),
+               "text_field": args.text_field or "text", "label_field": args.label_field or "label",
+               "eval_data": args.eval_data and os.path.abspath(args.eval_data), "out": out,
+               "baseline": args.baseline,
                "tsqlora": TsqLoRAConfig.from_dict(method, "tsqlora config").to_dict(),
                "train": TrainArgs.from_dict(training, "train args").to_dict()}
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        write_json(run, Path(args.out) / "run.json")
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_json(run, Path(out) / "run.json")
     config = TsqLoRAConfig.from_dict(run["tsqlora"], "run.json")
     train_args = TrainArgs.from_dict(run["train"], "run.json")
     if run["data"].startswith("bundled:"):
