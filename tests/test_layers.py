@@ -122,6 +122,51 @@ def test_state_dict_roundtrip_with_another_rank():
     torch.testing.assert_close(b(x), a(x))
 
 
+def test_merged_state_dict_loads_as_merged():
+    # A merged layer's base weight holds ΔW; its state must say so, or loading it into an unmerged
+    # layer adds ΔW a second time.
+    x = torch.randn(3, 24)
+    a = make_layer("cpu", seed=0)
+    a.set_active([1, 3, 6])
+    y = a(x)
+    a.merge()
+    merged_state = a.state_dict()
+    b = make_layer("cpu", seed=1)
+    b.load_state_dict(merged_state)
+    assert b.merged and b.active_indices().tolist() == [1, 3, 6]
+    torch.testing.assert_close(b(x), y, rtol=1e-5, atol=1e-5)
+    b.unmerge()
+    torch.testing.assert_close(b(x), y, rtol=1e-5, atol=1e-5)
+
+    # Into a merged layer, here its own state (whose tensors are its own Parameters).
+    a.load_state_dict(merged_state)
+    assert a.merged
+    torch.testing.assert_close(a(x), y, rtol=1e-5, atol=1e-5)
+    c = make_layer("cpu", seed=2)
+    c.merge()
+    c.load_state_dict(b.state_dict())  # b is unmerged now
+    assert not c.merged
+    torch.testing.assert_close(c(x), y, rtol=1e-5, atol=1e-5)
+
+    # Without the base weight, a merged state adds ΔW to the layer's own base weight.
+    adapter_only = {k: v for k, v in merged_state.items() if not k.startswith("base_layer.")}
+    d = make_layer("cpu", seed=0)
+    with torch.no_grad():
+        d.lora_A.normal_()
+    d.merge()
+    d.load_state_dict(adapter_only, strict=False)
+    assert d.merged
+    torch.testing.assert_close(d(x), y, rtol=1e-5, atol=1e-5)
+
+    # A state dict from before the flag was saved is of an unmerged layer and loads strictly.
+    old = {k: v for k, v in b.state_dict().items() if k != "_extra_state"}
+    e = make_layer("cpu", seed=3)
+    e.merge()
+    e.load_state_dict(old)
+    assert not e.merged
+    torch.testing.assert_close(e(x), y, rtol=1e-5, atol=1e-5)
+
+
 def test_torch_compile_fullgraph():
     layer = make_layer("cpu", n_in=16, n_out=12, r_max=6)
     compiled = torch.compile(layer, fullgraph=True)

@@ -119,20 +119,45 @@ class VarRankLoRALinear(nn.Module):
             raise ValueError(f"set_active: component ids must lie in [0, r_max={self.r_max}), "
                              f"got {bad.tolist()}")
         idx = torch.unique(idx)  # sorted, duplicates removed
+        if torch.equal(idx, self.active.cpu()):
+            return  # the same buffers keep protect_inactive's masks, which are cached on them
         keep = torch.ones(self.r_max, dtype=torch.bool)
         keep[idx] = False
         device = self.active.device
         self.active = idx.to(device)
         self.inactive = torch.nonzero(keep).flatten().to(device)
 
+    def get_extra_state(self) -> torch.Tensor:
+        # Whether base_layer.weight holds ΔW: a merged layer's state must load as merged, or the
+        # adapter would be added a second time on top of the merged weight.
+        return torch.tensor(self.merged)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.merged = bool(state)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Load onto an unmerged layer, as the adapter may change. base_layer, loaded after this
+        # module, then receives the saved weight (merged or not, as the saved flag says) or keeps
+        # its own. A saved weight may be this very Parameter (a state_dict() loaded back), so
+        # unmerging only takes ΔW out when no saved weight is to replace it.
+        if prefix + "base_layer.weight" in state_dict:
+            self.merged = False
+        else:
+            self.unmerge()
+        state_dict = dict(state_dict)
         # The saved active set may have another length than the current one, which the default
         # in-place copy into the buffer would reject: adopt it through set_active instead.
         key = prefix + "active"
         if key in state_dict:
             self.set_active(state_dict[key])
-            state_dict = {**state_dict, key: self.active}
+            state_dict[key] = self.active
+        # State dicts written before the flag was saved are of unmerged layers.
+        state_dict.setdefault(prefix + "_extra_state", torch.tensor(False))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.merged and prefix + "base_layer.weight" not in state_dict:
+            # No saved weight holding ΔW: base_layer keeps its own, so ΔW is added to it.
+            self.merged = False
+            self.merge()
 
     # ---- compute -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
