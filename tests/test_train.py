@@ -133,6 +133,32 @@ def test_persistent_nan_gradients_stop_with_an_error_and_keep_the_checkpoints(tm
     assert state["step"] == 4 and state["skipped_steps"] == 2
 
 
+def test_checkpoints_of_another_run_are_refused(tmp_path):
+    torch.set_num_threads(1)
+    train_data, _ = tw.tiny_task(n=64)
+    config = tw.tiny_config(t_init=0, t_final=0, delta_t=1)
+    ckpt = tmp_path / "ckpt"
+
+    def run(cfg=config, resume=None, **kw):
+        args = _args(max_steps=2, checkpoint_dir=str(ckpt), checkpoint_every=1, **kw)
+        return train(wrap(tw.tiny_bert(), cfg, verbose=False), train_data, None, cfg, args,
+                     resume=resume)
+
+    run()
+    before = sorted(p.name for p in ckpt.iterdir())
+    # A new run into that folder would prune its own checkpoints and leave the old run's newer
+    # ones for a resume to pick up.
+    with pytest.raises(ValueError, match=rf"checkpoint_dir {ckpt} already holds checkpoints .*"
+                                         r"up to step 2.*resume=.*another checkpoint_dir"):
+        run()
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+    with pytest.raises(ValueError, match=r"other settings: TrainArgs.lr 0.005 then, 0.0001 now; "
+                                         r"TsqLoRAConfig.delta_t 1 then, 2 now"):
+        run(config.replace(delta_t=2), resume=ckpt, lr=1e-4)
+    # What does not change the remaining steps may differ (max_nonfinite_steps: the stop rule).
+    assert run(resume=ckpt, max_nonfinite_steps=4, progress=True).optimizer_steps == 2
+
+
 def test_classification_metrics_macro_f1():
     preds = np.array([0, 1, 2, 2, 1, 0])
     labels = np.array([0, 1, 2, 1, 1, 2])

@@ -169,6 +169,18 @@ def test_resume_finds_the_run_from_any_directory_and_refuses_other_flags(tmp_pat
     assert len(calls) == n
 
 
+def test_a_new_run_into_an_earlier_runs_folder_is_refused(tmp_path, monkeypatch, capsys):
+    calls = _record_pipeline(monkeypatch)
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step-000000050.ckpt").write_bytes(b"an earlier run's")
+    (out / "run.json").write_text("{}")
+    assert main(["train", "--data", str(tmp_path / "train.jsonl"), "--out", str(out)]) == 2
+    assert f"{out / 'checkpoints'} already holds checkpoints of an earlier run: continue it with " \
+        f"--resume {out}, or choose another --out" in capsys.readouterr().err
+    assert (out / "run.json").read_text() == "{}" and not calls
+
+
 # `tsqlora train` that pauses once checkpoint PAUSE_AT is written, so the test kills it at a known
 # point: that checkpoint on disk, the steps after it not yet run.
 _PAUSING_CLI = """

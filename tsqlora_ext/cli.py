@@ -236,6 +236,7 @@ def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import bundled
+    from .checkpoint import CheckpointManager
     from .config import TsqLoRAConfig
     from .pipeline import bundled_task, file_task, run_pipeline
     from .report import write_json
@@ -271,6 +272,12 @@ def _train(args: argparse.Namespace) -> int:
         training.setdefault("checkpoint_dir", str(Path(out) / "checkpoints"))
         if training["checkpoint_dir"] is not None:
             training["checkpoint_dir"] = os.path.abspath(training["checkpoint_dir"])
+        train_args = TrainArgs.from_dict(training, "train args")
+        # Refused here too (train() would), before run.json of the earlier run is overwritten.
+        if train_args.checkpoint_every and CheckpointManager(train_args.checkpoint_dir).checkpoints():
+            raise ValueError(f"--out {args.out}: {train_args.checkpoint_dir} already holds checkpoints "
+                             f"of an earlier run: continue it with --resume {args.out}, or choose "
+                             "another --out")
         model = args.model or str(bundled.minilm_dir())
         run = {"model": os.path.abspath(model) if os.path.exists(model) else model,
                "data": args.data if args.data.startswith("bundled:") else os.path.abspath(args.data),
@@ -278,7 +285,7 @@ def _train(args: argparse.Namespace) -> int:
                "eval_data": args.eval_data and os.path.abspath(args.eval_data), "out": out,
                "baseline": args.baseline,
                "tsqlora": TsqLoRAConfig.from_dict(method, "tsqlora config").to_dict(),
-               "train": TrainArgs.from_dict(training, "train args").to_dict()}
+               "train": train_args.to_dict()}
         Path(out).mkdir(parents=True, exist_ok=True)
         write_json(run, Path(out) / "run.json")
     config = TsqLoRAConfig.from_dict(run["tsqlora"], "run.json")

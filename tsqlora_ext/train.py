@@ -402,6 +402,15 @@ def train(
 
     ckpt = CheckpointManager(args.checkpoint_dir, args.checkpoint_every, args.keep_checkpoints) \
         if args.checkpoint_dir else None
+    # Checkpoints of another run would outrank this run's by step number: keeping the newest,
+    # save() would prune this run's own, and a later resume would continue the other run.
+    if ckpt is not None and ckpt.every and ckpt.checkpoints() and (
+            resume is None or Path(resume).resolve() != ckpt.directory.resolve()):
+        raise ValueError(
+            f"checkpoint_dir {ckpt.directory} already holds checkpoints of another run (up to step "
+            f"{ckpt.checkpoints()[-1][0]}): continue that run with resume={str(ckpt.directory)!r} "
+            "(tsqlora train --resume OUT), or give this run another checkpoint_dir (tsqlora "
+            "train: another --out)")
     step, epoch, position = 0, 0, 0
     loss_history: list[dict[str, float]] = []
     eval_history: list[dict[str, Any]] = []
@@ -416,6 +425,11 @@ def train(
         if state["world_size"] != world:
             raise ValueError(f"resume: {path} was written by {state['world_size']} process(es), "
                              f"this run has {world}")
+        changed = _changed_settings(state, config, args)
+        if changed:
+            raise ValueError(f"resume: {path} was written with other settings: {'; '.join(changed)}. "
+                             "Resume with the interrupted run's settings, or start a new run in "
+                             "another checkpoint_dir")
         load_trainable_state(model, state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -561,6 +575,25 @@ def train(
         wall_time_s=elapsed_before + time.perf_counter() - t_start,
         params=count_trainable(model),
     )
+
+
+# TrainArgs a resumed run may change, since none alters what the remaining steps compute: where
+# and how often checkpoints go, loader threads, the progress bar, and the stop rule for non-finite
+# steps (whose error suggests raising it).
+_RESUME_MAY_CHANGE = frozenset({"checkpoint_dir", "checkpoint_every", "keep_checkpoints",
+                                "num_workers", "progress", "max_nonfinite_steps"})
+
+
+def _changed_settings(state: dict[str, Any], config: TsqLoRAConfig, args: TrainArgs) -> list[str]:
+    """'Class.field <checkpoint's> then, <this run's> now' for each setting that differs."""
+    changed = []
+    for cls, saved, now in ((TrainArgs, state["args"], args.to_dict()),
+                            (TsqLoRAConfig, state["config"], config.to_dict())):
+        # Only fields both know: a field added since the checkpoint was written has no old value.
+        for name in saved.keys() & now.keys():
+            if saved[name] != now[name] and not (cls is TrainArgs and name in _RESUME_MAY_CHANGE):
+                changed.append(f"{cls.__name__}.{name} {saved[name]!r} then, {now[name]!r} now")
+    return sorted(changed)
 
 
 def orthogonality_penalty(layers: list[tuple[str, VarRankLoRALinear]], weight: float) -> torch.Tensor:
