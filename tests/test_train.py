@@ -124,13 +124,21 @@ def test_persistent_nan_gradients_stop_with_an_error_and_keep_the_checkpoints(tm
     model = wrap(tw.tiny_bert(), config, verbose=False)
     model.classifier.register_forward_hook(_PoisonLoss(range(2 + 3, 100)))  # from step 3 on
     ckpt = tmp_path / "ckpt"
+    args = _args(max_steps=8, max_nonfinite_steps=3, checkpoint_dir=str(ckpt), checkpoint_every=1)
     with pytest.raises(FloatingPointError, match=r"optimizer steps 3 to 5 all had NaN/inf gradients"
                                                  r".*holds step 2's parameters.*max_nonfinite_steps \(3\)"):
-        train(model, train_data, None, config, _args(max_steps=8, max_nonfinite_steps=3,
-                                                     checkpoint_dir=str(ckpt), checkpoint_every=1))
+        train(model, train_data, None, config, args)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     _, state = CheckpointManager(ckpt).latest()
     assert state["step"] == 4 and state["skipped_steps"] == 2
+
+    # Resumed after those two NaN steps in a row, the run stops at the same step with the same
+    # message: the count of steps in a row is part of the checkpoint.
+    model = wrap(tw.tiny_bert(), config, verbose=False)
+    model.classifier.register_forward_hook(_PoisonLoss(range(1, 100)))  # every step NaN
+    with pytest.raises(FloatingPointError, match=r"optimizer steps 3 to 5 all had NaN/inf gradients"
+                                                 r".*holds step 2's parameters"):
+        train(model, train_data, None, config, args, resume=ckpt)
 
 
 def test_checkpoints_of_another_run_are_refused(tmp_path):

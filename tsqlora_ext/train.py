@@ -438,7 +438,8 @@ def train(
         step, epoch, position = state["step"], state["epoch"], state["position"]
         loss_history, eval_history = state["loss_history"], state["eval_history"]
         reallocations, elapsed_before = state["reallocations"], state["elapsed_s"]
-        skipped = state.get("skipped_steps", 0)  # absent from checkpoints written before it
+        # Both absent from checkpoints written before them.
+        skipped, nonfinite_run = state.get("skipped_steps", 0), state.get("nonfinite_run", 0)
         set_rng_state(state["rng"][rank])
     elif allocator is not None and config.sensitivity_init and calibrate and config.calibration_batches:
         calib = make_loader(train_tok, batch_size=args.batch_size, max_length=args.max_length,
@@ -466,7 +467,8 @@ def train(
                 "scheduler": scheduler.state_dict(),
                 "allocator": allocator.state_dict() if allocator is not None else None,
                 "loss_history": loss_history, "eval_history": eval_history,
-                "reallocations": reallocations, "skipped_steps": skipped, "rng": rngs,
+                "reallocations": reallocations, "skipped_steps": skipped,
+                "nonfinite_run": nonfinite_run, "rng": rngs,
                 "elapsed_s": elapsed_before + time.perf_counter() - t_start,
                 "config": config.to_dict(), "args": args.to_dict(),
             })
