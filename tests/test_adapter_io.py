@@ -104,6 +104,40 @@ def test_export_peft_same_outputs(family, tiny_model, tmp_path):
         assert lora_r.get("default", 0) == layer.rank, name
 
 
+def _tiny_bert_qa():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=37, pad_token_id=0)
+    ids = torch.randint(1, 61, (2, 9), generator=torch.Generator().manual_seed(1))
+    return tf.BertForQuestionAnswering(cfg).eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+@pytest.mark.parametrize("case", ["bert-frozen-head", "llama-frozen-head", "bert-qa"])
+def test_export_peft_loads_whatever_the_head(case, tiny_model, tmp_path):
+    # PEFT's SEQ_CLS / TOKEN_CLS model adds classifier / score to modules_to_save and QUESTION_ANS
+    # adds qa_outputs, frozen here or not, and then needs their tensors in the file.
+    peft = pytest.importorskip("peft")
+    if case == "bert-qa":
+        base, inputs = _tiny_bert_qa()
+        cfg = CFG
+    else:
+        base, inputs = tiny_model(case.split("-")[0])
+        cfg = CFG.replace(modules_to_save=[])
+    model = tsqlora_ext.wrap(copy.deepcopy(base), cfg, verbose=False)
+    if case == "bert-qa":  # its head starts random, so it trains by default
+        assert model.tsqlora_state.modules_to_save == ["qa_outputs"]
+    _train_like(model)
+    tsqlora_ext.export_peft(model, tmp_path / "peft")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    with torch.no_grad():
+        want, got = model(**inputs), loaded(**inputs)
+    key = "start_logits" if case == "bert-qa" else "logits"
+    torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5)
+
+
 def test_merged_model_saves_and_loads(tiny_model, tmp_path):
     base, model, inputs = _trained("gpt2", tiny_model)
     expected = _logits(model, inputs)

@@ -14,7 +14,9 @@
 each layer's ΔW = s · B_act diag(E_act) A_act becomes PEFT's lora_B @ lora_A with E folded into
 lora_B, the layer's rank in ``rank_pattern`` and an ``alpha_pattern`` entry chosen so that PEFT's
 per-layer scaling lora_alpha / r equals our fixed s = lora_alpha / r_init; continuing training under
-PEFT therefore sees the same gradient scale. Layers at rank 0 are left out of ``target_modules``.
+PEFT therefore sees the same gradient scale. Layers at rank 0 are left out of ``target_modules``. The
+head goes in as PEFT's ``modules_to_save``, with every head PEFT's task type adds on load
+(classifier / score, qa_outputs), trained here or not.
 
 Both writers build the files in a temporary sibling directory. A new adapter directory appears in
 one ``os.replace``; into an existing directory the files are moved one by one, the weights first
@@ -267,6 +269,13 @@ def _load_into(model: nn.Module, directory: Path, meta: dict[str, Any]) -> None:
 
 
 # ---- PEFT export --------------------------------------------------------------------------------
+# The modules PEFT's model class for a task type adds to modules_to_save (peft_model.py:
+# PeftModelForSequenceClassification and friends), frozen head or not; loading then needs their
+# tensors in the file.
+_PEFT_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                    "QUESTION_ANS": ("qa_outputs",)}
+
+
 def _peft_task_type(model: nn.Module) -> str | None:
     cls = type(model).__name__
     for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"),
@@ -275,6 +284,19 @@ def _peft_task_type(model: nn.Module) -> str | None:
         if cls.endswith(suffix):
             return task
     return None
+
+
+def _peft_saved_modules(model: nn.Module, task_type: str | None) -> list[str]:
+    """Names of the modules PEFT wraps in a ModulesToSaveWrapper on load: every module whose name
+    ends with an entry of modules_to_save or of the task type's heads (PEFT's own matching), the
+    outermost one where they nest."""
+    wanted = [*model.tsqlora_state.modules_to_save, *_PEFT_TASK_HEADS.get(task_type, ())]
+    found: list[str] = []
+    for name, _ in model.named_modules():
+        if name and any(name.endswith(w) for w in wanted) and \
+                not any(name.startswith(f + ".") for f in found):
+            found.append(name)
+    return found
 
 
 @torch.no_grad()
@@ -306,12 +328,16 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
     if not targets:
         raise ValueError("tsqlora_ext.export_peft: every adapted layer is at rank 0; a PEFT LoRA "
                          "adapter needs at least one layer with rank >= 1")
-    for name, p in _head_parameters(model).items():
-        tensors[prefix + name] = p
+    task_type = _peft_task_type(model)
+    # A wrapped module's whole state dict, as PEFT loads it; heads frozen here are written too, at
+    # the base's values, since PEFT's task type wraps them anyway.
+    for module_name in _peft_saved_modules(model, task_type):
+        for key, t in model.get_submodule(module_name).state_dict().items():
+            tensors[f"{prefix}{module_name}.{key}"] = t
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     peft_config = {
         "peft_type": "LORA",
-        "task_type": _peft_task_type(model),
+        "task_type": task_type,
         "base_model_name_or_path": base_name,
         "r": r_default,
         "lora_alpha": config.lora_alpha,

@@ -47,7 +47,7 @@ class TsqLoRAConfig:
         None, "Module-name suffixes or a regex to leave out even when target_modules matches them.")
     modules_to_save: list[str] | None = _f(
         None, "Modules trained in full beside the adapters (the task head). None: the head of a "
-        "sequence-classification model ('classifier' / 'score').")
+        "classification or question-answering model ('classifier' / 'score' / 'qa_outputs').")
     # ---- ranks --------------------------------------------------------------------------------
     r_init: int = _f(12, "Initial average rank; the starting budget is B_0 = r_init * n_layers and "
                      "the fixed scaling is lora_alpha / r_init.")

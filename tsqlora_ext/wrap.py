@@ -56,9 +56,10 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "qwen3": _DECODER_LLAMA,
 }
 
-# The sequence-classification head trains in full. DeBERTa-v2's ContextPooler belongs to the head:
-# pretrained DeBERTa checkpoints ship without it, so it starts random and must train.
-_HEAD_DEFAULT = ["classifier", "score"]
+# The task head (sequence or token classification, question answering) trains in full: it starts
+# random. DeBERTa-v2's ContextPooler belongs to the head: pretrained DeBERTa checkpoints ship without
+# it, so it starts random and must train.
+_HEAD_DEFAULT = ["classifier", "score", "qa_outputs"]
 DEFAULT_MODULES_TO_SAVE: dict[str, list[str]] = {"deberta-v2": ["pooler", "classifier"]}
 
 
