@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import random
 
 import pytest
 import torch
@@ -66,6 +67,40 @@ def test_proportional_ranks():
     assert proportional_ranks([3, 1], 100, 0, 4) == [4, 4]        # total clamped to n * r_max
     with pytest.raises(ValueError, match="finite and >= 0"):
         proportional_ranks([1, float("nan")], 4, 0, 4)
+
+
+def test_proportional_ranks_meet_the_budget_when_both_bounds_bind():
+    # One dominant layer above r_max and three below r_min in the same round: pinning both sides
+    # at once left 2 of the 16 unshared.
+    assert proportional_ranks([1000, 1, 1, 1], 16, 2, 8) == [8, 3, 3, 2]
+    rng = random.Random(0)
+    for _ in range(2000):
+        n = rng.randint(1, 10)
+        weights = [0.0 if rng.random() < 0.2 else 10 ** rng.uniform(-3, 3) for _ in range(n)]
+        r_min = rng.randint(0, 4)
+        r_max = rng.randint(max(r_min, 1), r_min + 12)
+        total = rng.randint(0, n * r_max + 5)
+        ranks = proportional_ranks(weights, total, r_min, r_max)
+        case = (weights, total, r_min, r_max, ranks)
+        assert sum(ranks) == min(max(total, n * r_min), n * r_max), case
+        assert all(r_min <= r <= r_max for r in ranks), case
+        # Each rank rounds the exact water-filling share clip(lam * w, r_min, r_max) whose sum is
+        # the budget (lam by bisection; all-zero weights share equally, and zero weights share
+        # what is left when every other layer is at r_max).
+        w = weights if sum(weights) > 0 else [1.0] * n
+        zeros = w.count(0.0)
+        if (n - zeros) * r_max + zeros * r_min < sum(ranks):
+            exact = [r_max if x else (sum(ranks) - (n - zeros) * r_max) / zeros for x in w]
+        else:
+            lo, hi = 0.0, 1e12
+            for _ in range(200):
+                lam = (lo + hi) / 2
+                if sum(min(max(lam * x, r_min), r_max) for x in w) < sum(ranks):
+                    lo = lam
+                else:
+                    hi = lam
+            exact = [min(max(hi * x, r_min), r_max) for x in w]
+        assert all(abs(r - e) < 1 + 1e-6 for r, e in zip(ranks, exact)), (*case, exact)
 
 
 def test_schedule_is_followed_at_every_step(device):

@@ -52,9 +52,9 @@ def proportional_ranks(weights: list[float], total: int, r_min: int, r_max: int)
     """Share ``total`` among layers in proportion to ``weights``, each within [r_min, r_max].
 
     Layers whose share falls outside the bounds are clipped and the rest is re-shared among the
-    others (water-filling); the real-valued shares are then rounded by largest remainder (ties to
-    the lower layer index), so the ranks add up to total clamped to [n r_min, n r_max]. All-zero
-    weights share equally.
+    others (water-filling, one side of the bounds per round); the real-valued shares are then
+    rounded by largest remainder (ties to the lower layer index), so the ranks add up to total
+    clamped to [n r_min, n r_max]. All-zero weights share equally.
     """
     n = len(weights)
     if any(not math.isfinite(w) or w < 0 for w in weights):
@@ -71,10 +71,13 @@ def proportional_ranks(weights: list[float], total: int, r_min: int, r_max: int)
         high = [i for i in free if share[i] > r_max]
         if not low and not high:
             break
-        for i in low:
-            fixed[i] = r_min
-        for i in high:
-            fixed[i] = r_max
+        # Pin only the side that overshoots more: re-sharing then moves every free share towards
+        # that side, so its layers stay out of bounds. Pinning both at once is wrong when the
+        # re-shared rest pushes the other side's layers back inside (the sum misses the budget).
+        if sum(share[i] - r_max for i in high) >= sum(r_min - share[i] for i in low):
+            fixed.update((i, r_max) for i in high)
+        else:
+            fixed.update((i, r_min) for i in low)
     ranks = [fixed.get(i, 0) for i in range(n)]
     for i, s in share.items():
         ranks[i] = int(math.floor(s))
