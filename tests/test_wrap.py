@@ -280,3 +280,28 @@ def test_adapters_take_the_replaced_modules_training_mode(tiny_model, tmp_path):
 
     training = tsqlora_ext.wrap(copy.deepcopy(base).train(), cfg, verbose=False)
     assert all(layer.training for _, layer in tsqlora_ext.adapted_layers(training))
+
+
+def test_tied_and_multihead_attention_targets_refused():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=61, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=37, tie_word_embeddings=True,
+                         pad_token_id=0)
+    model = tf.LlamaForCausalLM(cfg)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    # Merging into a tied lm_head would add ΔW to the input embeddings too.
+    with pytest.raises(ValueError, match=r"lm_head: its weight is tied to model\.embed_tokens\.weight.*"
+                                         r"leave them out of target_modules"):
+        tsqlora_ext.wrap(model, CFG.replace(target_modules=["q_proj", "lm_head"]), verbose=False)
+    assert not any(isinstance(m, VarRankLoRALinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    tsqlora_ext.wrap(model, CFG.replace(target_modules=["q_proj", "lm_head"],
+                                        exclude_modules=["lm_head"]), verbose=False)
+
+    # nn.MultiheadAttention reads out_proj.weight itself and never calls out_proj.
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    with pytest.raises(ValueError, match=r"self_attn\.out_proj: nn\.MultiheadAttention reads its weight"):
+        tsqlora_ext.wrap(layer, CFG.replace(target_modules=["out_proj", "linear1"]), verbose=False)
+    assert not any(isinstance(m, VarRankLoRALinear) for m in layer.modules())

@@ -12,7 +12,8 @@
 Target matching follows PEFT's LoRA: ``target_modules`` is a list of module-name suffixes (a name
 matches when it equals the suffix or ends with ``"." + suffix``) or one regex that must match the
 whole name; ``exclude_modules`` takes the same forms. Modules inside ``modules_to_save`` are never
-adapted.
+adapted. Targets an adapter would break are refused with their names: a layer whose weight is tied to
+another module's (an lm_head sharing the input embeddings) and nn.MultiheadAttention's out_proj.
 """
 
 from __future__ import annotations
@@ -166,6 +167,30 @@ def _linear_to_conv1d(linear: nn.Linear) -> nn.Module:
     return conv
 
 
+# ---- checks -------------------------------------------------------------------------------------
+def _refuse_unadaptable(model: nn.Module, chosen: list[tuple[str, nn.Module]]) -> None:
+    """Refuse targets an adapter would break, naming each: a layer whose weight is shared with
+    another module (a tied lm_head: merging would add ΔW to the input embeddings too) and the
+    out_proj of an nn.MultiheadAttention (which reads out_proj.weight directly, never calling it)."""
+    names_of: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(pname)
+    problems = []
+    for name, module in chosen:
+        for pname, p in module.named_parameters(prefix=name, recurse=False):
+            tied = [n for n in names_of[id(p)] if n != pname]
+            if tied:
+                problems.append(f"{name}: its {pname.rpartition('.')[2]} is tied to {tied[0]} (the "
+                                "same Parameter), so merging the adapter would change that too")
+        parent_name = name.rpartition(".")[0]
+        if isinstance(model.get_submodule(parent_name), nn.MultiheadAttention):
+            problems.append(f"{name}: nn.MultiheadAttention reads its weight directly instead of "
+                            "calling it, so an adapter there would be bypassed or fail")
+    if problems:
+        raise ValueError(f"tsqlora_ext.wrap: these target_modules cannot be adapted: {problems}; "
+                         "leave them out of target_modules (or add them to exclude_modules)")
+
+
 # ---- public API ---------------------------------------------------------------------------------
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, VarRankLoRALinear]]:
     """(name, layer) for every VarRankLoRALinear in the model, in module order."""
@@ -215,6 +240,8 @@ def wrap(model: nn.Module, config: TsqLoRAConfig | None = None, verbose: bool = 
             f"{unsupported[:8]}{' ...' if len(unsupported) > 8 else ''}; only nn.Linear and "
             f"transformers Conv1D can be adapted. Narrow target_modules (linear layers: "
             f"{candidate_target_names(model)})")
+
+    _refuse_unadaptable(model, chosen)
 
     requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
