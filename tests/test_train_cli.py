@@ -239,6 +239,18 @@ def test_cli_resume_after_sigkill_matches_uninterrupted_run(tmp_path, model_dir)
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0, msg=k)
 
 
+def test_flags_take_the_fields_declared_type():
+    """The type of a flag comes from its field's annotation, not from its default's type
+    (target_r: float = 8 refused 7.5)."""
+    from tsqlora_ext.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--target-r", "7.5", "--lr", "2", "--max-steps", "3",
+                                      "--quality-weights", "1", "0", "0", "--no-dynamic"])
+    assert (args.target_r, args.lr, args.max_steps, args.quality_weights, args.dynamic) == \
+        (7.5, 2.0, 3, [1.0, 0.0, 0.0], False)
+    assert (type(args.lr), type(args.max_steps)) == (float, int)
+
+
 @pytest.mark.parametrize("command", ["train", "score", "select", "demo"])
 def test_help_lists_every_flag(command, capsys):
     """--help renders (argparse %-formats help texts, and field texts quote percentages)."""

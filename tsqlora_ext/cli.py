@@ -145,19 +145,18 @@ def _dataclass_flags(p: argparse.ArgumentParser, cls, title: str) -> None:
         help_text = f.metadata.get("help", "").replace("%", "%%")
         kw: dict = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        ann = str(f.type)
-        if isinstance(default, bool):
+        # The declared type, not the default's: target_r is a float whose default is the int 8.
+        # Annotations are strings here ("int | None", "list[str] | str | None"): the first
+        # alternative is the flag's type.
+        ann = str(f.type).split("|")[0].strip()
+        if ann == "bool":
             kw["action"] = argparse.BooleanOptionalAction
-        elif isinstance(default, tuple):
+        elif ann.startswith("tuple["):
             kw.update(nargs=len(default), type=float)
-        elif ann.startswith("list[str]"):
+        elif ann.startswith("list["):
             kw.update(nargs="+")
-        elif isinstance(default, int) or ann.startswith("int"):
-            kw["type"] = int
-        elif isinstance(default, float) or ann.startswith("float"):
-            kw["type"] = float
         else:
-            kw["type"] = str
+            kw["type"] = {"int": int, "float": float}.get(ann, str)
         group.add_argument(flag, **kw)
 
 
