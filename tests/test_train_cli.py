@@ -181,6 +181,16 @@ def test_a_new_run_into_an_earlier_runs_folder_is_refused(tmp_path, monkeypatch,
     assert (out / "run.json").read_text() == "{}" and not calls
 
 
+def test_file_only_flags_with_bundled_data_are_refused(tmp_path, monkeypatch, capsys):
+    calls = _record_pipeline(monkeypatch)
+    for flag in ("--eval-data", "--text-field", "--label-field"):
+        assert main(["train", "--data", "bundled:rotten_tomatoes", flag, "x",
+                     "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} applies to file data only" in err and "bundled:rotten_tomatoes" in err
+    assert not calls and not (tmp_path / "out").exists()
+
+
 # `tsqlora train` that pauses once checkpoint PAUSE_AT is written, so the test kills it at a known
 # point: that checkpoint on disk, the steps after it not yet run.
 _PAUSING_CLI = """

@@ -263,6 +263,12 @@ def _train(args: argparse.Namespace) -> int:
     else:
         if not args.data or not args.out:
             raise ValueError("--data and --out are required (or --resume DIR)")
+        if args.data.startswith("bundled:"):
+            # A bundled task has its own columns and test split; these would be silently unused.
+            for flag in ("eval_data", "text_field", "label_field"):
+                if getattr(args, flag) is not None:
+                    raise ValueError(f"--{flag.replace('_', '-')} applies to file data only: "
+                                     f"--data {args.data} brings its own columns and test split")
         method, training = _settings(args, ("model", "data", "text_field", "label_field",
                                             "eval_data", "out", "resume", "baseline"))
         # run.json holds absolute paths: --resume may be run from another directory.
