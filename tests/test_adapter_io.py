@@ -138,6 +138,35 @@ def test_export_peft_loads_whatever_the_head(case, tiny_model, tmp_path):
     torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_compiled_model_writes_and_takes_the_models_own_names(tiny_model, tmp_path):
+    # torch.compile returns an OptimizedModule naming everything "_orig_mod.<name>".
+    peft = pytest.importorskip("peft")
+    base, model, inputs = _trained("bert", tiny_model)
+    expected = _logits(model, inputs)
+    compiled = torch.compile(model)
+    tsqlora_ext.save_adapter(compiled, tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / adapter_io.CONFIG_NAME).read_text())
+    assert meta["base_model"]["class"] == "BertForSequenceClassification"
+    assert set(meta["ranks"]) == set(_actives(model))
+    assert torch.equal(_logits(tsqlora_ext.load_adapter(copy.deepcopy(base), tmp_path / "a"), inputs),
+                       expected)
+    plain_compiled = torch.compile(copy.deepcopy(base))
+    assert tsqlora_ext.load_adapter(plain_compiled, tmp_path / "a") is plain_compiled
+    assert torch.equal(_logits(plain_compiled._orig_mod, inputs), expected)
+    assert tsqlora_ext.load_adapter(compiled, tmp_path / "a") is compiled
+
+    tsqlora_ext.export_peft(compiled, tmp_path / "peft")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    torch.testing.assert_close(_logits(loaded, inputs), expected, rtol=1e-4, atol=1e-5)
+
+    assert tsqlora_ext.unwrap(compiled) is compiled
+    assert not hasattr(model, "tsqlora_state")
+    assert not any(isinstance(m, tsqlora_ext.VarRankLoRALinear) for m in model.modules())
+    assert tsqlora_ext.wrap(compiled, CFG, verbose=False) is compiled
+    assert set(_actives(model)) == set(meta["ranks"])
+
+
 def test_merged_model_saves_and_loads(tiny_model, tmp_path):
     base, model, inputs = _trained("gpt2", tiny_model)
     expected = _logits(model, inputs)

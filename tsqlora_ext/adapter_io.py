@@ -40,7 +40,7 @@ from torch import nn
 
 from . import _build_config
 from .config import TsqLoRAConfig
-from .wrap import adapted_layers, is_wrapped, unwrap, wrap
+from .wrap import _uncompiled, adapted_layers, is_wrapped, unwrap, wrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -164,6 +164,7 @@ def _check_fingerprint(saved: dict[str, Any], model: nn.Module, source: Path) ->
 # ---- save / load --------------------------------------------------------------------------------
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     """Write the active adapter components and the trainable head of a wrapped model to ``directory``."""
+    model = _uncompiled(model)
     _require_wrapped(model, "save_adapter")
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -198,11 +199,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, verbose: bool =
     transformers model of the same architecture, which is then wrapped with the saved config.
     Components outside the saved active sets keep the values they have in ``model``.
     """
+    given, model = model, _uncompiled(model)
     directory = Path(directory)
     meta = _read_config(directory)
     if is_wrapped(model):
         _load_into(model, directory, meta)
-        return model
+        return given
     config = TsqLoRAConfig.from_dict(meta["config"], source=str(directory / CONFIG_NAME))
     wrap(model, config, verbose=verbose)
     try:
@@ -210,7 +212,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, verbose: bool =
     except Exception:
         unwrap(model, merge=False)  # a failed load leaves the caller's model as it was given
         raise
-    return model
+    return given
 
 
 @torch.no_grad()
@@ -302,6 +304,7 @@ def _peft_saved_modules(model: nn.Module, task_type: str | None) -> list[str]:
 @torch.no_grad()
 def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
     """Write the adapter of a wrapped model as a standard PEFT LoRA adapter in ``directory``."""
+    model = _uncompiled(model)
     _require_wrapped(model, "export_peft")
     config: TsqLoRAConfig = model.tsqlora_config
     state = model.tsqlora_state

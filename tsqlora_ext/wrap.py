@@ -149,6 +149,17 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The model inside a torch.compile'd one (an OptimizedModule, which holds it as ``_orig_mod``
+    and names its modules and parameters "_orig_mod.<name>"), else ``model``: adapter files and the
+    wrapping must use the model's own class and names. Dynamo is loaded when a model is compiled, so
+    looking in sys.modules spares importing it."""
+    optimized = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+    while optimized is not None and isinstance(model, optimized):
+        model = model._orig_mod
+    return model
+
+
 # ---- Conv1D <-> Linear --------------------------------------------------------------------------
 def _conv1d_to_linear(conv: nn.Module) -> nn.Linear:
     """GPT-2's Conv1D computes x @ W + b with W: [in, out]; nn.Linear holds W^T: [out, in]."""
@@ -207,10 +218,12 @@ def wrap(model: nn.Module, config: TsqLoRAConfig | None = None, verbose: bool = 
     """Adapt ``model`` in place with variable-rank LoRA and return it.
 
     Args:
-        model: a transformers model (or any ``nn.Module`` when ``config.target_modules`` is set).
+        model: a transformers model (or any ``nn.Module`` when ``config.target_modules`` is set),
+            or a torch.compile'd one, whose model is then wrapped.
         config: the TsqLoRAConfig; ``TsqLoRAConfig()`` when None.
         verbose: print the one-line trainable-parameter summary.
     """
+    given, model = model, _uncompiled(model)
     config = TsqLoRAConfig() if config is None else config
     if not isinstance(config, TsqLoRAConfig):
         raise TypeError(f"tsqlora_ext.wrap: config must be a TsqLoRAConfig, got {type(config).__name__}")
@@ -275,13 +288,14 @@ def wrap(model: nn.Module, config: TsqLoRAConfig | None = None, verbose: bool = 
                                     requires_grad_before=requires_grad_before)
     if verbose:
         print(trainable_summary(model))
-    return model
+    return given
 
 
 def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
     """Give back the plain model, in place: each adapted layer is replaced by its base layer (with
     the adapter merged into the weight when ``merge``, dropped otherwise), Conv1D layers are restored
     and every parameter gets back the ``requires_grad`` it had before ``wrap``."""
+    given, model = model, _uncompiled(model)
     state = getattr(model, "tsqlora_state", None)
     if state is None:
         raise ValueError("tsqlora_ext.unwrap: the model is not wrapped (no tsqlora_state)")
@@ -298,7 +312,7 @@ def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
         p.requires_grad_(state.requires_grad_before.get(name, p.requires_grad))
     del model.tsqlora_state
     del model.tsqlora_config
-    return model
+    return given
 
 
 def trainable_summary(model: nn.Module) -> str:
