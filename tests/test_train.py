@@ -12,7 +12,8 @@ pytest.importorskip("transformers")
 
 from tsqlora_ext.allocator import RankAllocator, budget_schedule  # noqa: E402
 from tsqlora_ext.checkpoint import CheckpointManager  # noqa: E402
-from tsqlora_ext.train import TrainArgs, classification_metrics, train  # noqa: E402
+from tsqlora_ext.train import (TokenizedData, TrainArgs, classification_metrics,  # noqa: E402
+                               evaluate, train)
 from tsqlora_ext.wrap import wrap  # noqa: E402
 
 import train_worker as tw  # noqa: E402
@@ -165,6 +166,27 @@ def test_checkpoints_of_another_run_are_refused(tmp_path):
         run(config.replace(delta_t=2), resume=ckpt, lr=1e-4)
     # What does not change the remaining steps may differ (max_nonfinite_steps: the stop rule).
     assert run(resume=ckpt, max_nonfinite_steps=4, progress=True).optimizer_steps == 2
+
+
+def test_pretokenized_data_pads_with_the_models_pad_id():
+    """Without a tokenizer, batches are padded with model.config.pad_token_id: a decoder
+    classifier reads each row at its last token before that id, so padding with 0 made it
+    classify short rows from a padding position."""
+    import transformers as tf
+
+    torch.set_num_threads(1)
+    cfg = tf.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=2, pad_token_id=60)
+    torch.manual_seed(0)
+    config = tw.tiny_config(t_init=0, t_final=0, delta_t=1, calibration_batches=1)
+    model = wrap(tf.LlamaForSequenceClassification(cfg), config, verbose=False)
+    short = TokenizedData([[5, 7, 9]], np.array([1]))
+    train_data = TokenizedData([[5, 7, 9], list(range(1, 20))] * 4, np.array([1, 0] * 4))
+    result = train(model, train_data, short, config, _args(max_steps=1, batch_size=4))
+    with torch.no_grad():
+        alone = float(model(input_ids=torch.tensor([[5, 7, 9]]), labels=torch.tensor([1])).loss)
+    assert result.metrics["loss"] == pytest.approx(alone, rel=1e-5)
+    assert evaluate(model, short, num_workers=1)["loss"] == pytest.approx(alone, rel=1e-5)
 
 
 def test_classification_metrics_macro_f1():

@@ -163,10 +163,14 @@ def as_tokenized(data, tokenizer, max_length: int, what: str) -> TokenizedData:
     return TokenizedData.from_texts(tokenizer, texts, labels, max_length)
 
 
-def pad_id_of(tokenizer) -> int:
-    if tokenizer is None or tokenizer.pad_token_id is None:
-        return 0
-    return int(tokenizer.pad_token_id)
+def pad_id_of(tokenizer, model: nn.Module | None = None) -> int:
+    """The tokenizer's padding id, else the model config's, else 0. Pre-tokenized data comes
+    without a tokenizer, and a decoder classifier reads each row at its last token before the
+    config's pad id: padding with another id would make it read a padding position."""
+    for source in (tokenizer, getattr(model, "config", None)):
+        if getattr(source, "pad_token_id", None) is not None:
+            return int(source.pad_token_id)
+    return 0
 
 
 def make_loader(data: TokenizedData, *, batch_size: int, max_length: int, pad_id: int,
@@ -277,13 +281,15 @@ def classification_metrics(preds: np.ndarray, labels: np.ndarray, num_labels: in
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: TokenizedData, *, batch_size: int = 64, max_length: int = 64,
-             pad_id: int = 0, bf16: str = "auto", num_workers: int = 2) -> dict[str, float]:
+             pad_id: int | None = None, bf16: str = "auto", num_workers: int = 2) -> dict[str, float]:
     """Accuracy (and macro-F1 for multi-class) of a sequence classifier on ``data``; every process
-    evaluates the whole split, so the figure is the same everywhere."""
+    evaluates the whole split, so the figure is the same everywhere. ``pad_id``: the model
+    config's pad_token_id (0 without one) when None."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    loader = make_loader(data, batch_size=batch_size, max_length=max_length, pad_id=pad_id,
+    loader = make_loader(data, batch_size=batch_size, max_length=max_length,
+                         pad_id=pad_id_of(None, model) if pad_id is None else pad_id,
                          shuffle=False, seed=0, num_workers=num_workers)
     preds = np.zeros(len(data), dtype=np.int64)
     losses = []
@@ -369,7 +375,7 @@ def train(
     if not lora_layers(model):
         model = wrap(model, config, verbose=rank == 0)
     layers = lora_layers(model)
-    pad_id = pad_id_of(tokenizer)
+    pad_id = pad_id_of(tokenizer, model)
     train_tok = as_tokenized(train_data, tokenizer, args.max_length, "train_data")
     eval_tok = None if eval_data is None else as_tokenized(eval_data, tokenizer, args.max_length, "eval_data")
 
