@@ -181,6 +181,27 @@ def test_a_new_run_into_an_earlier_runs_folder_is_refused(tmp_path, monkeypatch,
     assert (out / "run.json").read_text() == "{}" and not calls
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_pipeline_refuses_earlier_checkpoints_before_it_overwrites_anything(tmp_path, resume):
+    # Called directly (not through the CLI's own check): the refusal must come before the gate and
+    # the scoring pass rewrite selection.json and scores.jsonl of the run the checkpoints belong to.
+    from tsqlora_ext.config import TsqLoRAConfig
+    from tsqlora_ext.pipeline import TextTask, run_pipeline
+    from tsqlora_ext.train import TrainArgs
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step-000000050.ckpt").write_bytes(b"an earlier run's")
+    (out / "scores.jsonl").write_text("kept\n")
+    task = TextTask("t", ["a", "b"], ["x y z"] * 4, [0, 1] * 2, ["x y z"] * 2, [0, 1])
+    want = "selection.json is missing" if resume else "belong to an earlier run"
+    args = TrainArgs(checkpoint_every=5, checkpoint_dir=str(out / "checkpoints"))
+    with pytest.raises(ValueError, match=rf"holds checkpoints up to step 50, and .*{want}"):
+        run_pipeline(tmp_path / "no-model", task, out, TsqLoRAConfig(), args,
+                     resume=resume, verbose=False)
+    assert (out / "scores.jsonl").read_text() == "kept\n"
+
+
 def test_file_only_flags_with_bundled_data_are_refused(tmp_path, monkeypatch, capsys):
     calls = _record_pipeline(monkeypatch)
     for flag in ("--eval-data", "--text-field", "--label-field"):

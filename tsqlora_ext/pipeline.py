@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoint import CheckpointManager
 from .config import TsqLoRAConfig
 from .report import fmt_seconds, format_ranks, write_json, write_report
 from .train import TokenizedData, TrainArgs, make_loader, pad_id_of, train
@@ -172,8 +173,16 @@ def run_pipeline(model_dir, task: TextTask, out, config: TsqLoRAConfig, args: Tr
     if args.checkpoint_every and args.checkpoint_dir is None:
         args = TrainArgs.from_dict({**args.to_dict(), "checkpoint_dir": str(ckpt_dir)})
     selection_file, scores_file = out / "selection.json", out / "scores.jsonl"
-    resuming = resume and selection_file.is_file() and args.checkpoint_dir is not None and \
-        any(Path(args.checkpoint_dir).glob("step-*.ckpt"))
+    earlier = CheckpointManager(args.checkpoint_dir).checkpoints() if args.checkpoint_dir else []
+    resuming = resume and selection_file.is_file() and bool(earlier)
+    # Checked before the gate and the scoring pass, which would overwrite selection.json and
+    # scores.jsonl of the run those checkpoints belong to (train() refuses them only later).
+    if earlier and not resuming:
+        why = (f"{selection_file} is missing, so the run cannot be resumed" if resume else
+               "they belong to an earlier run: continue it with resume=True (tsqlora train --resume "
+               f"{out}) or write this run to another folder")
+        raise ValueError(f"run_pipeline: {args.checkpoint_dir} holds checkpoints up to step "
+                         f"{earlier[-1][0]}, and {why}")
 
     t = time.perf_counter()
     model, tokenizer = _load_model(model_dir, n_labels, config.seed)
