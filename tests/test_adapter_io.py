@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -251,6 +255,8 @@ def test_writes_are_atomic_and_keep_other_files(tiny_model, tmp_path, monkeypatc
     d = tmp_path / "run"
     d.mkdir()
     (d / "notes.txt").write_text("mine")
+    (d / "logs").mkdir()
+    (d / "logs" / "1.txt").write_text("step 1")
     tsqlora_ext.save_adapter(model, d)
     first = (d / adapter_io.WEIGHTS_NAME).read_bytes()
     expected = _logits(model, inputs)
@@ -274,6 +280,112 @@ def test_writes_are_atomic_and_keep_other_files(tiny_model, tmp_path, monkeypatc
     tsqlora_ext.save_adapter(model, d)  # overwrite in place
     assert (d / adapter_io.WEIGHTS_NAME).read_bytes() != first
     assert (d / "notes.txt").read_text() == "mine"
+    assert (d / "logs" / "1.txt").read_text() == "step 1"
+
+
+def test_overwrite_swaps_whole_directories(tiny_model, tmp_path, monkeypatch):
+    # Interrupted between its renames, a write leaves the previous version whole, never the new
+    # weights beside the old config.
+    base, model, inputs = _trained("bert", tiny_model)
+    d = tmp_path / "adapter"
+    tsqlora_ext.save_adapter(model, d)
+    expected = _logits(model, inputs)
+    _train_like(model, seed=1)
+    real, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(adapter_io.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tsqlora_ext.save_adapter(model, d)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+    assert torch.equal(_logits(tsqlora_ext.load_adapter(copy.deepcopy(base), d), inputs), expected)
+
+
+# Run as a separate process that dies (os._exit: no finally, no cleanup) at the given step of
+# rewriting the adapter in argv[1] with every float tensor doubled.
+_KILLED_WRITER = """
+import json, os, sys
+from pathlib import Path
+from safetensors.torch import load_file
+from tsqlora_ext import adapter_io
+
+d, step = Path(sys.argv[1]), sys.argv[2]
+tensors = {k: v * 2 if v.is_floating_point() else v
+           for k, v in load_file(d / adapter_io.WEIGHTS_NAME).items()}
+meta = json.loads((d / adapter_io.CONFIG_NAME).read_text())
+replace, calls = os.replace, []
+
+def die_at(src, dst):
+    calls.append(dst)
+    if step == f"replace{len(calls)}":
+        os._exit(0)
+    replace(src, dst)
+
+adapter_io.os.replace = die_at
+if step == "delete_old":
+    adapter_io.shutil.rmtree = lambda *args, **kwargs: os._exit(0)
+adapter_io._write_dir_atomically(d, tensors, meta, "weights_sha256")
+raise SystemExit("not killed")
+"""
+
+
+@pytest.mark.parametrize("step, survivor", [("replace1", "old"), ("replace2", "old"),
+                                            ("delete_old", "new")])
+def test_write_killed_midway_recovers(step, survivor, tiny_model, tmp_path):
+    # Killed before the swap (a complete temporary left), between its renames (the old version
+    # aside, the directory missing) or before deleting the old version: loading reads the version
+    # that survived, and the next write cleans up all that was left.
+    base, model, inputs = _trained("llama", tiny_model)
+    d = tmp_path / "adapter"
+    tsqlora_ext.save_adapter(model, d)
+    done = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(d), step],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len(list(tmp_path.iterdir())) == 2  # a left-over beside the adapter (or in its place)
+    loaded = tsqlora_ext.load_adapter(copy.deepcopy(base), d)
+    layer, got = next((n, l) for n, l in tsqlora_ext.adapted_layers(loaded) if l.rank)
+    want = dict(tsqlora_ext.adapted_layers(model))[layer].lora_B[:, got.active]
+    assert torch.equal(got.lora_B[:, got.active], want * (2 if survivor == "new" else 1))
+
+    tsqlora_ext.save_adapter(model, d)
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+    assert torch.equal(_logits(tsqlora_ext.load_adapter(copy.deepcopy(base), d), inputs),
+                       _logits(model, inputs))
+
+
+def test_written_directories_get_the_umasks_mode(tiny_model, tmp_path):
+    # Not mkdtemp's 0700 (nor safetensors' 0600 for the weights): what any new directory and file
+    # get; a directory written over keeps the mode it had.
+    _, model, _ = _trained("bert", tiny_model)
+    old_umask = os.umask(0o022)
+    try:
+        tsqlora_ext.save_adapter(model, tmp_path / "a")
+        tsqlora_ext.export_peft(model, tmp_path / "p")
+        for d in ("a", "p"):
+            assert stat.S_IMODE((tmp_path / d).stat().st_mode) == 0o755
+            for f in (adapter_io.WEIGHTS_NAME, adapter_io.CONFIG_NAME):
+                assert stat.S_IMODE((tmp_path / d / f).stat().st_mode) == 0o644
+        (tmp_path / "a").chmod(0o750)
+        tsqlora_ext.save_adapter(model, tmp_path / "a")
+        assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o750
+    finally:
+        os.umask(old_umask)
+
+
+def test_write_refuses_the_working_directory(tiny_model, tmp_path, monkeypatch):
+    # The whole directory is replaced, so the process would be left in a deleted one.
+    _, model, _ = _trained("bert", tiny_model)
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a" / "sub")
+    for target in (".", tmp_path / "a"):
+        with pytest.raises(ValueError, match="holds the current working directory"):
+            tsqlora_ext.save_adapter(model, target)
 
 
 def test_export_needs_a_live_layer_and_a_wrapped_model(tiny_model, tmp_path):

@@ -18,10 +18,13 @@ PEFT therefore sees the same gradient scale. Layers at rank 0 are left out of ``
 head goes in as PEFT's ``modules_to_save``, with every head PEFT's task type adds on load
 (classifier / score, qa_outputs), trained here or not.
 
-Both writers build the files in a temporary sibling directory. A new adapter directory appears in
-one ``os.replace``; into an existing directory the files are moved one by one, the weights first
-and the config (which carries the weights' checksum) last, so a crash in between is caught at load
-time and other files in the directory are never touched.
+Both writers build the whole new directory in a temporary sibling (``.<name>.tmp-*``), with the
+existing directory's other entries hard-linked into it, and swap it in: the existing directory is
+renamed aside (``.<name>.old``), the new one renamed into place, the old one deleted. A reader sees
+the old version or the new one, never a mix. A process killed in the middle leaves the old version
+aside while the new one is not yet in place: ``load_adapter`` then reads it there, and the next
+write to the directory puts it back (or, when the new one did get in place, deletes it) and removes
+left-over temporaries. One writer per directory at a time.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -80,27 +84,89 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _aside(directory: Path) -> Path:
+    return directory.parent / f".{directory.name}.old"
+
+
+def _new_temporary(directory: Path) -> Path:
+    """An empty new sibling of ``directory``. os.mkdir gives it the mode of any new directory (the
+    umask's), where mkdtemp's 0700 would lock other users out of the adapter."""
+    while True:
+        tmp = directory.parent / f".{directory.name}.tmp-{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _recover(directory: Path) -> None:
+    """Finish a swap that a killed process left half done: put the previous version back when the
+    new one had not got into place, else delete it; and remove the temporaries of killed writes
+    (mkdtemp named them with 8 of [a-z0-9_] before)."""
+    aside = _aside(directory)
+    if aside.is_dir():
+        if directory.exists():
+            shutil.rmtree(aside)
+        else:
+            os.replace(aside, directory)
+    temporary = re.compile(re.escape(f".{directory.name}.tmp-") + "[a-z0-9_]{8}")
+    for entry in directory.parent.iterdir():
+        if temporary.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links
+        shutil.copy2(src, dst)
+
+
+def _carry_other_entries(directory: Path, tmp: Path) -> None:
+    """Give the new version of ``directory`` its other entries, as hard links (no data copied)."""
+    for entry in directory.iterdir():
+        if entry.name in (WEIGHTS_NAME, CONFIG_NAME):
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), tmp / entry.name)
+        elif entry.is_dir():
+            shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, tmp / entry.name)
+
+
 def _write_dir_atomically(directory: Path, tensors: dict[str, torch.Tensor],
                           config: dict[str, Any], checksum_key: str | None) -> None:
     """Write WEIGHTS_NAME and CONFIG_NAME into ``directory`` so that no reader ever sees a
-    half-written file (see the module docstring)."""
-    directory = Path(directory)
+    half-written file or files of two versions (see the module docstring)."""
+    # Resolved, so that a symlink to the directory stays and "." has a name and a parent.
+    directory = Path(os.path.realpath(directory))
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} exists and is not a directory")
+    cwd = Path.cwd()
+    if cwd == directory or directory in cwd.parents:
+        raise ValueError(f"{directory} holds the current working directory, which writing the "
+                         "adapter would delete (the whole directory is replaced): write it into a "
+                         "directory of its own")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    _recover(directory)
+    tmp = _new_temporary(directory)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / WEIGHTS_NAME)
         if checksum_key is not None:
             config = {**config, checksum_key: _sha256(tmp / WEIGHTS_NAME)}
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if not directory.exists():
-            os.replace(tmp, directory)
-            return
-        if not directory.is_dir():
-            raise NotADirectoryError(f"{directory} exists and is not a directory")
-        os.replace(tmp / WEIGHTS_NAME, directory / WEIGHTS_NAME)
-        os.replace(tmp / CONFIG_NAME, directory / CONFIG_NAME)
+        # safetensors creates its file 0600; give it the mode of any new file, as the config has.
+        shutil.copymode(tmp / CONFIG_NAME, tmp / WEIGHTS_NAME)
+        if directory.exists():
+            _carry_other_entries(directory, tmp)
+            shutil.copymode(directory, tmp)
+            os.replace(directory, _aside(directory))
+        os.replace(tmp, directory)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # Delete the old version, or put it back when the new one did not get into place.
+        _recover(directory)
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
@@ -201,6 +267,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, verbose: bool =
     """
     given, model = model, _uncompiled(model)
     directory = Path(directory)
+    resolved = Path(os.path.realpath(directory))  # as _write_dir_atomically names the aside
+    if not resolved.exists() and _aside(resolved).is_dir():
+        directory = _aside(resolved)  # a write was killed before the new version got into place
     meta = _read_config(directory)
     if is_wrapped(model):
         _load_into(model, directory, meta)
