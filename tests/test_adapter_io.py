@@ -206,6 +206,35 @@ def test_mismatched_models_rejected_with_reason(tiny_model, tmp_path):
         tsqlora_ext.load_adapter(rescaled, tmp_path / "a")
 
 
+def test_failed_load_leaves_the_models_own_objects(tiny_model, tmp_path):
+    # The caller's optimizer holds the model's Parameters: a failed load must not swap them (GPT-2's
+    # Conv1D layers are converted by wrap), nor draw from the global RNG.
+    base, model, _ = _trained("gpt2", tiny_model)
+    tsqlora_ext.save_adapter(model, tmp_path / "a")
+    weights = tmp_path / "a" / adapter_io.WEIGHTS_NAME
+    tensors = load_file(weights)
+    del tensors[next(k for k in tensors if k.endswith(".lora_B"))]
+    save_file(tensors, weights)  # a file that passes every check before the wrap
+    config = tmp_path / "a" / adapter_io.CONFIG_NAME
+    meta = json.loads(config.read_text())
+    config.write_text(json.dumps({**meta, "weights_sha256": adapter_io._sha256(weights)}))
+
+    plain = copy.deepcopy(base).train()
+    plain.transformer.h[0].attn.c_attn.weight.requires_grad_(False)
+    modules = dict(plain.named_modules())
+    params = dict(plain.named_parameters())
+    requires_grad = {n: p.requires_grad for n, p in params.items()}
+    torch.manual_seed(1)
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match="has no tensor"):
+        tsqlora_ext.load_adapter(plain, tmp_path / "a")
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert dict(plain.named_modules()) == modules
+    assert all(p is params[n] for n, p in plain.named_parameters())
+    assert {n: p.requires_grad for n, p in plain.named_parameters()} == requires_grad
+    assert not hasattr(plain, "tsqlora_state") and not hasattr(plain, "tsqlora_config")
+
+
 def test_damaged_or_missing_files_named(tiny_model, tmp_path):
     base, model, _ = _trained("llama", tiny_model)
     d = tmp_path / "a"

@@ -305,3 +305,17 @@ def test_tied_and_multihead_attention_targets_refused():
     with pytest.raises(ValueError, match=r"self_attn\.out_proj: nn\.MultiheadAttention reads its weight"):
         tsqlora_ext.wrap(layer, CFG.replace(target_modules=["out_proj", "linear1"]), verbose=False)
     assert not any(isinstance(m, VarRankLoRALinear) for m in layer.modules())
+
+
+def test_unwrap_leaves_the_global_rng_alone(tiny_model):
+    # transformers' Conv1D draws its initial weight in __init__; unwrap rebuilds GPT-2's.
+    model, inputs = tiny_model("gpt2")
+    tsqlora_ext.wrap(model, CFG, verbose=False)
+    _randomize_adapters(model)
+    adapted = _logits(model, inputs)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    tsqlora_ext.unwrap(model)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(not m.training for m in model.modules())  # as the model was (eval)
+    torch.testing.assert_close(_logits(model, inputs), adapted, rtol=1e-4, atol=1e-5)

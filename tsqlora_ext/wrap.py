@@ -168,14 +168,26 @@ def _conv1d_to_linear(conv: nn.Module) -> nn.Linear:
     linear.weight = nn.Parameter(conv.weight.detach().t().contiguous(), requires_grad=False)
     if conv.bias is not None:
         linear.bias = conv.bias
-    return linear
+    return linear.train(conv.training)
 
 
 def _linear_to_conv1d(linear: nn.Linear) -> nn.Module:
-    conv = _conv1d_type()(linear.out_features, linear.in_features)
+    # Built on the meta device: Conv1D's __init__ draws its weight from the caller's global RNG.
+    with torch.device("meta"):
+        conv = _conv1d_type()(linear.out_features, linear.in_features)
     conv.weight = nn.Parameter(linear.weight.detach().t().contiguous())
     conv.bias = linear.bias  # Conv1D always has a bias, so the converted Linear kept one
-    return conv
+    return conv.train(linear.training)
+
+
+def _put_back(model: nn.Module, replaced: dict[str, nn.Module],
+              requires_grad_before: dict[str, bool]) -> None:
+    """Undo a wrap that is not to stand: the modules it replaced (the very objects, where unwrap
+    builds new Conv1D layers) back in their places, and every parameter's requires_grad as before."""
+    for name, module in replaced.items():
+        _set_submodule(model, name, module)
+    for name, p in model.named_parameters():
+        p.requires_grad_(requires_grad_before[name])
 
 
 # ---- checks -------------------------------------------------------------------------------------
