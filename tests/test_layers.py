@@ -71,6 +71,22 @@ def test_set_active_rejects_bad_ids():
     assert layer.inactive.tolist() == [0, 1, 3, 4, 6, 7]
 
 
+def test_set_active_under_inference_mode_then_train():
+    # An evaluation pass under torch.inference_mode() that prunes must not leave inference-tensor
+    # buffers, which the next training step cannot use.
+    layer = make_layer("cpu")
+    x = torch.randn(3, 24)
+    with torch.inference_mode():
+        layer(x)
+        layer.set_active(torch.tensor([0, 2, 5]))
+    assert not layer.active.is_inference() and not layer.inactive.is_inference()
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-3, weight_decay=0.1)
+    protect_inactive(opt, layer)
+    layer(x).square().sum().backward()
+    opt.step()
+    assert layer.active_indices().tolist() == [0, 2, 5]
+
+
 def test_merge_unmerge(device):
     layer = make_layer(device)
     layer.set_active([1, 3, 6])

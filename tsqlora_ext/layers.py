@@ -103,6 +103,9 @@ class VarRankLoRALinear(nn.Module):
         """Sorted int64 ids of the active components (a copy)."""
         return self.active.clone()
 
+    # Buffers made under torch.inference_mode() (an evaluation pass that prunes) would be inference
+    # tensors, which the next training step cannot use.
+    @torch.inference_mode(False)
     def set_active(self, indices) -> None:
         """Make exactly ``indices`` (ints in [0, r_max); order and repeats do not matter) the active
         components. Parameters are never re-created, so optimizer state stays attached."""
