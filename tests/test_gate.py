@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import queue
+
 import numpy as np
 import pytest
 
@@ -95,3 +98,27 @@ def test_arrow_buffer_and_list_give_the_same_gate(rotten_tomatoes):
 def test_bad_gate_config_is_a_clear_error():
     with pytest.raises(ValueError, match="bands"):
         _C.gate_texts(["a b c"], GateConfig(bands=0).native(), 1)
+
+
+def _gate_reasons(texts, out):
+    out.put(_C.gate_texts(texts, _C.GateConfig(), 2)[0].tolist())
+
+
+def test_gate_runs_in_a_forked_child():
+    # fork() copies no threads: the child inherited the shared pool without its workers, and its
+    # first parallel call waited for them forever.
+    texts = [f"document number {i} has some words in it" for i in range(5000)]
+    want = _C.gate_texts(texts, _C.GateConfig(), 2)[0].tolist()  # the pool now has workers here
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_gate_reasons, args=(texts, out))
+    child.start()
+    try:
+        got = out.get(timeout=30)
+    except queue.Empty:
+        pytest.fail("the gate hung in a forked child")
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+    assert got == want and child.exitcode == 0

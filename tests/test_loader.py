@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import queue
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -108,3 +114,54 @@ def test_from_texts_with_the_bundled_tokenizer(minilm_dir, rotten_tomatoes):
     want = tok(texts[i], truncation=True, max_length=64)["input_ids"]
     assert b["input_ids"][0, :len(want)].tolist() == want
     assert b["input_ids"][0, len(want):].eq(tok.pad_token_id).all()
+
+
+def _remaining_batches(loader, out):
+    out.put([b["index"].tolist() for b in loader])
+
+
+def test_loader_made_before_fork_works_in_the_child():
+    # fork() copies no threads: the child's loader waited forever for the parent's workers.
+    rows = _rows()
+    loader = TokenBatchLoader(rows, batch_size=16, seed=2, return_index=True)
+    want = loader.plan(0)
+    it = iter(loader)
+    head = [next(it)["index"].tolist() for _ in range(3)]  # the workers have prefetched more
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_remaining_batches, args=(loader, out))
+    child.start()
+    try:
+        got = out.get(timeout=30)
+    except queue.Empty:
+        pytest.fail("the loader hung in a forked child")
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0 and head + got == want
+    assert head + [b["index"].tolist() for b in it] == want  # the parent goes on undisturbed
+
+
+def test_forked_child_exits_normally():
+    # A child's exit destroyed the shared pool and any loader, joining threads that only the
+    # parent has: it never ended. One loader is used in the child, one is not.
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from tsqlora_ext import _C
+        from tsqlora_ext.loader import TokenBatchLoader
+        _C.gate_texts([f"text {i} of some words" for i in range(5000)], _C.GateConfig(), 2)
+        used = TokenBatchLoader([[1, 2, 3]] * 64, batch_size=4)
+        idle = TokenBatchLoader([[1, 2, 3]] * 64, batch_size=4)
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(30)  # a hung child dies of SIGALRM instead of outliving the test
+            assert len(list(used)) == 16
+            sys.exit(0)
+        _, status = os.waitpid(pid, 0)
+        sys.exit(os.waitstatus_to_exitcode(status))
+    """)
+    try:
+        subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a forked child hung at exit")

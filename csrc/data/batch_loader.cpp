@@ -1,8 +1,11 @@
 // The prefetching batch loader (see batch_loader.h).
 #include "data/batch_loader.h"
 
+#include <pthread.h>
+
 #include <algorithm>
 #include <numeric>
+#include <set>
 #include <stdexcept>
 #include <string>
 
@@ -19,6 +22,17 @@ inline uint64_t draw_below(uint64_t stream, uint64_t counter, uint64_t bound) {
 
 void shuffle(std::vector<int64_t>& v, uint64_t stream) {
   for (size_t i = v.size(); i > 1; --i) std::swap(v[i - 1], v[draw_below(stream, i, i)]);
+}
+
+// Every live loader, for the fork handlers. Never destroyed: a loader may outlive static
+// destruction at exit.
+struct LiveLoaders {
+  std::mutex mu;
+  std::set<BatchLoader*> loaders;
+};
+LiveLoaders& live_loaders() {
+  static auto* live = new LiveLoaders();
+  return *live;
 }
 
 }  // namespace
@@ -47,10 +61,23 @@ BatchLoader::BatchLoader(std::vector<int64_t> ids, std::vector<int64_t> offsets,
     throw std::invalid_argument("BatchLoader: " + std::to_string(num_rows_) + " rows make no batch of " +
                                 std::to_string(cfg_.batch_size) + " per rank for world_size " +
                                 std::to_string(cfg_.world_size));
+  static std::once_flag hooked;
+  std::call_once(hooked, [] { pthread_atfork(&before_fork, &after_fork, &after_fork); });
+  {
+    std::lock_guard<std::mutex> lock(live_loaders().mu);
+    live_loaders().loaders.insert(this);
+  }
   seek(0, 0);
 }
 
-BatchLoader::~BatchLoader() { stop_workers(); }
+BatchLoader::~BatchLoader() {
+  {
+    std::lock_guard<std::mutex> lock(live_loaders().mu);
+    live_loaders().loaders.erase(this);
+  }
+  leave_parent_workers();
+  stop_workers();
+}
 
 std::vector<std::vector<int64_t>> BatchLoader::plan(int64_t epoch) const {
   const uint64_t stream = splitmix64(cfg_.seed ^ splitmix64(0x10ade7ULL + static_cast<uint64_t>(epoch)));
@@ -126,66 +153,108 @@ Batch BatchLoader::build(const std::vector<int64_t>& rows) const {
 }
 
 void BatchLoader::worker_loop() {
+  Shared& sh = *sh_;
   for (;;) {
     int64_t q;
     {
-      std::unique_lock<std::mutex> lock(mu_);
-      work_cv_.wait(lock, [&] {
-        return stop_ || (next_to_build_ < num_batches_ && next_to_build_ < position_ + cfg_.prefetch);
+      std::unique_lock<std::mutex> lock(sh.mu);
+      sh.work_cv.wait(lock, [&] {
+        return sh.stop || (sh.next_to_build < num_batches_ && sh.next_to_build < position_ + cfg_.prefetch);
       });
-      if (stop_) return;
-      q = next_to_build_++;
+      if (sh.stop) return;
+      q = sh.next_to_build++;
+      ++sh.building;
     }
+    std::optional<Batch> b;
+    std::exception_ptr error;
     try {
-      Batch b = build(plan_[q]);
-      std::lock_guard<std::mutex> lock(mu_);
-      ready_.emplace(q, std::move(b));
+      b = build(plan_[q]);
     } catch (...) {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (!error_) error_ = std::current_exception();
+      error = std::current_exception();
     }
-    ready_cv_.notify_all();
+    {
+      std::lock_guard<std::mutex> lock(sh.mu);
+      --sh.building;
+      if (b) sh.ready.emplace(q, std::move(*b));
+      else if (!sh.error) sh.error = error;
+    }
+    sh.ready_cv.notify_all();
   }
 }
 
 void BatchLoader::stop_workers() {
   {
-    std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
+    std::lock_guard<std::mutex> lock(sh_->mu);
+    sh_->stop = true;
   }
-  work_cv_.notify_all();
+  sh_->work_cv.notify_all();
   for (auto& w : workers_) w.join();
   workers_.clear();
 }
 
 void BatchLoader::start_workers() {
-  stop_ = false;
+  sh_->stop = false;
   for (int t = 0; t < cfg_.num_workers; ++t) workers_.emplace_back([this] { worker_loop(); });
+}
+
+// fork() copies no threads: a child holds the parent's workers_ and shared state with no thread
+// behind them, and the condition variables still count the parent's waiters, so even destroying
+// them would hang. Joining would wait forever and destroying a joinable std::thread terminates, so
+// the child leaks both on purpose and starts from a fresh state; the plan is a pure function of
+// (seed, epoch), so workers restarted at the same position build the same batches.
+void BatchLoader::leave_parent_workers() {
+  if (getpid() == owner_) return;
+  new std::vector<std::thread>(std::move(workers_));
+  sh_.release();
+  sh_ = std::make_unique<Shared>();
+  owner_ = getpid();
+}
+
+// fork() copies only the calling thread. A worker inside build() at that moment may hold a lock or
+// a half-done one-time initialisation inside ATen (seen: a dispatch stub's static guard), which the
+// child, in its own workers or its own torch calls, would then wait for forever. So before a fork
+// every loader lets the builds under way finish and keeps its lock, so that no worker starts
+// another, until the fork is done; the forking thread then unlocks it in parent and child alike.
+void BatchLoader::before_fork() {
+  live_loaders().mu.lock();
+  for (BatchLoader* l : live_loaders().loaders) {
+    std::unique_lock<std::mutex> lock(l->sh_->mu);
+    l->sh_->ready_cv.wait(lock, [&] { return l->sh_->building == 0; });
+    lock.release();
+  }
+}
+
+void BatchLoader::after_fork() {
+  for (BatchLoader* l : live_loaders().loaders) l->sh_->mu.unlock();
+  live_loaders().mu.unlock();
 }
 
 void BatchLoader::seek(int64_t epoch, int64_t position) {
   if (epoch < 0 || position < 0 || position > num_batches_)
     throw std::invalid_argument("BatchLoader: position " + std::to_string(position) + " outside [0, " +
                                 std::to_string(num_batches_) + "] or negative epoch");
+  leave_parent_workers();
   stop_workers();
   epoch_ = epoch;
   position_ = position;
   plan_ = plan(epoch);
-  ready_.clear();
-  error_ = nullptr;
-  next_to_build_ = position;
+  sh_->ready.clear();
+  sh_->error = nullptr;
+  sh_->next_to_build = position;
   start_workers();
 }
 
 std::optional<Batch> BatchLoader::next() {
-  std::unique_lock<std::mutex> lock(mu_);
+  if (getpid() != owner_) seek(epoch_, position_);
+  Shared& sh = *sh_;
+  std::unique_lock<std::mutex> lock(sh.mu);
   if (position_ >= num_batches_) return std::nullopt;
-  ready_cv_.wait(lock, [&] { return error_ || ready_.count(position_); });
-  if (error_) std::rethrow_exception(error_);
-  auto node = ready_.extract(position_);
+  sh.ready_cv.wait(lock, [&] { return sh.error || sh.ready.count(position_); });
+  if (sh.error) std::rethrow_exception(sh.error);
+  auto node = sh.ready.extract(position_);
   ++position_;
   lock.unlock();
-  work_cv_.notify_all();
+  sh.work_cv.notify_all();
   return std::move(node.mapped());
 }
 

@@ -17,13 +17,17 @@
 // index [B] (row ids). L = longest row in the batch rounded up to pad_to_multiple_of, but never past
 // max_length (when set).
 // num_workers threads build the next `prefetch` batches while the caller trains on the current one.
+// fork() waits for batches being built, and a loader used in a fork()ed child starts workers of its
+// own there, at the same position.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <unistd.h>
 
 #include <condition_variable>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <thread>
@@ -74,6 +78,9 @@ class BatchLoader {
   void worker_loop();
   void stop_workers();
   void start_workers();
+  void leave_parent_workers();
+  static void before_fork();
+  static void after_fork();
 
   std::vector<int64_t> ids_, offsets_, labels_;
   LoaderConfig cfg_;
@@ -82,13 +89,19 @@ class BatchLoader {
   int64_t epoch_ = 0, position_ = 0;
   std::vector<std::vector<int64_t>> plan_;  // this rank's batches in the current epoch
 
-  std::mutex mu_;
-  std::condition_variable work_cv_, ready_cv_;
-  std::map<int64_t, Batch> ready_;
-  std::exception_ptr error_;
-  int64_t next_to_build_ = 0;
-  bool stop_ = false;
+  // What the workers share with the caller, apart so that a fork()ed child can start afresh.
+  struct Shared {
+    std::mutex mu;
+    std::condition_variable work_cv, ready_cv;
+    std::map<int64_t, Batch> ready;
+    std::exception_ptr error;
+    int64_t next_to_build = 0;
+    int64_t building = 0;  // workers inside build()
+    bool stop = false;
+  };
+  std::unique_ptr<Shared> sh_ = std::make_unique<Shared>();
   std::vector<std::thread> workers_;
+  pid_t owner_ = getpid();  // the process workers_ run in
 };
 
 }  // namespace tsq::data

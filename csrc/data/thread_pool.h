@@ -7,6 +7,8 @@
 // thrown by a task is rethrown in the caller once all claimed chunks have finished.
 #pragma once
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -33,7 +35,7 @@ inline int resolve_num_threads(int requested) {
 class ThreadPool {
  public:
   // `num_threads` counts the caller: a pool of 1 runs everything on the calling thread.
-  explicit ThreadPool(int num_threads) : num_threads_(std::max(1, num_threads)) {
+  explicit ThreadPool(int num_threads) : num_threads_(std::max(1, num_threads)), owner_(getpid()) {
     for (int t = 1; t < num_threads_; ++t) workers_.emplace_back([this] { worker_loop(); });
   }
 
@@ -50,6 +52,8 @@ class ThreadPool {
   ThreadPool& operator=(const ThreadPool&) = delete;
 
   int num_threads() const { return num_threads_; }
+  // Whether this process is a fork()ed child of the one that started the workers.
+  bool forked() const { return getpid() != owner_; }
 
   // fn(begin, end) over chunks of [0, n). Jobs from different callers run one after another.
   void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
@@ -111,6 +115,7 @@ class ThreadPool {
   }
 
   const int num_threads_;
+  const pid_t owner_;
   std::vector<std::thread> workers_;
   std::mutex job_mu_;  // one parallel_for at a time
   std::mutex mu_;
@@ -125,13 +130,20 @@ class ThreadPool {
 };
 
 // The process-wide pool, rebuilt when a call asks for another thread count.
+//
+// fork() copies no threads: a child's copy of the pool has no workers behind it, and its
+// condition variables still count the parent's waiters, so neither a job nor the destructor could
+// ever finish there. A child therefore leaves that copy alone (leaked on purpose) and builds a
+// pool of its own; and the pool is never destroyed at exit, where a child that ran no job would
+// otherwise hang (the parent's workers simply end with the process).
 inline std::shared_ptr<ThreadPool> shared_pool(int requested) {
   static std::mutex mu;
-  static std::shared_ptr<ThreadPool> pool;
+  static auto* pool = new std::shared_ptr<ThreadPool>();
   int n = resolve_num_threads(requested);
   std::lock_guard<std::mutex> lock(mu);
-  if (!pool || pool->num_threads() != n) pool = std::make_shared<ThreadPool>(n);
-  return pool;
+  if (*pool && (*pool)->forked()) pool = new std::shared_ptr<ThreadPool>();
+  if (!*pool || (*pool)->num_threads() != n) *pool = std::make_shared<ThreadPool>(n);
+  return *pool;
 }
 
 }  // namespace tsq::data
