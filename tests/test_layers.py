@@ -183,6 +183,22 @@ def test_merged_state_dict_loads_as_merged():
     torch.testing.assert_close(e(x), y, rtol=1e-5, atol=1e-5)
 
 
+def test_state_dict_of_another_r_max_named():
+    a = make_layer("cpu", r_max=16)
+    a.set_active([0, 9, 12])
+    b = make_layer("cpu", r_max=8)
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"active was saved from a layer with r_max=16, but "
+                                               r"this layer has r_max=8"):
+            b.load_state_dict(a.state_dict(), strict=strict)
+    a.set_active([0, 1])  # ids that fit, from a layer of another size all the same
+    with pytest.raises(RuntimeError, match=r"r_max=16, but this layer has r_max=8"):
+        b.load_state_dict(a.state_dict())
+    with pytest.raises(RuntimeError, match=r"active was saved from a layer with r_max > 9"):
+        b.load_state_dict({"active": torch.tensor([0, 9])}, strict=False)
+    assert b.active_indices().tolist() == [0, 1, 2, 3]  # kept through the failed loads
+
+
 def test_torch_compile_fullgraph():
     layer = make_layer("cpu", n_in=16, n_out=12, r_max=6)
     compiled = torch.compile(layer, fullgraph=True)

@@ -138,7 +138,8 @@ class VarRankLoRALinear(nn.Module):
     def set_extra_state(self, state: torch.Tensor) -> None:
         self.merged = bool(state)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
         # Load onto an unmerged layer, as the adapter may change. base_layer, loaded after this
         # module, then receives the saved weight (merged or not, as the saved flag says) or keeps
         # its own. A saved weight may be this very Parameter (a state_dict() loaded back), so
@@ -152,11 +153,24 @@ class VarRankLoRALinear(nn.Module):
         # in-place copy into the buffer would reject: adopt it through set_active instead.
         key = prefix + "active"
         if key in state_dict:
-            self.set_active(state_dict[key])
+            saved = state_dict[key]
+            lora_a = state_dict.get(prefix + "lora_A")
+            saved_r_max = None if lora_a is None else lora_a.shape[0]
+            beyond = saved.numel() > 0 and int(saved.max()) >= self.r_max
+            if saved_r_max not in (None, self.r_max) or beyond:
+                # Collected, not raised: load_state_dict reports every layer's error at once and
+                # this layer keeps its active set.
+                source = (f"a layer with r_max={saved_r_max}" if saved_r_max is not None else
+                          f"a layer with r_max > {int(saved.max())}")
+                error_msgs.append(f"{key} was saved from {source}, but this layer has "
+                                  f"r_max={self.r_max}: wrap the model with the saved r_max")
+            else:
+                self.set_active(saved)
             state_dict[key] = self.active
         # State dicts written before the flag was saved are of unmerged layers.
         state_dict.setdefault(prefix + "_extra_state", torch.tensor(False))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
         if self.merged and prefix + "base_layer.weight" not in state_dict:
             # No saved weight holding ΔW: base_layer keeps its own, so ΔW is added to it.
             self.merged = False
