@@ -319,3 +319,31 @@ def test_unwrap_leaves_the_global_rng_alone(tiny_model):
     assert torch.equal(torch.get_rng_state(), state)
     assert all(not m.training for m in model.modules())  # as the model was (eval)
     torch.testing.assert_close(_logits(model, inputs), adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_failed_wrap_leaves_the_model_as_it_was(tiny_model, monkeypatch):
+    model, _ = tiny_model("gpt2")
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    # A config changed after construction is checked again.
+    cfg = CFG.replace()
+    cfg.r_max = 2
+    with pytest.raises(ValueError, match=r"r_init must be in \[1, r_max=2\]"):
+        tsqlora_ext.wrap(model, cfg, verbose=False)
+    assert all(p.requires_grad for p in model.parameters())
+
+    # A failure while building the layers puts back the modules already replaced.
+    real, built = VarRankLoRALinear.__init__, []
+
+    def fail_third(self, *args, **kwargs):
+        if len(built) == 2:
+            raise MemoryError("out of memory")
+        built.append(self)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(VarRankLoRALinear, "__init__", fail_third)
+    with pytest.raises(MemoryError):
+        tsqlora_ext.wrap(model, CFG, verbose=False)
+    assert dict(model.named_modules()) == modules
+    assert all(p is params[n] and p.requires_grad for n, p in model.named_parameters())
+    assert not hasattr(model, "tsqlora_state")

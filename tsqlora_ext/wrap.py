@@ -239,6 +239,7 @@ def wrap(model: nn.Module, config: TsqLoRAConfig | None = None, verbose: bool = 
     config = TsqLoRAConfig() if config is None else config
     if not isinstance(config, TsqLoRAConfig):
         raise TypeError(f"tsqlora_ext.wrap: config must be a TsqLoRAConfig, got {type(config).__name__}")
+    config.validate()  # again: its fields may have been set after construction
     if is_wrapped(model) or any(True for _ in adapted_layers(model)):
         raise ValueError("tsqlora_ext.wrap: the model is already wrapped; unwrap() it first")
 
@@ -275,21 +276,27 @@ def wrap(model: nn.Module, config: TsqLoRAConfig | None = None, verbose: bool = 
     # Seed the adapter initialisation from config.seed without disturbing the caller's RNG.
     cuda_devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     conv1d: set[str] = set()
-    with torch.random.fork_rng(devices=cuda_devices):
-        torch.manual_seed(config.seed)
-        for name, module in chosen:
-            if isinstance(module, nn.Linear):
-                base = module
-            else:
-                base = _conv1d_to_linear(module)
-                conv1d.add(name)
-            layer = VarRankLoRALinear(base, r_max=config.r_max, r_init=config.r_init,
-                                      alpha=config.lora_alpha, dropout=config.lora_dropout,
-                                      init=config.init)
-            # A new module starts in training mode; the model may be in eval mode (from_pretrained
-            # returns it so), where adapter dropout must not run.
-            layer.train(module.training)
-            _set_submodule(model, name, layer)
+    replaced: dict[str, nn.Module] = {}
+    try:
+        with torch.random.fork_rng(devices=cuda_devices):
+            torch.manual_seed(config.seed)
+            for name, module in chosen:
+                if isinstance(module, nn.Linear):
+                    base = module
+                else:
+                    base = _conv1d_to_linear(module)
+                    conv1d.add(name)
+                layer = VarRankLoRALinear(base, r_max=config.r_max, r_init=config.r_init,
+                                          alpha=config.lora_alpha, dropout=config.lora_dropout,
+                                          init=config.init)
+                # A new module starts in training mode; the model may be in eval mode
+                # (from_pretrained returns it so), where adapter dropout must not run.
+                layer.train(module.training)
+                _set_submodule(model, name, layer)
+                replaced[name] = module
+    except BaseException:
+        _put_back(model, replaced, requires_grad_before)  # not left frozen and half adapted
+        raise
 
     for name in modules_to_save:
         for p in model.get_submodule(name).parameters():
