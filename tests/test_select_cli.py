@@ -78,6 +78,20 @@ def test_csv_output_keeps_header_and_raw_rows(tmp_path):
     assert out.read_text() == p.read_text() and r.indices.tolist() == [0, 1, 2]
 
 
+@pytest.mark.parametrize("newline", ["\r\n", "\n"])
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_file_output_keeps_the_inputs_line_terminator(tmp_path, fmt, newline):
+    # Kept rows were always written with '\n', after a CRLF csv's header line with '\r\n'.
+    rows = [f"review number {i} is fine and long enough" for i in range(6)]
+    lines = ["text"] + rows if fmt == "csv" else [json.dumps({"text": r}) for r in rows]
+    p = tmp_path / f"d.{fmt}"
+    p.write_bytes("".join(line + newline for line in lines).encode())
+    out = tmp_path / f"o.{fmt}"
+    r = tsqlora_ext.select(p, fraction=0.5, gate=False, out=out)
+    rows_out = [lines[i + (fmt == "csv")] for i in r.indices]
+    assert out.read_bytes() == "".join(line + newline for line in lines[:fmt == "csv"] + rows_out).encode()
+
+
 def test_errors_and_the_input_is_never_overwritten(tmp_path, rt_jsonl, capsys):
     before = rt_jsonl.read_bytes()
     assert cli.main(["select", "--input", str(rt_jsonl), "--fraction", "0.5", "--out", str(rt_jsonl)]) == 2

@@ -129,3 +129,28 @@ def test_csv_quoting_errors_name_the_line(tmp_path):
     t = _read(p, "csv", "label", skip_bad=True)
     assert t.texts == ['a "quoted"\nvalue'] and [b[0] for b in t.bad] == [4, 5, 6]
     assert "unterminated" in t.bad[-1][1]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+    # A leading EF BB BF was read as text: the csv header lacked its 'text' column and the first
+    # jsonl line was malformed.
+    j = _read(_write(tmp_path, "bom.jsonl", b'\xef\xbb\xbf{"text": "a b c", "label": 1}\n'), "jsonl", "label")
+    assert j.texts == ["a b c"] and j.labels == ["1"] and j.raw(0) == b'{"text": "a b c", "label": 1}'
+    assert j.header == b"\xef\xbb\xbf"  # written back ahead of the rows
+    c = _read(_write(tmp_path, "bom.csv", b"\xef\xbb\xbftext,label\r\na b c,1\r\n"), "csv", "label")
+    assert c.texts == ["a b c"] and c.labels == ["1"] and c.header == b"\xef\xbb\xbftext,label\r\n"
+
+
+def test_csv_last_line_ending_in_a_lone_cr(tmp_path):
+    # The final '\r' stayed in the last field: label '0\r', a class of its own.
+    t = _read(_write(tmp_path, "cr.csv", b"text,label\r\na b c,1\r\nd e f,0\r"), "csv", "label")
+    assert t.labels == ["1", "0"] and t.raw(1) == b"d e f,0"
+    t = _read(_write(tmp_path, "mid.csv", b"text,label\na\rb,1\n"), "csv", "label")
+    assert t.texts == ["a\rb"]  # elsewhere a lone '\r' is text
+
+
+def test_newline_is_the_first_lines_terminator(tmp_path):
+    for name, data, want in [("a.csv", b"text\r\nx\ny\n", b"\r\n"), ("b.csv", b"text\nx\r\n", b"\n"),
+                             ("c.jsonl", b'\xef\xbb\xbf{"text": "x"}\r\n', b"\r\n"),
+                             ("d.jsonl", b'{"text": "x"}', b"\n")]:
+        assert _read(_write(tmp_path, name, data), name.split(".")[1]).newline == want, name

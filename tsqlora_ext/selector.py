@@ -248,11 +248,12 @@ def _write_subset(rows: _Rows, indices: np.ndarray, out: Path, protect: list[Pat
         t = rows.table
 
         def write(tmp):
+            newline = t.newline  # the input's (the header carries its own)
             with open(tmp, "wb") as f:
                 f.write(t.header)
                 for i in indices:
                     f.write(t.raw(int(i)))
-                    f.write(b"\n")
+                    f.write(newline)
         atomic_write(out, write, protect)
         return
     if rows.kind == "list":

@@ -112,6 +112,8 @@ void bind_data(py::module_& m) {
         return a;
       })
       .def_property_readonly("header", [](const TextTable& t) { return py::bytes(t.buffer.substr(0, t.header_end)); })
+      .def_property_readonly("newline", [](const TextTable& t) { return py::bytes(t.newline); },
+                             "The input's line terminator: \\r\\n when its first line ends so, else \\n.")
       .def_property_readonly("bad", [](const TextTable& t) {
         py::list out;
         for (auto& b : t.bad) out.append(py::make_tuple(b.line, b.message));

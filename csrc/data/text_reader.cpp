@@ -27,6 +27,9 @@ std::string read_file(const std::string& path) {
   return data;
 }
 
+// Bytes of a leading UTF-8 byte-order mark (some editors and spreadsheet exports start a file so).
+int64_t bom_size(const std::string& buf) { return buf.compare(0, 3, "\xEF\xBB\xBF") == 0 ? 3 : 0; }
+
 struct ParseError {
   std::string what;
 };
@@ -278,11 +281,13 @@ TextTable read_jsonl(const std::string& path, const ReadOptions& opts) {
 
   // Line spans (without "\n" or "\r\n"); blank lines are not records.
   std::vector<int64_t> begins, ends, lines;
-  int64_t pos = 0, line = 1, n = static_cast<int64_t>(buf.size());
+  int64_t pos = bom_size(buf), line = 1, n = static_cast<int64_t>(buf.size());
+  t.header_end = pos;
   while (pos < n) {
     const void* nl = std::memchr(buf.data() + pos, '\n', n - pos);
     int64_t end = nl ? static_cast<const char*>(nl) - buf.data() : n;
     int64_t e = (end > pos && buf[end - 1] == '\r') ? end - 1 : end;
+    if (line == 1 && e < end) t.newline = "\r\n";
     bool blank = true;
     for (int64_t k = pos; k < e && blank; ++k) blank = is_ascii_space(buf[k]);
     if (!blank) {
@@ -379,9 +384,11 @@ CsvRecord next_csv_record(const std::string& buf, int64_t& pos, int64_t& line, c
       ++pos;
       continue;
     }
-    if (c == '\n' || (c == '\r' && pos + 1 < n && buf[pos + 1] == '\n')) {
+    // A lone \r ends a record only at the end of the file (an editor's last line); elsewhere it is
+    // text.
+    if (c == '\n' || (c == '\r' && (pos + 1 == n || buf[pos + 1] == '\n'))) {
       r.end = pos;
-      pos += c == '\r' ? 2 : 1;
+      pos += c == '\r' && pos + 1 < n ? 2 : 1;
       ++line;
       r.fields.push_back(std::move(field));
       return r;
@@ -421,7 +428,7 @@ TextTable read_csv(const std::string& path, char delim, const ReadOptions& opts)
   t.buffer = read_file(path);
   const std::string& buf = t.buffer;
   const int64_t n = static_cast<int64_t>(buf.size());
-  int64_t pos = 0, line = 1;
+  int64_t pos = bom_size(buf), line = 1;
 
   CsvRecord header;
   do {
@@ -434,6 +441,7 @@ TextTable read_csv(const std::string& path, char delim, const ReadOptions& opts)
   if (!header.error.empty())
     throw std::invalid_argument(line_prefix(header.first_line, t.source) + "header: " + header.error);
   t.header_end = pos;
+  if (header.end < n && buf[header.end] == '\r') t.newline = "\r\n";
 
   auto column = [&](const std::string& name) -> int64_t {
     for (size_t k = 0; k < header.fields.size(); ++k)

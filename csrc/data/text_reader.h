@@ -7,9 +7,10 @@
 // - jsonl: line boundaries are found in one memchr pass; the lines are then parsed in parallel
 //   on the thread pool by a strict JSON parser (RFC 8259) that decodes only the two wanted
 //   fields and validates the rest. Blank lines are not records.
-// - csv/tsv: RFC 4180 (quoted fields, "" escapes, newlines inside quotes, \r\n or \n); the first
-//   record is the header. Parsed in one sequential pass: where a record ends depends on every quote
-//   before it.
+// - csv/tsv: RFC 4180 (quoted fields, "" escapes, newlines inside quotes, \r\n or \n, and a lone \r
+//   ending the file); the first record is the header. Parsed in one sequential pass: where a record
+//   ends depends on every quote before it.
+// A UTF-8 byte-order mark at the start of the file is not part of the first line.
 //
 // A malformed record (bad JSON, a missing field, a wrong field count, invalid UTF-8, over
 // max_line_bytes) raises std::invalid_argument naming the file and line, or, with skip_bad, is
@@ -39,7 +40,9 @@ struct BadRecord {
 struct TextTable {
   std::string source;                 // the file name used in messages
   std::string buffer;                 // the whole file
-  int64_t header_end = 0;             // csv: bytes [0, header_end) are the header line; jsonl: 0
+  int64_t header_end = 0;             // bytes [0, header_end): the byte-order mark if any, then
+                                      // (csv) the header line with its terminator
+  std::string newline = "\n";         // the input's line terminator: "\r\n" when its first line ends so
   std::vector<std::string> texts;     // decoded text field, one per record
   std::vector<std::string> labels;    // decoded label field (its JSON text for numbers/booleans)
   std::vector<int64_t> line_numbers;  // 1-based start line of each record
