@@ -35,6 +35,14 @@ def test_json_round_trip(tmp_path):
     (dict(init="svd"), "init"),
     (dict(delta_t=0), "delta_t"),
     (dict(beta1=1.0), "beta1"),
+    (dict(lora_alpha=float("nan")), r"lora_alpha must be a finite number, got nan"),
+    (dict(lora_alpha=float("inf")), r"lora_alpha must be a finite number, got inf"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(orth_reg_weight=float("nan")), "orth_reg_weight"),
+    (dict(orth_reg_weight=float("inf")), "orth_reg_weight"),
+    (dict(quality_weights=(float("nan"), 0.5, 0.0)), "quality_weights"),
+    (dict(quality_weights=(float("inf"), 0.5, 0.0)), "quality_weights"),
 ])
 def test_impossible_combinations_fail_with_the_reason(changes, message):
     with pytest.raises(ValueError, match=message):

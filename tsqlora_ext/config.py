@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,10 @@ class TsqLoRAConfig:
         def bad(msg: str):
             raise ValueError(f"TsqLoRAConfig: {msg}")
 
+        # NaN passes every comparison below, and inf makes the adapter or the selection NaN.
+        for name in ("lora_alpha", "orth_reg_weight", "temperature"):
+            if not math.isfinite(getattr(self, name)):
+                bad(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.r_max < 1:
             bad(f"r_max must be >= 1, got {self.r_max}")
         if not 0 <= self.r_min <= self.r_max:
@@ -159,8 +164,8 @@ class TsqLoRAConfig:
         if not 0.0 < self.data_fraction <= 1.0:
             bad(f"data_fraction must be in (0, 1], got {self.data_fraction}")
         w = self.quality_weights
-        if len(w) != 3 or any(x < 0 for x in w) or sum(w) == 0:
-            bad(f"quality_weights must be 3 non-negative numbers, not all 0, got {w}")
+        if len(w) != 3 or not all(math.isfinite(x) and x >= 0 for x in w) or sum(w) == 0:
+            bad(f"quality_weights must be 3 finite non-negative numbers, not all 0, got {w}")
         if self.temperature <= 0:
             bad(f"temperature must be > 0, got {self.temperature}")
         if self.quality_preference not in PREFERENCES:
