@@ -92,6 +92,29 @@ def test_file_output_keeps_the_inputs_line_terminator(tmp_path, fmt, newline):
     assert out.read_bytes() == "".join(line + newline for line in lines[:fmt == "csv"] + rows_out).encode()
 
 
+def test_read_scores_refuses_non_integer_and_repeated_indices(tmp_path):
+    # An index of 1.9 was read as row 1, and a second line for a row silently replaced the first.
+    from tsqlora_ext.selector import read_scores
+
+    p = tmp_path / "s.jsonl"
+
+    def write(*rows):
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return p
+
+    for index in (1.9, True, None, "1"):
+        with pytest.raises(ValueError, match=rf"line 2 of s.jsonl: field 'index' must be an integer, got {index!r}"):
+            read_scores(write({"index": 0, "score": 1.0}, {"index": index, "score": 9.0}), 3)
+    with pytest.raises(ValueError, match="line 2 of s.jsonl: index 0 was already scored on line 1"):
+        read_scores(write({"index": 0, "score": 5.0}, {"index": 0, "score": -5.0}), 3)
+    with pytest.raises(ValueError, match="line 2 of s.jsonl: index 0 was already scored on line 1"):
+        read_scores(write({"score": 5.0}, {"index": 0, "score": -5.0}), 3)  # line order, then an index
+    with pytest.raises(ValueError, match="line 1 of s.jsonl: index -1 outside the 3 input rows"):
+        read_scores(write({"index": -1, "score": 1.0}), 3)
+    got = read_scores(write({"index": 2, "score": 2.0}, {"index": 0, "score": 0.5}), 3)["score"]
+    np.testing.assert_array_equal(got, [0.5, np.nan, 2.0])
+
+
 def test_errors_and_the_input_is_never_overwritten(tmp_path, rt_jsonl, capsys):
     before = rt_jsonl.read_bytes()
     assert cli.main(["select", "--input", str(rt_jsonl), "--fraction", "0.5", "--out", str(rt_jsonl)]) == 2

@@ -184,8 +184,8 @@ def load_rows(data, text_field: str, label_field: str | None = None, *, skip_bad
 
 def read_scores(path, n: int) -> dict[str, np.ndarray]:
     """Per-row scores from a jsonl file (one object per row: "score", optional "index" (row id,
-    else line order) and optional "p_mislabeled") or a .npy array of scores. Returns arrays of
-    length n; rows without a score get NaN."""
+    else line order; each row at most once) and optional "p_mislabeled") or a .npy array of
+    scores. Returns arrays of length n; rows without a score get NaN."""
     path = Path(path)
     if path.suffix == ".npy":
         scores = np.load(path).astype(np.float64).reshape(-1)
@@ -193,20 +193,27 @@ def read_scores(path, n: int) -> dict[str, np.ndarray]:
             raise ValueError(f"{path.name}: {scores.size} scores for {n} rows")
         return {"score": scores}
     cols: dict[str, np.ndarray] = {"score": np.full(n, np.nan)}
+    line_of = np.zeros(n, dtype=np.int64)  # the line that scored each row (0: none yet)
     with open(path, encoding="utf-8") as f:
         row = 0
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"line {lineno} of {path.name}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"line {lineno} of {path.name}: malformed JSON ({e.msg})") from None
+                raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
             if not isinstance(obj, dict) or "score" not in obj:
-                raise ValueError(f"line {lineno} of {path.name}: field 'score' missing")
-            i = int(obj.get("index", row))
+                raise ValueError(f"{where}: field 'score' missing")
+            i = obj.get("index", row)
+            if not isinstance(i, int) or isinstance(i, bool):
+                raise ValueError(f"{where}: field 'index' must be an integer, got {i!r}")
             if not 0 <= i < n:
-                raise ValueError(f"line {lineno} of {path.name}: index {i} outside the {n} input rows")
+                raise ValueError(f"{where}: index {i} outside the {n} input rows")
+            if line_of[i]:
+                raise ValueError(f"{where}: index {i} was already scored on line {line_of[i]}")
+            line_of[i] = lineno
             for key, value in obj.items():
                 if key == "index" or not isinstance(value, (int, float)) or isinstance(value, bool):
                     continue
