@@ -11,7 +11,7 @@ from tsqlora_ext import _C
 
 # Chi-square quantiles at 1 - 1e-3 (fixed seeds make the test deterministic; the tolerance is the
 # 99.9% acceptance region of a correct sampler, not a tuned number).
-CHI2_999 = {4: 18.467, 9: 27.877}
+CHI2_999 = {4: 18.467, 9: 27.877, 19: 43.820}
 
 
 def _chi2(observed: np.ndarray, expected: np.ndarray) -> float:
@@ -49,6 +49,26 @@ def test_temperature_limits():
     for seed in range(trials):
         counts[_C.gumbel_top_k(5, 1, q[:5], None, None, float("inf"), seed, False, 1)[0]] += 1
     assert _chi2(counts, np.full(5, trials / 5)) < CHI2_999[4]
+
+
+def test_temperature_zero_draws_among_tied_scores():
+    # Equal scores fell to the lowest row ids whatever the seed: with every score 0 (the default
+    # 'uniform' preference) τ = 0 always kept the first k rows.
+    picks = {tuple(_C.gumbel_top_k(20, 5, None, None, None, 0.0, seed, False, 1)) for seed in range(20)}
+    assert len(picks) > 10 and (0, 1, 2, 3, 4) not in picks
+    q = np.repeat([3.0, 2.0, 1.0], 10)  # ties within each level
+    for seed in range(20):
+        got = _C.gumbel_top_k(30, 15, q, None, None, 0.0, seed, False, 2)
+        assert (q[got] == 3.0).sum() == 10 and (q[got] == 2.0).sum() == 5  # strict score order kept
+        np.testing.assert_array_equal(got, _C.gumbel_top_k(30, 15, q, None, None, 0.0, seed, False, 1))
+    labels = np.arange(30) % 3
+    for seed in range(5):  # stratified quotas as before: 3 per class, the best score first
+        got = _C.gumbel_top_k(30, 9, q, labels, None, 0.0, seed, True, 1)
+        assert np.bincount(labels[got], minlength=3).tolist() == [3, 3, 3] and (q[got] == 3.0).all()
+    counts = np.zeros(20)
+    for seed in range(2000):
+        counts[_C.gumbel_top_k(20, 1, None, None, None, 0.0, seed, False, 1)] += 1
+    assert _chi2(counts, np.full(20, 100.0)) < CHI2_999[19]
 
 
 def test_seeded_and_identical_for_any_thread_count():

@@ -347,12 +347,13 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
     data: a jsonl/csv/tsv/parquet path, datasets.Dataset, pandas.DataFrame, pyarrow.Table or list
     of str. scores: a scores file (see read_scores), an array of per-row Q, or None (uniform).
     fraction (of the rows that pass every filter, in (0, 1]) or count: how many to keep.
-    temperature τ: Gumbel-top-k of Q/τ (0: top-k of Q, inf: uniform). stratify (default: when a
-    label field is given): keep each label's share. gate: a GateConfig, None for the defaults, or
-    False for no gate. drop: extra {reason: bool mask} filters applied after the gate (reason
-    ``likely_mislabeled`` for the wrong-label guard). mislabel_guard / mislabel_threshold /
-    mislabel_max_spread: the guard applied to a scores file (see the module docstring); the report's
-    "mislabel_guard" entry says what it did. num_threads: C++ threads (default all cores).
+    temperature τ: Gumbel-top-k of Q/τ (0: top-k of Q, the seed drawing among equal Q; inf:
+    uniform). stratify (default: when a label field is given): keep each label's share. gate: a
+    GateConfig, None for the defaults, or False for no gate. drop: extra {reason: bool mask}
+    filters applied after the gate (reason ``likely_mislabeled`` for the wrong-label guard).
+    mislabel_guard / mislabel_threshold / mislabel_max_spread: the guard applied to a scores file
+    (see the module docstring); the report's "mislabel_guard" entry says what it did.
+    num_threads: C++ threads (default all cores).
     """
     if (fraction is None) == (count is None):
         raise ValueError("select: give exactly one of fraction and count")

@@ -3,8 +3,9 @@
 // Row i gets the key  Q_i/τ + g_i,  g_i = -log(-log u_i),  u_i = uniform(seed, i) in (0, 1)
 // (counter-based: u_i depends on (seed, i) only). The k largest keys are a sample without
 // replacement with P(first = i) ∝ exp(Q_i/τ), each next pick following the same law on the rest
-// (Plackett-Luce). τ = 0 gives the exact top-k of Q; τ = +inf ignores Q (uniform sampling).
-// Ties in the key fall to the lower index, so the output is a pure function of the inputs.
+// (Plackett-Luce). τ = 0 gives the exact top-k of Q, rows of equal Q ranked by g_i (the limit
+// τ → 0), so the seed draws among ties; τ = +inf ignores Q (uniform sampling). Remaining ties fall
+// to the lower index, so the output is a pure function of the inputs.
 //
 // Stratified: class c, with n_c rows in the pool, receives k·n_c/n slots by largest remainder
 // (ties to the lower class id) and its slots are filled by Gumbel-top-k within the class.
@@ -26,7 +27,8 @@ struct SelectionInput {
 std::vector<int64_t> gumbel_top_k(const SelectionInput& in, int64_t k, double temperature, uint64_t seed,
                                   bool stratify, int num_threads);
 
-// The keys themselves (-inf outside the pool): exposed so tests can check the law directly.
+// The keys themselves (-inf outside the pool; Q at τ = 0, without the tie-break): exposed so tests
+// can check the law directly.
 std::vector<double> gumbel_keys(const SelectionInput& in, double temperature, uint64_t seed, int num_threads);
 
 }  // namespace tsq::data
