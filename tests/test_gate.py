@@ -122,3 +122,14 @@ def test_gate_runs_in_a_forked_child():
         if child.is_alive():
             child.kill()
     assert got == want and child.exitcode == 0
+
+
+def test_invalid_utf8_at_the_end_stays_within_the_text():
+    # A lead byte closing a text made the word splitter hash up to 3 bytes past the text's end:
+    # equal texts followed by different bytes hashed differently (no exact_duplicate), and the last
+    # text of a buffer was read beyond the buffer.
+    text = b"one two three four five \xe2"
+    offsets = np.array([0, len(text), 2 * len(text)], dtype=np.int64)
+    codes, feats, _ = _C.gate_buffer(text + text + b"Q", offsets, GateConfig(near_dup=False).native(), 1)
+    assert [_C.GATE_REASONS[c] for c in codes] == ["kept", "exact_duplicate"]
+    np.testing.assert_array_equal(feats[0], feats[1])

@@ -41,14 +41,16 @@ bool is_letter(uint32_t cp) {
   return true;
 }
 
-// Decodes the code point at s[i] (valid UTF-8) and advances i.
+// Decodes the code point at s[i] and advances i. Valid UTF-8 is expected, but an Arrow buffer may
+// end a text inside a sequence: i then stops at the text's end, so no caller reads past it.
 uint32_t next_code_point(std::string_view s, size_t& i) {
   auto c = static_cast<unsigned char>(s[i]);
   if (c < 0x80) { ++i; return c; }
-  int len = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : 2;
+  const int len = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : 2;
   uint32_t cp = c & (0x7F >> len);
-  for (int k = 1; k < len && i + k < s.size(); ++k) cp = (cp << 6) | (static_cast<unsigned char>(s[i + k]) & 0x3F);
-  i += len;
+  const size_t end = std::min(i + len, s.size());
+  for (size_t k = i + 1; k < end; ++k) cp = (cp << 6) | (static_cast<unsigned char>(s[k]) & 0x3F);
+  i = end;
   return cp;
 }
 
