@@ -22,6 +22,14 @@ def test_json_round_trip(tmp_path):
     assert TsqLoRAConfig.load(tmp_path / "c.json") == cfg
 
 
+def test_configs_of_earlier_versions_with_rescore_every_off_still_load():
+    d = TsqLoRAConfig().to_dict()
+    assert "rescore_every" not in d
+    assert TsqLoRAConfig.from_dict({**d, "rescore_every": 0}) == TsqLoRAConfig()
+    with pytest.raises(ValueError, match="old.json: rescore_every is not supported"):
+        TsqLoRAConfig.from_dict({**d, "rescore_every": 50}, source="old.json")
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(r_init=30, r_max=24), "r_init"),
     (dict(r_min=5, r_init=4), "r_init"),

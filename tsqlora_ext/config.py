@@ -113,7 +113,6 @@ class TsqLoRAConfig:
         0.55, "The guard flags nothing when the high-loss mixture component's std / mean exceeds "
         "this: a long tail of the model's own errors (clean data: 0.64-1.03 measured) rather than a "
         "cluster of wrong labels (20% flipped: 0.39-0.45). inf turns the rule off.")
-    rescore_every: int = _f(0, "Re-score and re-select every this many steps (0: never).")
     seed: int = _f(0, "Seed of selection, initialisation and data order.")
 
     def __post_init__(self) -> None:
@@ -145,7 +144,7 @@ class TsqLoRAConfig:
             bad(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.init not in ("lora", "adalora"):
             bad(f"init must be 'lora' or 'adalora', got {self.init!r}")
-        for name in ("t_init", "t_final", "calibration_batches", "score_warmup", "rescore_every"):
+        for name in ("t_init", "t_final", "calibration_batches", "score_warmup"):
             if getattr(self, name) < 0:
                 bad(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.delta_t < 1:
@@ -185,8 +184,18 @@ class TsqLoRAConfig:
         d["quality_weights"] = list(self.quality_weights)
         return d
 
+    # Fields that configs of earlier versions hold, with the one value that meant "off". Re-scoring
+    # during training (rescore_every) was accepted but never done, so the field is gone; a config
+    # saved with it off still loads, one that asked for it is refused rather than ignored.
+    _RETIRED = {"rescore_every": 0}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> TsqLoRAConfig:
+        d = dict(d)
+        for name, off in cls._RETIRED.items():
+            if name in d and d.pop(name) != off:
+                raise ValueError(f"{source}: {name} is not supported (re-scoring during training "
+                                 f"was never implemented); remove it or set it to {off}")
         return dataclass_from_dict(cls, d, source)
 
     def to_json(self) -> str:
