@@ -247,6 +247,16 @@ def test_scores_file_round_trip(tmp_path):
     np.testing.assert_array_equal(back.likely_mislabeled, s.likely_mislabeled)
 
 
+def test_scores_file_saved_with_a_byte_order_mark(tmp_path):
+    # Editors on Windows save UTF-8 with a BOM; json.loads would refuse the first line.
+    s = _random_scores(n=5)
+    path = write_scores(tmp_path / "bom.jsonl", s)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    np.testing.assert_array_equal(read_scores(path).index, s.index)
+    from tsqlora_ext.selector import read_scores as select_read_scores
+    assert np.isfinite(select_read_scores(path, n=15)["score"][s.index]).all()
+
+
 def test_scores_file_without_the_guard_decision_refits_it(tmp_path):
     # Files written before the field existed: the guard is refitted on their loss column.
     s = _random_scores(n=40)

@@ -728,7 +728,7 @@ def read_scores(path: str | os.PathLike, mislabel_threshold: float = 0.5) -> Qua
     path = Path(path)
     cols: dict[str, list] = {f: [] for f in SCORE_FIELDS}
     flags: list = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

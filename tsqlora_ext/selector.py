@@ -194,7 +194,7 @@ def read_scores(path, n: int) -> dict[str, np.ndarray]:
         return {"score": scores}
     cols: dict[str, np.ndarray] = {"score": np.full(n, np.nan)}
     line_of = np.zeros(n, dtype=np.int64)  # the line that scored each row (0: none yet)
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         row = 0
         for lineno, line in enumerate(f, 1):
             if not line.strip():
