@@ -42,7 +42,7 @@ def test_score_writes_every_row_then_select_uses_it(tmp_path, model_dir, capsys)
     assert "scored 48 rows" in capsys.readouterr().out
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["index"] for r in rows] == list(range(48))
-    assert all(set(r) == set(SCORE_FIELDS) for r in rows)
+    assert all(set(r) == set(SCORE_FIELDS) | {"likely_mislabeled"} for r in rows)
     s = read_scores(out)
     assert np.all(s.loss > 0) and np.all(s.G > 0) and np.all((s.p_mislabeled >= 0) & (s.p_mislabeled <= 1))
     np.testing.assert_array_equal(s.score, 0.0)  # the default preference, 'uniform'
