@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import multiprocessing
-import queue
-
 import numpy as np
 import pytest
 
 from tsqlora_ext import _C, reference
 from tsqlora_ext.selector import GateConfig
+
+from forked import run_in_forked_child
 
 
 def _compare(texts, cfg: GateConfig, threads: int = 2):
@@ -109,19 +108,8 @@ def test_gate_runs_in_a_forked_child():
     # first parallel call waited for them forever.
     texts = [f"document number {i} has some words in it" for i in range(5000)]
     want = _C.gate_texts(texts, _C.GateConfig(), 2)[0].tolist()  # the pool now has workers here
-    ctx = multiprocessing.get_context("fork")
-    out = ctx.Queue()
-    child = ctx.Process(target=_gate_reasons, args=(texts, out))
-    child.start()
-    try:
-        got = out.get(timeout=30)
-    except queue.Empty:
-        pytest.fail("the gate hung in a forked child")
-    finally:
-        child.join(timeout=10)
-        if child.is_alive():
-            child.kill()
-    assert got == want and child.exitcode == 0
+    got, exitcode = run_in_forked_child(_gate_reasons, texts)
+    assert got == want and exitcode == 0
 
 
 def test_invalid_utf8_at_the_end_stays_within_the_text():

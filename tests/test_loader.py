@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
-import queue
 import subprocess
 import sys
 import textwrap
@@ -13,6 +11,8 @@ import pytest
 import torch
 
 from tsqlora_ext.loader import TokenBatchLoader
+
+from forked import run_in_forked_child
 
 
 def _rows(n=500, seed=0):
@@ -127,19 +127,8 @@ def test_loader_made_before_fork_works_in_the_child():
     want = loader.plan(0)
     it = iter(loader)
     head = [next(it)["index"].tolist() for _ in range(3)]  # the workers have prefetched more
-    ctx = multiprocessing.get_context("fork")
-    out = ctx.Queue()
-    child = ctx.Process(target=_remaining_batches, args=(loader, out))
-    child.start()
-    try:
-        got = out.get(timeout=30)
-    except queue.Empty:
-        pytest.fail("the loader hung in a forked child")
-    finally:
-        child.join(timeout=10)
-        if child.is_alive():
-            child.kill()
-    assert child.exitcode == 0 and head + got == want
+    got, exitcode = run_in_forked_child(_remaining_batches, loader)
+    assert exitcode == 0 and head + got == want
     assert head + [b["index"].tolist() for b in it] == want  # the parent goes on undisturbed
 
 
