@@ -13,3 +13,17 @@ from tsqlora_ext.report import fmt_seconds
 ])
 def test_fmt_seconds_rounds_before_splitting_minutes(seconds, text):
     assert fmt_seconds(seconds) == text
+
+
+def test_write_json_is_strict_json(tmp_path):
+    import json
+
+    import numpy as np
+
+    from tsqlora_ext.report import write_json
+
+    write_json({"loss": [1.5, float("nan")], "norm": np.float64("inf"), "ids": np.arange(2),
+                "n": np.int64(3), "pair": (0.5, -np.inf)}, tmp_path / "m.json")
+    text = (tmp_path / "m.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"loss": [1.5, None], "norm": None, "ids": [0, 1], "n": 3, "pair": [0.5, None]}

@@ -37,18 +37,24 @@ def _save(fig, path: Path) -> None:
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:
+    """Write ``obj`` atomically as strict JSON: NaN and ±inf (a skipped step's loss, say) become
+    null, which every JSON reader accepts, where Python's default writes the non-standard NaN."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    tmp.write_text(json.dumps(_strict(obj), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
-def _json_default(o):
+def _strict(o):
+    if isinstance(o, dict):
+        return {k: _strict(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple, np.ndarray)):
+        return [_strict(v) for v in o]
     if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+        o = o.item()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
 
 
 def rank_matrix(rank_history: Sequence[dict[str, Any]], layer_names: Sequence[str]) -> tuple[np.ndarray, list[int]]:
