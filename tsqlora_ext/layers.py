@@ -122,8 +122,10 @@ class VarRankLoRALinear(nn.Module):
             raise ValueError(f"set_active: component ids must lie in [0, r_max={self.r_max}), "
                              f"got {bad.tolist()}")
         idx = torch.unique(idx)  # sorted, duplicates removed
-        if torch.equal(idx, self.active.cpu()):
-            return  # the same buffers keep protect_inactive's masks, which are cached on them
+        if self.active.device.type == "cpu" and torch.equal(idx, self.active):
+            # The same buffers keep protect_inactive's masks, which are cached on them. (Not
+            # compared on a GPU, where reading the buffer would cost a host sync per layer.)
+            return
         keep = torch.ones(self.r_max, dtype=torch.bool)
         keep[idx] = False
         device = self.active.device
