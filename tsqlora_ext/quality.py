@@ -54,7 +54,7 @@ from torch import nn
 from .config import LOOKAHEADS, MODES, PREFERENCES
 from .layers import VarRankLoRALinear, protect_inactive
 from .mislabel import flag_mislabeled, guard_abstains, high_loss_spread
-from .train import _autocast
+from .train import _autocast, grad_norm, lora_layers
 
 SCORE_FIELDS = ("index", "loss", "G", "D", "C", "Q", "score", "p_mislabeled")
 _NON_INPUT_KEYS = ("labels", "index")
@@ -670,8 +670,7 @@ def warmup(model: nn.Module, optimizer: torch.optim.Optimizer, pool: dict, steps
     skipped = 0
     was_training = model.training
     model.train()
-    guard = protect_inactive(optimizer, model) if any(
-        isinstance(m, VarRankLoRALinear) for m in model.modules()) else None
+    guard = protect_inactive(optimizer, model) if lora_layers(model) else None
     t0 = time.perf_counter()
     try:
         for _ in _progress(range(steps), steps, "warm-up", progress):
@@ -681,10 +680,7 @@ def warmup(model: nn.Module, optimizer: torch.optim.Optimizer, pool: dict, steps
             with _autocast(device, bf16):
                 loss = loss_fn(model, batch).mean()
             loss.backward()
-            grads = [p.grad for p in params if p.grad is not None]
-            norm = (torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm > 0
-                    else torch.nn.utils.get_total_norm(grads))
-            if math.isfinite(float(norm)):
+            if math.isfinite(grad_norm(params, max_grad_norm)):
                 optimizer.step()
                 losses.append(float(loss.detach()))
             else:

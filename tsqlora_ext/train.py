@@ -209,6 +209,14 @@ def lora_layers(model: nn.Module) -> list[tuple[str, VarRankLoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, VarRankLoRALinear)]
 
 
+def grad_norm(params, max_grad_norm: float) -> float:
+    """The global gradient norm, clipping to ``max_grad_norm`` first when it is > 0. Not finite
+    means the step's gradients hold NaN/inf. One host sync."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm > 0 else \
+        torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    return float(norm)
+
+
 def total_rank(model: nn.Module) -> int:
     return sum(m.rank for _, m in lora_layers(model))
 
@@ -512,11 +520,8 @@ def train(
                 # gradients are finite: a step with NaN/inf is skipped whole, so parameters, AdamW
                 # moments, LR and scores keep their values, and the allocator need not scan the
                 # gradients itself. One host sync, as for the loss above.
-                norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm) \
-                    if args.max_grad_norm > 0 else \
-                    torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                grad_norm = float(norm)
-                finite = math.isfinite(grad_norm)
+                step_norm = grad_norm(params, args.max_grad_norm)
+                finite = math.isfinite(step_norm)
                 if finite:
                     optimizer.step()
                     scheduler.step()
@@ -536,7 +541,7 @@ def train(
                         reallocations += 1
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                record = {"step": step, "loss": loss_sum / n_micro, "grad_norm": grad_norm,
+                record = {"step": step, "loss": loss_sum / n_micro, "grad_norm": step_norm,
                           "lr": scheduler.get_last_lr()[0], "total_rank": total_rank(model)}
                 loss_history.append(record)
                 if position >= micro_per_epoch:
