@@ -176,7 +176,7 @@ def test_a_new_run_into_an_earlier_runs_folder_is_refused(tmp_path, monkeypatch,
     (out / "checkpoints" / "step-000000050.ckpt").write_bytes(b"an earlier run's")
     (out / "run.json").write_text("{}")
     assert main(["train", "--data", str(tmp_path / "train.jsonl"), "--out", str(out)]) == 2
-    assert f"{out / 'checkpoints'} already holds checkpoints of an earlier run: continue it with " \
+    assert f"{out / 'checkpoints'} already holds checkpoints of an earlier run (up to step 50): continue it with " \
         f"--resume {out}, or choose another --out" in capsys.readouterr().err
     assert (out / "run.json").read_text() == "{}" and not calls
 
@@ -194,9 +194,11 @@ def test_pipeline_refuses_earlier_checkpoints_before_it_overwrites_anything(tmp_
     (out / "checkpoints" / "step-000000050.ckpt").write_bytes(b"an earlier run's")
     (out / "scores.jsonl").write_text("kept\n")
     task = TextTask("t", ["a", "b"], ["x y z"] * 4, [0, 1] * 2, ["x y z"] * 2, [0, 1])
-    want = "selection.json is missing" if resume else "belong to an earlier run"
+    want = (r"selection\.json is missing, so the run whose checkpoints .* holds cannot be resumed"
+            if resume else r"already holds checkpoints of an earlier run \(up to step 50\): continue it "
+            r"with resume=True")
     args = TrainArgs(checkpoint_every=5, checkpoint_dir=str(out / "checkpoints"))
-    with pytest.raises(ValueError, match=rf"holds checkpoints up to step 50, and .*{want}"):
+    with pytest.raises(ValueError, match=rf"run_pipeline: .*{want}"):
         run_pipeline(tmp_path / "no-model", task, out, TsqLoRAConfig(), args,
                      resume=resume, verbose=False)
     assert (out / "scores.jsonl").read_text() == "kept\n"

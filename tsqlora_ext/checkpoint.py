@@ -74,6 +74,16 @@ class CheckpointManager:
                 found.append((int(m.group(1)), p))
         return sorted(found)
 
+    def refuse_earlier_run(self, how_to_continue: str, label: str = "") -> None:
+        """Raise when the directory already holds checkpoints that this run will not resume: they
+        belong to an earlier run, whose newest outrank this run's by step number (``save`` would
+        prune this run's own) and which a later resume would continue. ``how_to_continue`` says how
+        to resume that run instead; ``label`` prefixes the message."""
+        found = self.checkpoints()
+        if found:
+            raise ValueError(f"{label}{self.directory} already holds checkpoints of an earlier run "
+                             f"(up to step {found[-1][0]}): {how_to_continue}")
+
     def save(self, step: int, state: dict[str, Any]) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
         for stray in self.directory.glob(".step-*.tmp"):

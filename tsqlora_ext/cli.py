@@ -279,10 +279,10 @@ def _train(args: argparse.Namespace) -> int:
             training["checkpoint_dir"] = os.path.abspath(training["checkpoint_dir"])
         train_args = TrainArgs.from_dict(training, "train args")
         # Refused here too (train() would), before run.json of the earlier run is overwritten.
-        if train_args.checkpoint_every and CheckpointManager(train_args.checkpoint_dir).checkpoints():
-            raise ValueError(f"--out {args.out}: {train_args.checkpoint_dir} already holds checkpoints "
-                             f"of an earlier run: continue it with --resume {args.out}, or choose "
-                             "another --out")
+        if train_args.checkpoint_every:
+            CheckpointManager(train_args.checkpoint_dir).refuse_earlier_run(
+                f"continue it with --resume {args.out}, or choose another --out",
+                label=f"--out {args.out}: ")
         model = args.model or str(bundled.minilm_dir())
         run = {"model": os.path.abspath(model) if os.path.exists(model) else model,
                "data": args.data if args.data.startswith("bundled:") else os.path.abspath(args.data),

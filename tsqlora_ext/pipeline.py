@@ -173,16 +173,16 @@ def run_pipeline(model_dir, task: TextTask, out, config: TsqLoRAConfig, args: Tr
     if args.checkpoint_every and args.checkpoint_dir is None:
         args = TrainArgs.from_dict({**args.to_dict(), "checkpoint_dir": str(ckpt_dir)})
     selection_file, scores_file = out / "selection.json", out / "scores.jsonl"
-    earlier = CheckpointManager(args.checkpoint_dir).checkpoints() if args.checkpoint_dir else []
-    resuming = resume and selection_file.is_file() and bool(earlier)
+    ckpt = CheckpointManager(args.checkpoint_dir) if args.checkpoint_dir else None
+    resuming = resume and ckpt is not None and bool(ckpt.checkpoints())
     # Checked before the gate and the scoring pass, which would overwrite selection.json and
     # scores.jsonl of the run those checkpoints belong to (train() refuses them only later).
-    if earlier and not resuming:
-        why = (f"{selection_file} is missing, so the run cannot be resumed" if resume else
-               "they belong to an earlier run: continue it with resume=True (tsqlora train --resume "
-               f"{out}) or write this run to another folder")
-        raise ValueError(f"run_pipeline: {args.checkpoint_dir} holds checkpoints up to step "
-                         f"{earlier[-1][0]}, and {why}")
+    if resuming and not selection_file.is_file():
+        raise ValueError(f"run_pipeline: {selection_file} is missing, so the run whose checkpoints "
+                         f"{ckpt.directory} holds cannot be resumed")
+    if ckpt is not None and not resume:
+        ckpt.refuse_earlier_run(f"continue it with resume=True (tsqlora train --resume {out}) or "
+                                "write this run to another folder", label="run_pipeline: ")
 
     t = time.perf_counter()
     model, tokenizer = _load_model(model_dir, n_labels, config.seed)

@@ -416,15 +416,11 @@ def train(
 
     ckpt = CheckpointManager(args.checkpoint_dir, args.checkpoint_every, args.keep_checkpoints) \
         if args.checkpoint_dir else None
-    # Checkpoints of another run would outrank this run's by step number: keeping the newest,
-    # save() would prune this run's own, and a later resume would continue the other run.
-    if ckpt is not None and ckpt.every and ckpt.checkpoints() and (
+    if ckpt is not None and ckpt.every and (
             resume is None or Path(resume).resolve() != ckpt.directory.resolve()):
-        raise ValueError(
-            f"checkpoint_dir {ckpt.directory} already holds checkpoints of another run (up to step "
-            f"{ckpt.checkpoints()[-1][0]}): continue that run with resume={str(ckpt.directory)!r} "
-            "(tsqlora train --resume OUT), or give this run another checkpoint_dir (tsqlora "
-            "train: another --out)")
+        ckpt.refuse_earlier_run(f"continue that run with resume={str(ckpt.directory)!r} (tsqlora "
+                                "train --resume OUT), or give this run another checkpoint_dir "
+                                "(tsqlora train: another --out)", label="checkpoint_dir ")
     step, epoch, position = 0, 0, 0
     loss_history: list[dict[str, float]] = []
     eval_history: list[dict[str, Any]] = []
