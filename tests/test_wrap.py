@@ -328,7 +328,8 @@ def test_failed_wrap_leaves_the_model_as_it_was(tiny_model, monkeypatch):
     # A config changed after construction is checked again.
     cfg = CFG.replace()
     cfg.r_max = 2
-    with pytest.raises(ValueError, match=r"r_init must be in \[1, r_max=2\]"):
+    # (The layer constructor would refuse it too, but later and with its own message.)
+    with pytest.raises(ValueError, match=r"TsqLoRAConfig: r_init must be in \[1, r_max=2\]"):
         tsqlora_ext.wrap(model, cfg, verbose=False)
     assert all(p.requires_grad for p in model.parameters())
 

@@ -182,12 +182,12 @@ def _linear_to_conv1d(linear: nn.Linear) -> nn.Module:
 
 def _put_back(model: nn.Module, replaced: dict[str, nn.Module],
               requires_grad_before: dict[str, bool]) -> None:
-    """Undo a wrap that is not to stand: the modules it replaced (the very objects, where unwrap
-    builds new Conv1D layers) back in their places, and every parameter's requires_grad as before."""
+    """Put ``replaced`` (name -> module) back in place, and every parameter's requires_grad as
+    before the wrap (a parameter the wrap did not know keeps its own)."""
     for name, module in replaced.items():
         _set_submodule(model, name, module)
     for name, p in model.named_parameters():
-        p.requires_grad_(requires_grad_before[name])
+        p.requires_grad_(requires_grad_before.get(name, p.requires_grad))
 
 
 # ---- checks -------------------------------------------------------------------------------------
@@ -318,17 +318,14 @@ def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
     state = getattr(model, "tsqlora_state", None)
     if state is None:
         raise ValueError("tsqlora_ext.unwrap: the model is not wrapped (no tsqlora_state)")
-    for name, layer in list(adapted_layers(model)):
+    bases = {}
+    for name, layer in adapted_layers(model):
         if merge:
             layer.merge()
         else:
             layer.unmerge()
-        base = layer.base_layer
-        if name in state.conv1d:
-            base = _linear_to_conv1d(base)
-        _set_submodule(model, name, base)
-    for name, p in model.named_parameters():
-        p.requires_grad_(state.requires_grad_before.get(name, p.requires_grad))
+        bases[name] = _linear_to_conv1d(layer.base_layer) if name in state.conv1d else layer.base_layer
+    _put_back(model, bases, state.requires_grad_before)
     del model.tsqlora_state
     del model.tsqlora_config
     return given
