@@ -164,3 +164,17 @@ def flag_mislabeled(losses, threshold: float = 0.5, max_share: float = 0.5,
     if guard_abstains(mix, max_share, max_spread) is not None:
         flagged[:] = False
     return p, flagged, mix
+
+
+def flag_losses(losses, threshold: float = 0.5,
+                max_spread: float = 0.55) -> tuple[np.ndarray, LossMixture | None]:
+    """``flag_mislabeled`` over a loss column that may hold NaN (rows never scored, e.g. dropped by
+    the gate): those rows are not flagged and do not enter the fit; with fewer than 2 scored rows
+    nothing is flagged and the mixture is None."""
+    x = np.asarray(losses, dtype=np.float64).ravel()
+    scored = np.isfinite(x)
+    flagged = np.zeros(x.size, dtype=bool)
+    if scored.sum() < 2:
+        return flagged, None
+    _, flagged[scored], mix = flag_mislabeled(x[scored], threshold, max_spread=max_spread)
+    return flagged, mix

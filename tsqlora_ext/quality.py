@@ -53,7 +53,7 @@ from torch import nn
 
 from .config import LOOKAHEADS, MODES, PREFERENCES
 from .layers import VarRankLoRALinear, protect_inactive
-from .mislabel import flag_mislabeled, guard_abstains, high_loss_spread
+from .mislabel import flag_losses, flag_mislabeled, guard_abstains, high_loss_spread
 from .train import _autocast, grad_norm, lora_layers
 
 SCORE_FIELDS = ("index", "loss", "G", "D", "C", "Q", "score", "p_mislabeled")
@@ -760,12 +760,8 @@ def read_scores(path: str | os.PathLike, mislabel_threshold: float = 0.5) -> Qua
     if np.unique(index).size != index.size:
         raise ValueError(f"{path}: an 'index' appears more than once")
     arrays = {k: np.asarray(cols[k]) for k in SCORE_FIELDS[1:]}
-    if flags[0] is not None:
-        flagged = np.asarray(flags, dtype=bool)
-    elif index.size >= 2:
-        flagged = flag_mislabeled(arrays["loss"], mislabel_threshold)[1]
-    else:
-        flagged = np.zeros(index.size, dtype=bool)
+    flagged = (np.asarray(flags, dtype=bool) if flags[0] is not None
+               else flag_losses(arrays["loss"], mislabel_threshold)[0])
     return QualityScores(index=index, likely_mislabeled=flagged, meta={"source": str(path)}, **arrays)
 
 

@@ -52,9 +52,7 @@ def _strict(o):
         return [_strict(v) for v in o]
     if isinstance(o, np.generic):
         o = o.item()
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return o
+    return finite_or_none(o) if isinstance(o, float) else o
 
 
 def rank_matrix(rank_history: Sequence[dict[str, Any]], layer_names: Sequence[str]) -> tuple[np.ndarray, list[int]]:

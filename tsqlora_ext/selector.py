@@ -313,18 +313,14 @@ def _label_ids(labels: list) -> np.ndarray:
 def _mislabel_guard(cols: dict[str, np.ndarray], threshold: float,
                     max_spread: float) -> tuple[np.ndarray | None, dict | None]:
     """(rows flagged likely_mislabeled or None, what the guard did) from a scores file's columns."""
-    from .mislabel import flag_mislabeled, guard_abstains
+    from .mislabel import flag_losses, guard_abstains
 
     if "loss" in cols:
-        loss = cols["loss"]
-        scored = np.isfinite(loss)
-        flagged = np.zeros(loss.size, dtype=bool)
-        if scored.sum() < 2:
-            return flagged, {"rule": "mixture", "scored": int(scored.sum()), "flagged": 0,
-                             "abstains": "too_few"}
-        _, flags, mix = flag_mislabeled(loss[scored], threshold, max_spread=max_spread)
-        flagged[scored] = flags
-        return flagged, {"rule": "mixture", "scored": int(scored.sum()), "flagged": int(flags.sum()),
+        scored = int(np.isfinite(cols["loss"]).sum())
+        flagged, mix = flag_losses(cols["loss"], threshold, max_spread)
+        if mix is None:
+            return flagged, {"rule": "mixture", "scored": scored, "flagged": 0, "abstains": "too_few"}
+        return flagged, {"rule": "mixture", "scored": scored, "flagged": int(flagged.sum()),
                          "threshold": threshold, "max_spread": max_spread,
                          "abstains": guard_abstains(mix, max_spread=max_spread),
                          "mixture": {"weights": mix.weights, "means": mix.means, "stds": mix.stds}}
