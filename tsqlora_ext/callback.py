@@ -45,6 +45,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+
+def _checkpoint_folder(args, state) -> str:
+    """The folder the Trainer writes (and names) the checkpoint of the current step in."""
+    return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
 class TsqLoRACallback(TrainerCallback):
     """Pass to ``Trainer(callbacks=[TsqLoRACallback()])`` with a ``tsqlora_ext.wrap``-ed model.
 
@@ -75,7 +80,7 @@ class TsqLoRACallback(TrainerCallback):
         # Trainer.train(resume_from_checkpoint=...) does not tell callbacks which folder it
         # loaded; its folders are named after the step, which the loaded state carries.
         folder = args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) \
-            else os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            else _checkpoint_folder(args, state)
         path = os.path.join(folder, ALLOCATOR_FILE)
         if not os.path.isfile(path):
             warnings.warn(f"TsqLoRACallback: resuming at step {state.global_step} but there is no "
@@ -143,7 +148,7 @@ class TsqLoRACallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if args.should_save:
-            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            folder = _checkpoint_folder(args, state)
             atomic_save({"step": state.global_step, "allocator": self.allocator.state_dict(),
                          "reallocations": self.reallocations}, os.path.join(folder, ALLOCATOR_FILE))
 

@@ -61,9 +61,8 @@ struct LayerMeta {
   float* ipt;      // [r*in + r + out*r]: A, E, B elements
   float* unc;      // same layout
   int64_t in, out, r, comp_offset;
-  int64_t n_items;    // work items of this layer, to find the last one to finish
+  int64_t n_items;    // work items of this layer (r A items, then B items): the last to finish
   int64_t b_slot;     // `part` offset of its first B item; the i-th one's r sums start at + i·r
-  int64_t n_b_items;
 };
 
 struct WorkItem {
@@ -227,7 +226,7 @@ __global__ void __launch_bounds__(kThreads) sensitivity_update_kernel(
     for (int64_t c = threadIdx.x; c < m.r; c += blockDim.x) {
       if (!act[c]) continue;
       float col = 0.f;
-      for (int64_t i = 0; i < m.n_b_items; ++i) col += __ldcg(part + m.b_slot + i * m.r + c);
+      for (int64_t i = 0; i < m.n_items - m.r; ++i) col += __ldcg(part + m.b_slot + i * m.r + c);
       scores[m.comp_offset + c] = __ldcg(acc + m.comp_offset + c) + col / static_cast<float>(m.out);
     }
   }
@@ -260,7 +259,7 @@ void sensitivity_update_cuda(at::TensorList A, at::TensorList E, at::TensorList 
                 gA[l].const_data_ptr(), gE[l].const_data_ptr(), gB[l].const_data_ptr(),
                 ipt[l].data_ptr<float>(), unc[l].data_ptr<float>(),
                 s.in[l], out, r, s.comp_offset[l], static_cast<int64_t>(items.size() - first),
-                b_slot, (slots - b_slot) / r};
+                b_slot};
   }
   const size_t meta_bytes = metas.size() * sizeof(LayerMeta);
   const size_t item_bytes = items.size() * sizeof(WorkItem);
