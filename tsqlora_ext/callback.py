@@ -45,10 +45,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-
 def _checkpoint_folder(args, state) -> str:
     """The folder the Trainer writes (and names) the checkpoint of the current step in."""
     return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
 
 class TsqLoRACallback(TrainerCallback):
     """Pass to ``Trainer(callbacks=[TsqLoRACallback()])`` with a ``tsqlora_ext.wrap``-ed model.
