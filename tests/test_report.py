@@ -27,3 +27,25 @@ def test_write_json_is_strict_json(tmp_path):
     text = (tmp_path / "m.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"loss": [1.5, None], "norm": None, "ids": [0, 1], "n": 3, "pair": [0.5, None]}
+
+
+def test_report_without_matplotlib_keeps_metrics_and_warns(tmp_path, monkeypatch):
+    # A run that trained to the end must not lose its results to a missing plotting library.
+    import builtins
+    import json
+
+    from tsqlora_ext import report
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.warns(UserWarning, match="matplotlib is not installed, so the plots are left out"):
+        report.write_report(tmp_path, metrics={"accuracy": 0.5}, rank_history=[], layer_names=[],
+                            runs={})
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"accuracy": 0.5}
+    assert not list(tmp_path.glob("*.png"))

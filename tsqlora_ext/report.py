@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -148,17 +149,25 @@ def write_report(out: str | os.PathLike, *, metrics: dict[str, Any], rank_histor
                  runs: dict[str, dict[str, Any]], scores=None, kept=None,
                  dropped_reasons: dict[str, int] | None = None, model=None) -> Path:
     """Write the report folder (see the module docstring); ``model`` (wrapped) adds ``adapter/``.
-    Returns the folder."""
+    Returns the folder. The adapter and metrics.json come first: the plots are the only part that
+    needs matplotlib, and a run that trained to the end must not lose its results to a missing
+    plotting library (it warns and leaves the plots out)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plot_rank_heatmap(rank_history, layer_names, out / "rank_heatmap.png")
-    plot_losses(runs, out / "loss.png")
-    if scores is not None:
-        plot_quality_hist(scores, kept, out / "quality_hist.png", dropped_reasons)
     if model is not None:
         from .adapter_io import save_adapter
         save_adapter(model, out / "adapter")
     write_json(metrics, out / "metrics.json")
+    try:
+        _pyplot()
+    except ImportError:
+        warnings.warn("tsqlora report: matplotlib is not installed, so the plots are left out "
+                      "(pip install tsqlora_ext[report])")
+        return out
+    plot_rank_heatmap(rank_history, layer_names, out / "rank_heatmap.png")
+    plot_losses(runs, out / "loss.png")
+    if scores is not None:
+        plot_quality_hist(scores, kept, out / "quality_hist.png", dropped_reasons)
     return out
 
 
