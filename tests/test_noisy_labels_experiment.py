@@ -101,3 +101,41 @@ def test_schedule_fits_short_runs():
         fitted = nl.fit_schedule(config, n, targs)
         fitted.replace(total_steps=steps)  # validates: t_init + t_final < total_steps
         assert fitted.t_init + fitted.t_final < steps and fitted.delta_t >= 1
+
+
+_RESULTS = _path.parent / "results"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in _RESULTS.glob("noisy_labels-*.json")))
+def test_committed_results_files_stay_extendable_and_keep_their_flags(name, tmp_path):
+    """A committed results file written before TsqLoRAConfig retired rescore_every and TrainArgs
+    gained max_nonfinite_steps still passes a rerun's settings check, and its regenerated table
+    names every flag that differs from today's default."""
+    out = tmp_path / name
+    out.write_text((_RESULTS / name).read_text())
+    payload = json.loads(out.read_text())
+    s = payload["settings"]
+    cfg = s["config"]
+    ns = type("A", (), {"quick": False, "pool": s["pool"], "eval": s["eval"],
+                        "fraction": s["fraction"], "score_warmup": cfg["score_warmup"],
+                        "quality_preference": cfg["quality_preference"]})
+    assert nl.settings_diff(s, nl.settings(ns)) == []
+    committed = (_RESULTS / name).with_suffix(".md").read_text()
+    command = next(line for line in committed.splitlines() if line.startswith("Command: "))
+    assert command in nl.markdown(payload, _RESULTS / name)  # markdown() only builds the text
+
+
+def test_settings_check_ignores_non_outcome_and_retired_fields():
+    ns = type("A", (), {"quick": True, "pool": 1000, "eval": 200, "fraction": 0.3})
+    now = nl.settings(ns)
+    old = json.loads(json.dumps(now))
+    old["config"]["rescore_every"] = 0
+    for name in ("max_nonfinite_steps", "num_workers", "progress"):
+        old["train"].pop(name, None)
+    old["train"]["checkpoint_every"] = 5
+    assert nl.settings_diff(old, now) == []
+    old["config"]["rescore_every"] = 3
+    assert nl.settings_diff(old, now) == ["config.rescore_every 3 then, 0 now"]
+    old["config"]["rescore_every"] = 0
+    old["train"]["lr"] = 0.5
+    assert [d.split(" ")[0] for d in nl.settings_diff(old, now)] == ["train.lr"]

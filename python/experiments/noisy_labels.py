@@ -116,6 +116,48 @@ def settings(args) -> dict:
             "fraction": args.fraction}
 
 
+# TrainArgs that do not change a run's outcome (where checkpoints go, loader threads, the progress
+# bar, the stop rule for non-finite steps), as tsqlora_ext.train's resume check has them; and
+# TsqLoRAConfig fields since retired, with the value that meant "off".
+_NOT_OUTCOME = frozenset({"checkpoint_dir", "checkpoint_every", "keep_checkpoints", "num_workers",
+                          "progress", "max_nonfinite_steps"})
+_RETIRED = {"rescore_every": 0}
+
+
+def settings_diff(saved: dict, now: dict) -> list[str]:
+    """'key <saved> then, <now> now' for each outcome-relevant setting that differs between a
+    results file's settings and this call's. A key only one side has is compared against the current
+    default (a field added to TsqLoRAConfig / TrainArgs since the file was written, one retired
+    since); TrainArgs that do not change the outcome and retired fields at their "off" value are
+    ignored."""
+    from tsqlora_ext.config import TsqLoRAConfig
+    from tsqlora_ext.train import TrainArgs
+
+    defaults = {"config": TsqLoRAConfig().to_dict(), "train": TrainArgs().to_dict()}
+    changed = []
+    for key in sorted(saved.keys() | now.keys()):
+        a, b = saved.get(key), now.get(key)
+        if key in defaults and isinstance(a, dict) and isinstance(b, dict):
+            for name in sorted(a.keys() | b.keys()):
+                if key == "train" and name in _NOT_OUTCOME:
+                    continue
+                if key == "config" and name in _RETIRED and name not in defaults[key]:
+                    va, vb = a.get(name, _RETIRED[name]), b.get(name, _RETIRED[name])
+                else:
+                    va = a.get(name, defaults[key].get(name))
+                    vb = b.get(name, defaults[key].get(name))
+                if _norm(va) != _norm(vb):
+                    changed.append(f"{key}.{name} {va!r} then, {vb!r} now")
+        elif _norm(a) != _norm(b):
+            changed.append(f"{key} {a!r} then, {b!r} now")
+    return changed
+
+
+def _norm(v):
+    """JSON's view of a value (tuples and lists alike), so a file read back compares equal."""
+    return json.loads(json.dumps(v))
+
+
 def run_key(dataset: str, flip: float, seed: int, arm: str) -> str:
     return f"{dataset}/flip{flip:g}/seed{seed}/{arm}"
 
@@ -339,14 +381,14 @@ def command(payload: dict, out: Path) -> str:
         return type("Args", (), {"quick": quick, "pool": s["pool"], "eval": s["eval"],
                                  "fraction": s["fraction"], **overrides})
 
-    for quick in (False, True):
-        if settings(args(quick, score_warmup=cfg["score_warmup"],
-                         quality_preference=cfg["quality_preference"])) == s:
-            plain = settings(args(quick))["config"]
-            parts += ["--quick"] * quick + [f"--{k.replace('_', '-')} {cfg[k]}"
-                                            for k in ("score_warmup", "quality_preference")
-                                            if cfg[k] != plain[k]]
-            break
+    # --quick when the file was made by a quick run (its settings match one, flags aside); then a
+    # flag for each of --score-warmup / --quality-preference whose value is not today's default.
+    quick = not settings_diff(s, settings(args(True, score_warmup=cfg["score_warmup"],
+                                               quality_preference=cfg["quality_preference"])))
+    plain = settings(args(quick))["config"]
+    parts += ["--quick"] * quick + [f"--{k.replace('_', '-')} {cfg[k]}"
+                                    for k in ("score_warmup", "quality_preference")
+                                    if cfg[k] != plain[k]]
     parts += [f"--{k} {s[k]}" for k in ("pool", "eval") if s[k]]
     if s["fraction"] != 0.3:
         parts.append(f"--fraction {s['fraction']}")
@@ -418,9 +460,10 @@ def main(argv=None) -> int:
     payload = {"settings": sett, "runs": []}
     if out.is_file():
         old = json.loads(out.read_text())
-        if old.get("settings") != sett:
-            raise SystemExit(f"{out} holds runs made with other settings; pass another --out "
-                             "(or move it away) to start afresh")
+        changed = settings_diff(old.get("settings") or {}, sett)
+        if changed:
+            raise SystemExit(f"{out} holds runs made with other settings ({'; '.join(changed)}); "
+                             "pass another --out (or move it away) to start afresh")
         payload = old
     done = {r["key"] for r in payload["runs"]}
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
