@@ -132,3 +132,52 @@ def test_errors_and_the_input_is_never_overwritten(tmp_path, rt_jsonl, capsys):
     report = json.loads((tmp_path / "o.report.json").read_text())
     assert report["bad_lines"] == 1 and "line 2" in report["bad_line_messages"][0]
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def _small(tmp_path, n=20):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"review number {i} is fine", "label": i % 2}) + "\n"
+                            for i in range(n)))
+    scores = tmp_path / "s.jsonl"
+    scores.write_text("".join(json.dumps({"index": i, "score": float(i)}) + "\n" for i in range(n)))
+    return data, scores
+
+
+def test_no_output_may_be_an_input_or_another_output(tmp_path, capsys):
+    data, scores = _small(tmp_path)
+    before = {p: p.read_bytes() for p in (data, scores)}
+    base = ["select", "--input", str(data), "--scores", str(scores), "--fraction", "0.5", "--no-gate"]
+    cases = [
+        (["--out", str(scores)], ["scores", str(scores)]),
+        (["--out", str(tmp_path / "o.jsonl"), "--indices", str(scores)], ["scores", str(scores)]),
+        (["--out", str(tmp_path / "o.jsonl"), "--report", str(scores)], ["scores", str(scores)]),
+        (["--out", str(tmp_path / "o.jsonl"), "--report", str(data)], ["input", str(data)]),
+        (["--out", str(tmp_path / "o.jsonl"), "--indices", str(tmp_path / "o.jsonl")],
+         ["o.jsonl", "same file"]),
+        (["--out", str(tmp_path / "o.jsonl"), "--indices", str(tmp_path / "x"),
+          "--report", str(tmp_path / "x")], ["same file", str(tmp_path / "x")]),
+    ]
+    for flags, words in cases:
+        assert cli.main(base + flags) == 2, flags
+        err = capsys.readouterr().err
+        assert all(w in err for w in words), (flags, err)
+        assert {p: p.read_bytes() for p in (data, scores)} == before
+        assert sorted(q.name for q in tmp_path.iterdir()) == ["d.jsonl", "s.jsonl"], flags
+
+
+def test_infinite_temperature_report_is_strict_json(tmp_path):
+    data, scores = _small(tmp_path)
+    assert cli.main(["select", "--input", str(data), "--scores", str(scores), "--fraction", "0.5",
+                     "--no-gate", "--temperature", "inf", "--out", str(tmp_path / "o.jsonl")]) == 0
+    text = (tmp_path / "o.report.json").read_text()
+    report = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
+    assert report["selection"]["temperature"] == "inf"
+
+
+def test_row_without_score_names_the_scores_file(tmp_path, capsys):
+    data, scores = _small(tmp_path)
+    scores.write_text("".join(json.dumps({"index": i, "score": float(i)}) + "\n" for i in range(19)))
+    assert cli.main(["select", "--input", str(data), "--scores", str(scores), "--fraction", "0.5",
+                     "--no-gate", "--out", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "row 19 has no score" in err and str(scores) in err

@@ -247,6 +247,29 @@ def atomic_write(path: Path, write, protect: list[Path] = ()) -> None:
             tmp.unlink()
 
 
+def _refuse_clashing_files(data, scores, outputs: dict) -> None:
+    """Before anything is written: no output may be the input or the scores file, and no two
+    outputs may be the same file (the later write would replace the earlier one)."""
+    inputs = {name: Path(p) for name, p in (("input", data), ("scores", scores))
+              if isinstance(p, (str, os.PathLike))}
+    given = [(name, Path(p)) for name, p in outputs.items() if p is not None]
+    for i, (name, path) in enumerate(given):
+        for in_name, in_path in inputs.items():
+            if _same_file(path, in_path):
+                raise ValueError(f"select: refusing to overwrite the {in_name} {in_path} with "
+                                 f"{name} {path}")
+        for other, other_path in given[:i]:
+            if _same_file(path, other_path):
+                raise ValueError(f"select: {other} {other_path} and {name} {path} are the same file")
+
+
+def _strict_json(obj) -> str:
+    """Strict JSON (NaN and ±inf as null, which every JSON reader accepts)."""
+    from .report import _strict
+
+    return json.dumps(_strict(obj), indent=2, allow_nan=False) + "\n"
+
+
 def _write_subset(rows: _Rows, indices: np.ndarray, out: Path, protect: list[Path]) -> None:
     fmt = FILE_FORMATS.get(out.suffix.lower())
     if rows.kind in ("jsonl", "csv", "tsv"):
@@ -364,6 +387,8 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
     if stratify and not label_field:
         raise ValueError("select: stratify needs a label field")
 
+    _refuse_clashing_files(data, scores, {"out": out, "indices_out": indices_out,
+                                          "report_out": report_out})
     rows = load_rows(data, text_field, label_field, skip_bad=skip_bad, max_line_bytes=max_line_bytes,
                      num_threads=threads)
     n = rows.n
@@ -408,7 +433,8 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
         raise ValueError(f"{_name(rows.source)}: no rows left after the filters")
     missing = pool & ~np.isfinite(q)
     if missing.any():
-        raise ValueError(f"select: row {int(np.flatnonzero(missing)[0])} has no score")
+        where = f" in the scores file {scores}" if isinstance(scores, (str, os.PathLike)) else ""
+        raise ValueError(f"select: row {int(np.flatnonzero(missing)[0])} has no score{where}")
     if fraction is not None:
         k = max(1, min(pool_size, math.floor(fraction * pool_size + 0.5)))
     else:
@@ -432,7 +458,8 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
         "bad_line_messages": [m for _, m in rows.bad[:20]],
         "gate": gate_cfg.as_dict() if gate_cfg else None,
         "selection": {"fraction": fraction, "count": count, "k": int(k), "pool": pool_size,
-                      "temperature": temperature, "seed": seed, "stratify": stratify,
+                      # JSON has no infinity: τ = inf (uniform) is recorded as the string "inf".
+                      "temperature": "inf" if math.isinf(temperature) else temperature, "seed": seed, "stratify": stratify,
                       "scores": str(scores) if isinstance(scores, (str, os.PathLike)) else
                       ("array" if scores is not None else None),
                       "mislabel_threshold": mislabel_threshold if "likely_mislabeled" in extra else None},
@@ -457,7 +484,7 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
         atomic_write(Path(indices_out), lambda tmp: Path(tmp).write_text("".join(f"{i}\n" for i in indices)),
                      protect)
     if report_out is not None:
-        atomic_write(Path(report_out), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"),
+        atomic_write(Path(report_out), lambda tmp: Path(tmp).write_text(_strict_json(report)),
                      protect)
 
     subset = None
