@@ -111,7 +111,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
 
     from tsqlora_ext.adapter_io import save_adapter
-    from tsqlora_ext.train import TrainArgs, dist_info, init_distributed_from_env, lora_layers, train
+    from tsqlora_ext.train import TrainArgs, dist_info, lora_layers, train
     from tsqlora_ext.wrap import wrap
 
     torch.set_num_threads(1)
@@ -119,9 +119,7 @@ def main(argv=None) -> None:
         import accelerate
 
         accelerate.Accelerator(cpu=True)
-    else:
-        init_distributed_from_env()
-    rank, _ = dist_info()
+    # Under plain torchrun nothing sets up torch.distributed here: train() must join the group.
     train_data, eval_data = tiny_task()
     config = tiny_config()
     model = wrap(tiny_bert(), config, verbose=False)
@@ -137,7 +135,7 @@ def main(argv=None) -> None:
 
     result = train(model, train_data, eval_data, config, args, resume=ckpt_dir if a.resume else None,
                    on_step=on_step)
-    tag = f"rank{rank}"
+    tag = f"rank{dist_info()[0]}"
     save_adapter(model, os.path.join(a.out, f"adapter-{tag}"))
     out = result.to_dict()
     out["active"] = {n: m.active.tolist() for n, m in lora_layers(model)}

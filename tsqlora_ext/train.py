@@ -376,6 +376,9 @@ def train(
     config = config or getattr(model, "tsqlora_config", None) or TsqLoRAConfig()
     args = args or TrainArgs()
     seed = config.seed
+    # Under torchrun the environment names the process group; without joining it, every process
+    # would train alone on all the data and write to the same folders.
+    init_distributed_from_env()
     rank, world = dist_info()
     device = next(model.parameters()).device
     t_start = time.perf_counter()
