@@ -17,7 +17,7 @@ from tsqlora_ext.quality import SCORE_FIELDS, read_scores, selection_score  # no
 
 import train_worker as tw  # noqa: E402
 
-FLAGS = ["--r-init", "4", "--target-r", "2", "--r-max", "6", "--lora-alpha", "8",
+FLAGS = ["--r-init", "4", "--r-max", "6", "--lora-alpha", "8",
          "--score-warmup", "3", "--batch-size", "8", "--max-length", "16", "--lr", "5e-3",
          "--num-workers", "1"]
 
@@ -134,3 +134,43 @@ def test_selection_score_prefers_typical_high_or_no_q():
     assert np.isnan(u[-1])
     with pytest.raises(ValueError, match="preference"):
         selection_score(q, "low")
+
+
+@pytest.mark.parametrize("flag", ["--epochs", "--max-steps", "--grad-accum", "--data-fraction",
+                                  "--temperature", "--target-r", "--r-min", "--t-init",
+                                  "--calibration-batches", "--beta1", "--warmup-ratio",
+                                  "--keep-checkpoints", "--checkpoint-every",
+                                  "--max-nonfinite-steps"])
+def test_score_has_no_flag_it_would_ignore(tmp_path, flag, capsys):
+    """score reads only the adapter, warm-up and scoring fields; a training-only flag is refused
+    (it used to be accepted and silently ignored)."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["score", "--input", "x.jsonl", "--out", str(tmp_path / "s.jsonl"), flag, "2"])
+    assert e.value.code == 2
+    assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
+
+
+def test_score_flags_are_the_fields_scoring_reads():
+    import dataclasses
+
+    from tsqlora_ext.config import TsqLoRAConfig
+    from tsqlora_ext.train import TrainArgs
+
+    assert set(cli.SCORE_METHOD_FIELDS) <= {f.name for f in dataclasses.fields(TsqLoRAConfig)}
+    assert set(cli.SCORE_TRAIN_FIELDS) <= {f.name for f in dataclasses.fields(TrainArgs)}
+    args = cli.build_parser().parse_args(["score", "--input", "x", "--out", "y", "--score-warmup", "5",
+                                          "--lr", "1e-2", "--r-max", "4", "--r-init", "2"])
+    assert (args.score_warmup, args.lr, args.r_max) == (5, 1e-2, 4)
+
+
+@pytest.mark.parametrize("command", ["score", "train"])
+def test_a_wrong_model_path_is_an_error_naming_it(tmp_path, command, capsys):
+    data = _jsonl(tmp_path / "data.jsonl", ["a b c", "d e f"], ["x", "y"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    where = ["--input", str(data)] if command == "score" else ["--data", str(data)]
+    for model in (tmp_path / "no-such-folder", empty, tmp_path / "no-such.gguf", data):
+        rc = cli.main([command, "--model", str(model), *where, "--out", str(tmp_path / "out.jsonl")])
+        assert rc == 2
+        assert f"--model" in (err := capsys.readouterr().err) and str(model) in err
+    assert not (tmp_path / "out.jsonl").exists()

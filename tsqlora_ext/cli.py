@@ -133,13 +133,16 @@ def _select(args: argparse.Namespace) -> int:
 
 # ---- tsqlora train / tsqlora demo (issue 7) -------------------------------------------------------
 
-def _dataclass_flags(p: argparse.ArgumentParser, cls, title: str) -> None:
-    """One --flag per field of a config dataclass, with the field's help. Flags default to
-    'not given' so that --config values are only overridden by what the user typed."""
+def _dataclass_flags(p: argparse.ArgumentParser, cls, title: str, only=None) -> None:
+    """One --flag per field of a config dataclass (per field in ``only`` when given), with the
+    field's help. Flags default to 'not given' so that --config values are only overridden by what
+    the user typed."""
     import dataclasses
 
     group = p.add_argument_group(title)
     for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
         # argparse %-formats help texts; the fields' texts quote percentages.
         help_text = f.metadata.get("help", "").replace("%", "%%")
@@ -184,6 +187,22 @@ def _settings(args: argparse.Namespace, other_flags: tuple[str, ...]) -> tuple[d
 def _model_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a transformers model folder or a .gguf file (default: the "
                    "bundled MiniLM)")
+
+
+def _check_model(model: str | None) -> None:
+    """--model must be a folder with config.json or a .gguf file (None: the bundled model), said
+    here rather than as from_pretrained's traceback."""
+    import os
+
+    if model is None:
+        return
+    if model.endswith(".gguf"):
+        if not os.path.isfile(model):
+            raise ValueError(f"--model: no such GGUF file {model}")
+    elif not os.path.isfile(os.path.join(model, "config.json")):
+        raise ValueError(f"--model {model}: not a transformers model folder (no "
+                         f"{'config.json there' if os.path.isdir(model) else 'such folder'}) "
+                         "nor a .gguf file")
 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
@@ -263,6 +282,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         if not args.data or not args.out:
             raise ValueError("--data and --out are required (or --resume DIR)")
+        _check_model(args.model)
         if args.data.startswith("bundled:"):
             # A bundled task has its own columns and test split; these would be silently unused.
             for flag in ("eval_data", "text_field", "label_field"):
@@ -305,6 +325,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+# The fields `tsqlora score` reads (pipeline.score_file: the model's adapters from wrap, the
+# warm-up and the scoring pass); the others (rank schedule, selection, training length, checkpoints)
+# only matter to train, so score has no flag for them (argparse refuses them) rather than ignore them.
+SCORE_METHOD_FIELDS = ("target_modules", "exclude_modules", "modules_to_save", "r_init", "r_max",
+                       "lora_alpha", "lora_dropout", "init", "quality_weights",
+                       "quality_preference", "score_mode", "lookahead", "score_warmup",
+                       "mislabel_guard", "mislabel_threshold", "mislabel_max_spread", "seed")
+SCORE_TRAIN_FIELDS = ("lr", "batch_size", "weight_decay", "max_grad_norm", "max_length", "bf16",
+                      "eval_batch_size", "num_workers", "progress")
+
+
 def _score_arguments(p: argparse.ArgumentParser) -> None:
     from .config import TsqLoRAConfig
     from .train import TrainArgs
@@ -317,9 +348,10 @@ def _score_arguments(p: argparse.ArgumentParser) -> None:
                    "<out>.meta.json beside it records the warm-up, scoring settings and guard fit)")
     p.add_argument("--config", help="a JSON file of TsqLoRAConfig and TrainArgs fields; flags "
                    "override it")
-    _dataclass_flags(p, TsqLoRAConfig, "TsqLoRA method (TsqLoRAConfig: score_warmup, score_mode, "
-                     "quality_weights, quality_preference, mislabel_* ...)")
-    _dataclass_flags(p, TrainArgs, "training (TrainArgs: lr, batch_size, max_length, ...)")
+    _dataclass_flags(p, TsqLoRAConfig, "TsqLoRA method (the TsqLoRAConfig fields scoring reads)",
+                     only=SCORE_METHOD_FIELDS)
+    _dataclass_flags(p, TrainArgs, "warm-up and scoring pass (the TrainArgs fields scoring reads)",
+                     only=SCORE_TRAIN_FIELDS)
 
 
 @subcommand("score", help="Warm up an adapted model on a labelled file and write every row's "
@@ -331,8 +363,16 @@ def _score(args: argparse.Namespace) -> int:
     from .pipeline import score_file
     from .train import TrainArgs
 
+    _check_model(args.model)
     method, training = _settings(args, ("model", "input", "text_field", "label_field", "out"))
     training.setdefault("progress", False)
+    # Scoring does not read the rank budget, but the config checks r_min <= target_r <= r_max:
+    # unless given, keep them inside the --r-init/--r-max given here.
+    default = TsqLoRAConfig()
+    r_max = method.get("r_max", default.r_max)
+    method.setdefault("target_r", min(default.target_r, r_max))
+    method.setdefault("r_min", min(default.r_min, method["target_r"],
+                                   method.get("r_init", default.r_init)))
     score_file(args.model or bundled.minilm_dir(), args.input, args.text_field, args.label_field,
                args.out, TsqLoRAConfig.from_dict(method, "tsqlora config"),
                TrainArgs.from_dict(training, "train args"))
