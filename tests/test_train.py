@@ -209,6 +209,11 @@ def test_bad_inputs_name_the_problem():
         train(model, "not data", None, tw.tiny_config(), _args(max_steps=1))
     with pytest.raises(ValueError, match="tokenizer"):
         train(model, (["a b c"], [0]), None, tw.tiny_config(), _args(max_steps=1))
+    train_data, _ = tw.tiny_task(n=32)
+    with pytest.raises(ValueError, match="eval_data: no examples to tokenize"):
+        train(model, train_data, ([], []), tw.tiny_config(), _args(max_steps=1), tokenizer=object())
+    with pytest.raises(ValueError, match="evaluate: data holds no examples"):
+        evaluate(model, TokenizedData([], np.zeros(0, dtype=np.int64)))
 
 
 # ---- bf16 autocast ------------------------------------------------------------------------------

@@ -160,7 +160,10 @@ def as_tokenized(data, tokenizer, max_length: int, what: str) -> TokenizedData:
                         f"got {type(data).__name__}")
     if tokenizer is None:
         raise ValueError(f"{what}: raw texts need a tokenizer (pass tokenizer=...)")
-    return TokenizedData.from_texts(tokenizer, texts, labels, max_length)
+    try:
+        return TokenizedData.from_texts(tokenizer, texts, labels, max_length)
+    except ValueError as e:  # (from_texts does not know which argument it was given)
+        raise ValueError(f"{what}: {e}") from None
 
 
 def pad_id_of(tokenizer, model: nn.Module | None = None) -> int:
@@ -293,6 +296,8 @@ def evaluate(model: nn.Module, data: TokenizedData, *, batch_size: int = 64, max
     """Accuracy (and macro-F1 for multi-class) of a sequence classifier on ``data``; every process
     evaluates the whole split, so the figure is the same everywhere. ``pad_id``: the model
     config's pad_token_id (0 without one) when None."""
+    if len(data) == 0:
+        raise ValueError("evaluate: data holds no examples")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
