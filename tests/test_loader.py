@@ -154,3 +154,20 @@ def test_forked_child_exits_normally():
         subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
     except subprocess.TimeoutExpired:
         pytest.fail("a forked child hung at exit")
+
+
+@pytest.mark.parametrize("change", [dict(shuffle=False), dict(drop_last=True), dict(bucket_multiplier=1),
+                                    dict(max_length=8), dict(pad_to_multiple_of=8), dict(pad_id=3)])
+def test_resume_refuses_a_state_of_a_loader_with_other_batches(change):
+    rows = _rows()
+    first = TokenBatchLoader(rows, batch_size=16, seed=1)
+    next(iter(first))
+    state = first.state_dict()
+    (name, value), = change.items()
+    with pytest.raises(ValueError, match=f"{name} is {value} here but"):
+        TokenBatchLoader(rows, batch_size=16, seed=1, **change).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed is 2 here.*shuffle is False here"):
+        TokenBatchLoader(rows, batch_size=16, seed=2, shuffle=False).load_state_dict(state)
+    # A state saved before these fields were recorded still loads.
+    old = {k: v for k, v in state.items() if k not in change}
+    TokenBatchLoader(rows, batch_size=16, seed=1, **change).load_state_dict(old)

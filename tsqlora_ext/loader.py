@@ -43,6 +43,11 @@ class TokenBatchLoader:
         lab = None if labels is None else np.asarray(labels, dtype=np.int64)
         self._seed = int(seed)
         self._config = dict(num_rows=len(lengths), batch_size=batch_size, rank=rank, world_size=world_size)
+        # Also change the batches; checked only when the state has them (states saved before
+        # they were recorded lack them).
+        self._batching = dict(shuffle=bool(shuffle), drop_last=bool(drop_last),
+                              bucket_multiplier=int(bucket_multiplier), max_length=max_length or None,
+                              pad_to_multiple_of=int(pad_to_multiple_of), pad_id=int(pad_id))
         self.return_index = return_index
         self._native = _C.BatchLoader(flat, offsets, lab, batch_size, pad_id, max_length or 0, pad_to_multiple_of,
                                       bucket_multiplier, shuffle, drop_last, self._seed & (2**64 - 1), rank,
@@ -92,14 +97,17 @@ class TokenBatchLoader:
     def state_dict(self) -> dict[str, Any]:
         """Where the loader stands: resuming from it yields exactly the batches not yet seen."""
         return {"seed": self._seed, "epoch": self._native.epoch, "position": self._native.position,
-                **self._config}
+                **self._config, **self._batching}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in self._config.items():
-            if state.get(key) != value:
-                raise ValueError(f"TokenBatchLoader.load_state_dict: {key} is {value} here but "
-                                 f"{state.get(key)} in the state")
-        if state.get("seed") != self._seed:
-            raise ValueError(f"TokenBatchLoader.load_state_dict: seed is {self._seed} here but "
-                             f"{state.get('seed')} in the state")
+        """Resume from ``state_dict()``; refuses a state of a loader that makes other batches
+        (another seed, batch size, shard, shuffle, drop_last, bucketing, max_length or padding),
+        naming every field that differs."""
+        here = {**self._config, "seed": self._seed}
+        here.update({k: v for k, v in self._batching.items() if k in state})
+        differ = [f"{key} is {value} here but {state.get(key)} in the state"
+                  for key, value in here.items() if state.get(key) != value]
+        if differ:
+            raise ValueError("TokenBatchLoader.load_state_dict: the state is of a loader that makes "
+                             "other batches: " + "; ".join(differ))
         self._native.seek(int(state["epoch"]), int(state["position"]))
