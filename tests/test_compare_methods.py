@@ -64,6 +64,32 @@ def test_summary_pairs_seeds_and_measures_goals(cm):
     assert "| TsqLoRA, all data | 0.001 | 84.00 ± 1.00 | 3.00 ± 0.00 |" in md
 
 
+def test_summary_keeps_to_the_requested_grid_and_marks_partial_rows(cm):
+    """A partial grid (e.g. cut by gpu_experiments.sh's time limit) must not pass off one seed or
+    a partly tried grid as the requested 3-seed result, nor mix in other calls' rates or seeds."""
+    lrs, seeds = (1e-3, 1e-2), (0, 1, 2)
+    runs = []
+    for method, base in (("adalora", 0.80), ("lora", 0.78)):
+        runs.append(_run(method, 1e-2, 0, val=0.1, test=0.0))
+        runs += [_run(method, 1e-3, s, val=0.9, test=base) for s in seeds]
+    runs.append(_run("lora", 1e-3, 7, val=0.9, test=0.0))      # a seed not requested
+    runs.append(_run("lora", 0.1, 0, val=0.99, test=0.99))     # a rate not requested
+    runs.append(_run("tsqlora", 1e-3, 0, val=0.9, test=0.95))  # seed 0 of one rate only
+    summary = cm.summarize(runs, lrs, seeds, "cmd")
+    rows = summary["tasks"]["t"]["methods"]
+    assert rows["lora"]["lr"] == 1e-3 and rows["lora"]["seeds"] == [0, 1, 2]
+    assert rows["lora"]["complete"] and rows["lora"]["test_accuracy"][0] == pytest.approx(0.78)
+    ts = rows["tsqlora"]
+    assert not ts["complete"] and ts["missing_lrs"] == [1e-2] and ts["missing_seeds"] == [1, 2]
+    assert ts["seeds"] == [0]
+    assert not any("TsqLoRA" in g["goal"] for g in summary["tasks"]["t"]["goals"])
+    md = cm.render_markdown(summary, "title")
+    assert "| TsqLoRA, all data *partial* | 0.001 | 95.00 ± 0.00 |" in md
+    assert md.count(" | 0, 1, 2 |") == 2 and " | 0 |" in md
+    assert "- TsqLoRA, all data: rate picked without 0.01 (not finished on seed 0); seed(s) 1, 2 " \
+        "not finished at 0.001" in md
+
+
 def test_store_is_rewritten_atomically_and_skips_finished(cm, tmp_path):
     path = tmp_path / "runs.jsonl"
     store = cm.RunStore(path)

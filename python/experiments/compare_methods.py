@@ -687,13 +687,24 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
+def _among(x: float, xs) -> bool:
+    return any(math.isclose(x, y, rel_tol=1e-9) for y in xs)
+
+
 def summarize(runs: list[dict[str, Any]], lrs, seeds, command: str) -> dict[str, Any]:
     """Per task and method: the picked learning rate, mean ± std of the test metrics over seeds at
-    it, parameters, times, and the per-seed difference against PEFT AdaLoRA; plus the goals."""
+    it, parameters, times, and the per-seed difference against PEFT AdaLoRA; plus the goals.
+    Only runs at the requested ``lrs`` and ``seeds`` count; a row whose rate was picked from fewer
+    rates than requested, or that has fewer seeds at it, is marked ``complete: False`` (with what
+    it lacks) and left out of the goals."""
     out: dict[str, Any] = {"command": command, "lr_grid": list(lrs), "seeds": list(seeds),
                            "lr_choice": f"best validation accuracy on seed {seeds[0]} (validation "
                                         f"= {VAL_FRACTION:.0%} of train, seed {VAL_SEED})",
                            "tasks": {}}
+    # Only the requested grid and seeds: a runs file may hold others (an earlier call's), and a
+    # row must not mix them in or pass a partial grid off as the requested one.
+    lrs, seeds = tuple(lrs), list(seeds)
+    runs = [r for r in runs if _among(r["lr"], lrs) and r["seed"] in seeds]
     for task in dict.fromkeys(r["task"] for r in runs):
         rows, picked = {}, {}
         task_runs = [r for r in runs if r["task"] == task]
@@ -708,7 +719,12 @@ def summarize(runs: list[dict[str, Any]], lrs, seeds, command: str) -> dict[str,
             at = sorted((r for r in mr if r["lr"] == best), key=lambda r: r["seed"])
             picked[method] = {r["seed"]: r for r in at}
             acc = [r["test"]["accuracy"] for r in at]
+            # Partial: the lr was picked from fewer rates than requested, or has fewer seeds.
+            missing_lrs = [x for x in lrs if not _among(x, grid)]
+            missing_seeds = [x for x in seeds if x not in picked[method]]
             row = {"label": LABELS[method], "lr": best, "seeds": [r["seed"] for r in at],
+                   "complete": not missing_lrs and not missing_seeds,
+                   "missing_lrs": missing_lrs, "missing_seeds": missing_seeds,
                    "test_accuracy": _mean_std(acc), "test_accuracy_per_seed": acc,
                    "val_accuracy_by_lr": {f"{r['lr']:g}": r["val"]["accuracy"]
                                           for r in mr if r["seed"] == seeds[0]},
@@ -729,8 +745,9 @@ def summarize(runs: list[dict[str, Any]], lrs, seeds, command: str) -> dict[str,
             row["vs_adalora"] = {"mean": _mean_std(diffs)[0], "std": _mean_std(diffs)[1],
                                  "n": len(diffs)} if diffs else None
         rank_run = picked.get("tsqlora", {}).get(seeds[0])
+        # Goals only from complete rows: a partial one would be judged on fewer rates or seeds.
         out["tasks"][task] = {
-            "methods": rows, "goals": goals(rows, picked),
+            "methods": rows, "goals": goals({m: r for m, r in rows.items() if r["complete"]}, picked),
             "rank_history": rank_run["rank_history"] if rank_run else None,
             "rank_history_run": rank_run["key"] if rank_run else None,
             "device": runs[0]["device"], "versions": runs[0].get("versions"),
@@ -783,7 +800,8 @@ def render_markdown(summary: dict[str, Any], title: str) -> str:
              f"Command: `{summary['command']}`. Learning rate per method: "
              f"{summary['lr_choice']}, from the grid {', '.join(f'{x:g}' for x in summary['lr_grid'])}; "
              f"test metrics are mean ± std over seeds {', '.join(map(str, summary['seeds']))} at that "
-             "rate, in points. Parameters: adapter components in use at the end "
+             "rate (the seeds column: those a row has), in points. A row marked *partial* had fewer "
+             "rates or seeds finished (listed under its table) and is left out of the goals. Parameters: adapter components in use at the end "
              "(rank·(in+out) for LoRA, rank·(in+out+1) for the SVD-form adapters) plus the classifier "
              "head. Budget: every method ends at the same total rank, an average of "
              f"{TARGET_R} per adapted layer (AdaLoRA's definition of the budget); the parameter "
@@ -798,18 +816,31 @@ def render_markdown(summary: dict[str, Any], title: str) -> str:
         lines += [f"**{task}** ({t['device']}{', ' + v['gpu'] if v.get('gpu') else ''}; torch "
                   f"{v.get('torch', '?')}, peft {v.get('peft', '?')})", ""]
         head = ["method", "lr", "test accuracy"] + (["macro-F1"] if multi else []) + \
-            ["Δ vs AdaLoRA", "total rank", "params", "train ex. (+warm-up)", "steps", "wall s", "ms/step"]
+            ["Δ vs AdaLoRA", "total rank", "params", "train ex. (+warm-up)", "steps", "wall s", "ms/step",
+             "seeds"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for method, r in t["methods"].items():
             d = r["vs_adalora"]
-            cells = [r["label"], f"{r['lr']:g}", _pm(r["test_accuracy"])]
+            partial = r.get("complete") is False
+            cells = [r["label"] + (" *partial*" if partial else ""), f"{r['lr']:g}",
+                     _pm(r["test_accuracy"])]
             if multi:
                 cells.append(_pm(r.get("test_macro_f1", (float("nan"), float("nan")))))
             warm = f" (+{int(r['warmup_examples']):,})" if r["warmup_examples"] else ""
-            cells += ["–" if method == "adalora" or d is None else _pm((d["mean"], d["std"])),
+            cells += ["–" if method == "adalora" or d is None else _pm((d["mean"], d["std"]))
+                      + (f" ({d['n']} seed{'s' * (d['n'] > 1)})" if d["n"] < len(r["seeds"]) else ""),
                       f"{r['total_rank']:.0f}", f"{int(round(r['params_active'])):,}", f"{int(round(r['train_examples'])):,}{warm}",
-                      f"{r['optimizer_steps']:.0f}", f"{r['wall_s'][0]:.1f}", _num(r["step_ms"][0])]
+                      f"{r['optimizer_steps']:.0f}", f"{r['wall_s'][0]:.1f}", _num(r["step_ms"][0]),
+                      ", ".join(map(str, r["seeds"]))]
             lines.append("| " + " | ".join(cells) + " |")
+        notes = [f"- {r['label']}: " + "; ".join(
+                     ([f"rate picked without {', '.join(f'{x:g}' for x in r['missing_lrs'])} (not "
+                       f"finished on seed {summary['seeds'][0]})"] if r["missing_lrs"] else []) +
+                     ([f"seed(s) {', '.join(map(str, r['missing_seeds']))} not finished at "
+                       f"{r['lr']:g}"] if r["missing_seeds"] else []))
+                 for r in t["methods"].values() if r.get("complete") is False]
+        if notes:
+            lines += ["", "Partial rows (not in the goals):"] + notes
         if t["goals"]:
             lines += ["", "| goal | measured | met |", "|---|---|---|"]
             lines += [f"| {g['goal']} | {g['measured']} | {'yes' if g['met'] else 'NO'} |" for g in t["goals"]]
