@@ -126,3 +126,26 @@ def test_bad_markers_leave_readme_untouched(tmp_path, text, what):
         mr.main(["--readme", str(readme), "--results", str(tmp_path / "r"), "--bench", str(tmp_path / "b")])
     assert str(readme) in str(err.value)
     assert readme.read_text() == text
+
+
+def test_bench_quick_run_goes_under_quick_and_is_labelled(tmp_path, monkeypatch):
+    """A benchmark's --quick smoke run must not overwrite results/<bench>-<device>.json (which
+    the report renders): it defaults to results/quick/, records "quick": true, and the rendered
+    table says it is no result."""
+    pytest.importorskip("torch")
+    import sys
+    monkeypatch.syspath_prepend(str(REPO / "python/bench"))
+    for name in ("common", "summarize"):
+        sys.modules.pop(name, None)
+    import common
+    import summarize
+
+    quick = common.parse_args("x", argv=["--quick"])
+    assert quick.out == common.RESULTS_DIR / "quick"
+    path = common.write_results("bench_x", "cpu", tmp_path, [{"a": 1.0}], [])
+    assert json.loads(path.read_text())["quick"] is True
+    assert "smoke run (--quick), NOT a result" in summarize.render(tmp_path)
+    assert common.parse_args("x", argv=[]).out == common.RESULTS_DIR
+    path = common.write_results("bench_x", "cpu", tmp_path, [{"a": 1.0}], [])
+    assert json.loads(path.read_text())["quick"] is False
+    assert "NOT a result" not in summarize.render(tmp_path)

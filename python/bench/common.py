@@ -21,17 +21,28 @@ from typing import Callable
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+QUICK_DIR = RESULTS_DIR / "quick"  # smoke runs: never over the published results
+_quick = False  # this process's --quick, recorded by write_results
 
 
-def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None):
-    """The flags every benchmark takes: --device, --quick, --out."""
+def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None,
+               argv: list[str] | None = None):
+    """The flags every benchmark takes: --device, --quick, --out (default results/, or
+    results/quick/ with --quick, so a smoke run never overwrites a published result)."""
+    global _quick
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (smoke run)")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the results JSON")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer shapes and repeats (smoke run; written under results/quick/)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for the results JSON (default results/, results/quick/ with --quick)")
     if extra is not None:
         extra(p)
-    return p.parse_args()
+    args = p.parse_args(argv)
+    _quick = args.quick
+    if args.out is None:
+        args.out = QUICK_DIR if args.quick else RESULTS_DIR
+    return args
 
 
 def sync(device: str) -> None:
@@ -156,12 +167,14 @@ def goal(name: str, measured: float, target: float, higher_is_better: bool, unit
 
 
 def write_results(bench: str, device: str, out: Path, rows: list[dict], goals: list[dict],
-                  notes: str = "") -> Path:
-    """Write <out>/<bench>-<device>.json atomically and print where it went."""
+                  notes: str = "", quick: bool | None = None) -> Path:
+    """Write <out>/<bench>-<device>.json atomically and print where it went. ``quick`` (default:
+    this process's --quick) is recorded, so a smoke run's figures can never pass for a result."""
     out.mkdir(parents=True, exist_ok=True)
     payload = {
         "bench": bench,
         "device": device,
+        "quick": _quick if quick is None else quick,
         "machine": machine(device),
         "date": _dt.date.today().isoformat(),
         "torch": torch.__version__,

@@ -5,7 +5,8 @@
 Each benchmark (python/bench/bench_*.py) times our code beside its peer (PEFT, HF datasets, plain
 PyTorch) in the same process and writes python/bench/results/<bench>-cpu.json; this script runs
 them one after another (they must not compete for the cores) and renders
-python/bench/results/cpu-<date>.md with every goal and ratio.
+python/bench/results/cpu-<date>.md with every goal and ratio. ``--quick`` (a smoke run) writes both
+under python/bench/results/quick/ instead, and every JSON records ``"quick": true``.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ from summarize import render  # noqa: E402
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="pass --quick to every benchmark")
-    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default results/, or results/quick/ with --quick (a smoke run must not "
+                        "overwrite the published <bench>-cpu.json and cpu-<date>.md)")
     args = p.parse_args()
+    args.out = args.out or (HERE / "results" / ("quick" if args.quick else ""))
     failed = []
     for bench in sorted(HERE.glob("bench_*.py")):
         cmd = [sys.executable, str(bench), "--device", "cpu", "--out", str(args.out)]
@@ -36,7 +40,8 @@ def main() -> int:
         if subprocess.run(cmd).returncode != 0:
             failed.append(bench.name)
     report = args.out / f"cpu-{dt.date.today().isoformat()}.md"
-    text = f"# CPU benchmarks, {dt.date.today().isoformat()}\n\nCommand: `python python/bench/run_all.py" \
+    text = f"# CPU benchmarks, {dt.date.today().isoformat()}" + \
+           (" — smoke run (--quick), NOT a result" if args.quick else "") + "\n\nCommand: `python python/bench/run_all.py" \
            f"{' --quick' if args.quick else ''}`\n\n" + render(args.out, "*-cpu.json")
     report.write_text(text)
     print(text)

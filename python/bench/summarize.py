@@ -21,10 +21,11 @@ def render(folder: Path, pattern: str = "*.json") -> str:
     lines = ["| benchmark | device | goal | measured | target | met |", "|---|---|---|---|---|---|"]
     for r in results:
         for g in r["goals"]:
-            lines.append(f"| {r['bench']} | {r['machine']} | {g['goal']} | {_fmt(g['measured'])}{g['unit']} "
+            lines.append(f"| {r['bench']}{' (--quick)' if r.get('quick') else ''} | {r['machine']} | {g['goal']} | {_fmt(g['measured'])}{g['unit']} "
                          f"| {g['direction']} {_fmt(g['target'])}{g['unit']} | {'yes' if g['met'] else 'NO'} |")
     for r in results:
-        lines += ["", f"### {r['bench']} on {r['machine']} ({r['date']}, torch {r['torch']})", ""]
+        lines += ["", f"### {r['bench']} on {r['machine']} ({r['date']}, torch {r['torch']})"
+                  + (" — smoke run (--quick), NOT a result" if r.get("quick") else ""), ""]
         if r.get("notes"):
             lines += [r["notes"], ""]
         # One table per run of rows with the same columns: a benchmark may add rows of another
