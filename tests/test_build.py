@@ -70,3 +70,30 @@ def test_build_never_writes_into_the_source_tree():
     # The CMake build dir is pip's temporary dir (or one the developer names outside the tree).
     assert not (REPO / "CMakeCache.txt").exists()
     assert not list((REPO / "tsqlora_ext").glob("_C*.so"))
+
+
+def test_importing_an_unbuilt_source_tree_says_to_build_it(tmp_path):
+    # A source tree without the build's outputs (what `import tsqlora_ext` finds from the checkout
+    # of a regular install): the message names the folder and says to build it, not "circular import".
+    pkg = tmp_path / "tsqlora_ext"
+    pkg.mkdir()
+    shutil.copy(REPO / "tsqlora_ext" / "__init__.py", pkg / "__init__.py")
+    # Without an editable install's redirecting finder, as under a regular install.
+    code = ("import sys\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__]\n"
+            "import tsqlora_ext\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 1
+    assert str(pkg) in out.stderr and "pip install" in out.stderr and "-e ." in out.stderr, out.stderr
+    assert "outside the source tree" in out.stderr
+
+
+def test_star_import_without_transformers(tmp_path):
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "from tsqlora_ext import *\n"
+            "import tsqlora_ext; assert 'TsqLoRACallback' not in tsqlora_ext.__all__\n"
+            "print('ok', wrap.__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0 and "ok wrap" in out.stdout, out.stderr
+    pytest.importorskip("transformers")
+    assert "TsqLoRACallback" in tsqlora_ext.__all__

@@ -1,8 +1,22 @@
 """tsqlora_ext: sensitivity- and quality-aware variable-rank LoRA (TsqLoRA) with a native core."""
 
+import importlib.util
+import os
+
 import torch
 
-from . import _build_config
+try:
+    from . import _build_config
+except ImportError as e:
+    # _build_config (and _C) are written by the build, not kept in the source tree: importing the
+    # tree of a regular (non-editable) install finds neither, and Python's own message blames a
+    # circular import.
+    raise ImportError(
+        f"tsqlora_ext: {os.path.dirname(os.path.abspath(__file__))} is an unbuilt source tree (it "
+        "has no _build_config, which the build writes): build it in place with  pip install "
+        "--no-build-isolation -e .  or run from outside the source tree to use the installed "
+        "package"
+    ) from e
 
 
 def _check_torch_matches_build() -> None:
@@ -72,7 +86,11 @@ __all__ += [
 from .train import TokenizedData, TrainArgs, TrainResult, evaluate  # noqa: E402
 from .train import train  # noqa: E402  (the function; the module stays importable as tsqlora_ext.train)
 
-__all__ += ["train", "TrainArgs", "TrainResult", "TokenizedData", "evaluate", "TsqLoRACallback"]
+__all__ += ["train", "TrainArgs", "TrainResult", "TokenizedData", "evaluate"]
+# The callback needs transformers, which the core package does not require: star-imports list it
+# only where it can be imported.
+if importlib.util.find_spec("transformers") is not None:
+    __all__ += ["TsqLoRACallback"]
 
 
 def __getattr__(name: str):
