@@ -139,3 +139,26 @@ def test_settings_check_ignores_non_outcome_and_retired_fields():
     old["config"]["rescore_every"] = 0
     old["train"]["lr"] = 0.5
     assert [d.split(" ")[0] for d in nl.settings_diff(old, now)] == ["train.lr"]
+
+
+def test_selection_rules_rerun_adds_missing_rules_and_records_every_calls_grid():
+    """selection_rules.py keyed finished work per (dataset, flip, seed), so a rerun asking for more
+    rules skipped them; and its recorded args were only the latest call's."""
+    spec = importlib.util.spec_from_file_location("selection_rules",
+                                                  _path.parent / "selection_rules.py")
+    sr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sr)
+    runs = [{"dataset": "rotten_tomatoes", "flip": 0.2, "seed": s, "rule": r}
+            for s in (0, 1) for r in ("random", "guarded")]
+    args = type("A", (), {"datasets": ["rotten_tomatoes"], "flips": [0.2], "seeds": [0, 1],
+                          "rules": ["random", "low"], "pool": 0, "eval": 0, "fraction": 0.3})
+    jobs = sr.pending(runs, args, threads=1)
+    assert [(j["seed"], j["rules"]) for j in jobs] == [(0, ["low"]), (1, ["low"])]
+    args.rules = ["random", "guarded"]
+    assert sr.pending(runs, args, threads=1) == []
+    runs.append({"dataset": "rotten_tomatoes", "flip": 0.2, "seed": 0, "rule": "low"})
+    rec = sr.recorded_args(runs, {"datasets": ["bbc_news"], "flips": [0.0], "seeds": [5],
+                                  "rules": ["low"], "pool": 0, "eval": 0, "fraction": 0.3,
+                                  "out": "x.json"})
+    assert rec["rules"] == ["random", "guarded", "low"] and rec["seeds"] == [0, 1]
+    assert rec["datasets"] == ["rotten_tomatoes"] and rec["flips"] == [0.2] and rec["out"] == "x.json"

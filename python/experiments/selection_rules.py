@@ -18,7 +18,7 @@ wrong-label guard.
         --eval 1000 --flips 0 0.2 --seeds 0 1 --jobs 2
 
 writes results/selection_rules.json and .md (each finished (task, flip, seed) appended at once;
-a rerun adds the groups the file does not hold yet).
+a rerun adds the (task, flip, seed, rule) runs the file does not hold yet).
 """
 
 from __future__ import annotations
@@ -126,6 +126,30 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pending(runs: list[dict], args, threads: int) -> list[dict]:
+    """One job per (dataset, flip, seed) with the requested rules that ``runs`` lacks there (a
+    rerun with more rules runs just those, on the same seeded warm-up)."""
+    done = {(r["dataset"], r["flip"], r["seed"], r["rule"]) for r in runs}
+    jobs = []
+    for d in args.datasets:
+        for f in args.flips:
+            for s in args.seeds:
+                rules = [r for r in args.rules if (d, f, s, r) not in done]
+                if rules:
+                    jobs.append({"dataset": d, "flip": f, "seed": s, "pool": args.pool,
+                                 "eval": args.eval, "fraction": args.fraction, "threads": threads,
+                                 "rules": rules})
+    return jobs
+
+
+def recorded_args(runs: list[dict], args: dict) -> dict:
+    """``args`` with datasets, flips, seeds and rules those of ``runs`` (every call's, not only the
+    latest), so the table's command names what the file holds."""
+    return {**args, "datasets": [d for d in DATASETS if any(r["dataset"] == d for r in runs)],
+            "flips": sorted({r["flip"] for r in runs}), "seeds": sorted({r["seed"] for r in runs}),
+            "rules": [x for x in RULES if any(r["rule"] == x for r in runs)]}
+
+
 def main(argv=None) -> int:
     from tsqlora_ext.pipeline import demo_settings
 
@@ -148,17 +172,15 @@ def main(argv=None) -> int:
         if not same:
             raise SystemExit(f"{args.out} holds runs with another pool/eval/fraction; pass --out")
         payload["runs"] = old["runs"]
-    done = {(r["dataset"], r["flip"], r["seed"]) for r in payload["runs"]}
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    jobs = [{"dataset": d, "flip": f, "seed": s, "pool": args.pool, "eval": args.eval,
-             "fraction": args.fraction, "threads": threads, "rules": args.rules}
-            for d in args.datasets for f in args.flips for s in args.seeds if (d, f, s) not in done]
+    jobs = pending(payload["runs"], args, threads)
     t0 = time.perf_counter()
     with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"),
                                 initializer=watch_parent) as ex:
         for fut in cf.as_completed([ex.submit(run_group, j) for j in jobs]):
             rows = fut.result()
             payload["runs"] += rows
+            payload["args"] = recorded_args(payload["runs"], payload["args"])
             write_atomic(args.out, json.dumps(payload, indent=1) + "\n")
             write_atomic(args.out.with_suffix(".md"), markdown(payload))
             for r in rows:
