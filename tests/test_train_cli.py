@@ -143,6 +143,7 @@ def test_resume_finds_the_run_from_any_directory_and_refuses_other_flags(tmp_pat
     calls = _record_pipeline(monkeypatch)
     proj = tmp_path / "proj"
     (proj / "model").mkdir(parents=True)
+    (proj / "model" / "config.json").write_text("{}")
     (proj / "train.jsonl").write_text('{"text": "w1 w2 w3", "label": 0}\n')
     monkeypatch.chdir(proj)
     assert main(["train", "--data", "train.jsonl", "--out", "runs/x", "--model", "model"]) == 0
