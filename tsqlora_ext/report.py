@@ -42,8 +42,13 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
     null, which every JSON reader accepts, where Python's default writes the non-standard NaN."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_strict(obj), indent=2, allow_nan=False) + "\n")
+    tmp.write_text(strict_json(obj))
     os.replace(tmp, path)
+
+
+def strict_json(obj: Any) -> str:
+    """``obj`` as indented JSON text with NaN and ±inf as null."""
+    return json.dumps(_strict(obj), indent=2, allow_nan=False) + "\n"
 
 
 def _strict(o):

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from . import _C
+from .report import strict_json
 
 GATE_REASONS: tuple[str, ...] = tuple(_C.GATE_REASONS)
 REASONS: tuple[str, ...] = GATE_REASONS + ("likely_mislabeled", "not_selected")
@@ -263,13 +264,6 @@ def _refuse_clashing_files(data, scores, outputs: dict) -> None:
                 raise ValueError(f"select: {other} {other_path} and {name} {path} are the same file")
 
 
-def _strict_json(obj) -> str:
-    """Strict JSON (NaN and ±inf as null, which every JSON reader accepts)."""
-    from .report import _strict
-
-    return json.dumps(_strict(obj), indent=2, allow_nan=False) + "\n"
-
-
 def _write_subset(rows: _Rows, indices: np.ndarray, out: Path, protect: list[Path]) -> None:
     fmt = FILE_FORMATS.get(out.suffix.lower())
     if rows.kind in ("jsonl", "csv", "tsv"):
@@ -484,7 +478,7 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
         atomic_write(Path(indices_out), lambda tmp: Path(tmp).write_text("".join(f"{i}\n" for i in indices)),
                      protect)
     if report_out is not None:
-        atomic_write(Path(report_out), lambda tmp: Path(tmp).write_text(_strict_json(report)),
+        atomic_write(Path(report_out), lambda tmp: Path(tmp).write_text(strict_json(report)),
                      protect)
 
     subset = None
