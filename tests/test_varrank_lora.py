@@ -219,8 +219,11 @@ def test_bad_inputs_name_the_input():
 
     with pytest.raises(RuntimeError, match="active\\[1\\] = 9 is outside"):
         call(active=torch.tensor([0, 9]))
-    with pytest.raises(RuntimeError, match="active holds id 2 twice"):
+    with pytest.raises(RuntimeError, match="strictly increasing .* active\\[1\\] = 2 follows 2"):
         call(active=torch.tensor([2, 2]))
+    # All r_max ids, out of order: the op takes r == r_max as 0..r_max-1, so it must refuse them.
+    with pytest.raises(RuntimeError, match="active\\[1\\] = 0 follows 1"):
+        call(active=torch.tensor([1, 0, 2, 3, 4]))
     with pytest.raises(RuntimeError, match="active must be a 1-D int64"):
         call(active=torch.tensor([0, 1], dtype=torch.int32))
     with pytest.raises(RuntimeError, match="lora_B must be"):

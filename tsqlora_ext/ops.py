@@ -28,8 +28,9 @@ def varrank_lora(
 
     x: [..., in]; x_lora: the adapter's (dropped-out) copy of x, or None for x itself;
     weight: [out, in] and bias: [out] are frozen (they get no gradient, so they must not require
-    one); lora_A: [r_max, in]; lora_E: [r_max]; lora_B: [out, r_max]; active: unique int64 ids of the
-    active components, [r] with 0 <= r <= r_max (r = 0 gives the base output). Gradients of
+    one); lora_A: [r_max, in]; lora_E: [r_max]; lora_B: [out, r_max]; active: the int64 ids of the
+    active components in increasing order without repeats (as `VarRankLoRALinear.active` holds
+    them), [r] with 0 <= r <= r_max (r = 0 gives the base output). Gradients of
     lora_A/E/B are zero outside the active components.
     """
     y, _ = torch.ops.tsqlora_ext.varrank_lora.default(

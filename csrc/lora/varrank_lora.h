@@ -1,11 +1,11 @@
 // Variable-rank LoRA linear: the host-side algorithm shared by the CPU and the CUDA backend.
 //
 // Forward (SVD form, DESIGN.md), for x: [N, in] (leading dims flattened), the active ids
-// act: [r] (unique, 0 <= act[k] < r_max; r may be 0) and s = scaling:
+// act: [r] (strictly increasing, 0 <= act[k] < r_max; r may be 0) and s = scaling:
 //
-//     y  = x Wᵀ + b                                   one GEMM (+ bias)
 //     xa = x_lora A_actᵀ                 [N, r]        saved for backward
-//     y += xa · BseT,  BseT[k,o] = s·E[act[k]]·B[o,act[k]]  [r, out]
+//     y  = b + xa · BseT,  BseT[k,o] = s·E[act[k]]·B[o,act[k]]  [r, out]
+//     y += x Wᵀ                                        the base GEMM, accumulating (beta = 1)
 //
 // Backward, with g = dy: [N, out]:
 //
@@ -14,7 +14,7 @@
 //     Pt  = xaᵀ dy                       [r, out]
 //     dB[:, act[k]] = s·E[act[k]]·Pt[k, :]
 //     dE[act[k]]    = s·Σ_o B[o, act[k]]·Pt[k, o]
-//     dx  = dy W (+ geTᵀ A_act when x_lora is x itself), dx_lora = geTᵀ A_act otherwise
+//     dx  = (geTᵀ A_act when x_lora is x itself) + dy W,  dx_lora = geTᵀ A_act otherwise
 //
 // The thin products are laid out rank-major ([r, N], [r, out]): measured with MKL on these
 // machines, xaᵀ·dy runs 3-5x faster than dyᵀ·xa at 512x384 (the [out, r] output with r = 8 is a
@@ -28,8 +28,17 @@
 // large operand: 2048x5632 is 46 MB in fp32) or storage that ties the frozen weight to the
 // adapter's Parameters. The unfused second read of x costs N·in loads against the base GEMM's
 // N·in·out FLOPs: a few percent at most. So both GEMMs go to the vendor BLAS (MKL/OpenBLAS on CPU,
-// cuBLAS on CUDA) through ATen, and the adapter-side products accumulate into y / dx with beta = 1
-// (addmm_), so no extra [N, out] or [N, in] temporaries are written.
+// cuBLAS on CUDA) through ATen.
+//
+// Order: the adapter's rank-r product is written into y (and dx) first, and the large base GEMM
+// then accumulates onto it (addmm_, beta = 1). The other order (base GEMM, then y += xa·BseT)
+// makes the rank-r GEMM read and write all of y: on an H200 at 8192x4096 bf16 that pass took
+// 46 us of a 344 us base GEMM, while a compute-bound GEMM reads its C operand in the epilogue
+// nearly for free. No extra [N, out] or [N, in] temporaries are written either way.
+//
+// All active (r == r_max): the ids are strictly increasing, so act is 0..r_max-1 and A, dA are
+// used as they are (no gather of A's rows, no zero-filled dA scattered into); this is the common
+// case early in training and for every layer that ends at its r_max.
 //
 // The small fused steps (gather + scale of B's active columns, and the scatter of dB / reduction
 // of dE) are per-backend kernels, passed in as a `Kernels` struct so this file holds the algorithm
@@ -46,10 +55,13 @@ namespace tsq::lora {
 // The backend's fused element-wise kernels. All tensors contiguous, on one device, one dtype
 // (active: int64).
 struct Kernels {
+  // A_act = A[act]: [r_max, in] -> [r, in].
+  at::Tensor (*gather_rows)(const at::Tensor& A, const at::Tensor& act);
   // BseT[k, o] = s·E[act[k]]·B[o, act[k]]. B: [out, r_max], E: [r_max], act: [r] -> [r, out].
   at::Tensor (*gather_scale_B)(const at::Tensor& B, const at::Tensor& E, const at::Tensor& act,
                                double s);
   // From Pt = xaᵀ dy [r, out]: dB [out, r_max] and dE [r_max], zero outside the active set.
+  // (With r == r_max every element is written, so they need no zero fill.)
   std::tuple<at::Tensor, at::Tensor> (*grad_B_E)(const at::Tensor& P, const at::Tensor& B,
                                                  const at::Tensor& E, const at::Tensor& act,
                                                  double s);
@@ -100,6 +112,11 @@ inline std::vector<int64_t> with_last(const at::Tensor& x, int64_t n) {
   return s;
 }
 
+// A's rows of the active components, [r, in]: A itself when every component is active.
+inline at::Tensor active_rows(const Kernels& k, const at::Tensor& A, const at::Tensor& act) {
+  return act.numel() == A.size(0) ? A : k.gather_rows(A.contiguous(), act);
+}
+
 inline std::tuple<at::Tensor, at::Tensor> forward(const Kernels& k, const at::Tensor& x,
                                                   const std::optional<at::Tensor>& x_lora,
                                                   const at::Tensor& weight,
@@ -115,17 +132,17 @@ inline std::tuple<at::Tensor, at::Tensor> forward(const Kernels& k, const at::Te
                 "varrank_lora: bias must match x's dtype and device");
   }
   const at::Tensor x2 = x.reshape({-1, in});
-  at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-  at::Tensor xa;
   if (r == 0) {
     // Rank 0 is the base layer, bit for bit: no adapter term is added at all.
-    xa = x2.new_empty({x2.size(0), 0});
-  } else {
-    const at::Tensor act = active.contiguous();
-    const at::Tensor xl2 = x_lora.has_value() ? x_lora->reshape({-1, in}) : x2;
-    xa = at::mm(xl2, A.index_select(0, act).t());                      // [N, r]
-    y.addmm_(xa, k.gather_scale_B(B.contiguous(), E.contiguous(), act, scaling));
+    at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+    return {y.view(with_last(x, out)), x2.new_empty(with_last(x, 0))};
   }
+  const at::Tensor act = active.contiguous();
+  const at::Tensor xl2 = x_lora.has_value() ? x_lora->reshape({-1, in}) : x2;
+  const at::Tensor xa = at::mm(xl2, active_rows(k, A, act).t());       // [N, r]
+  const at::Tensor BseT = k.gather_scale_B(B.contiguous(), E.contiguous(), act, scaling);
+  at::Tensor y = bias.has_value() ? at::addmm(*bias, xa, BseT) : at::mm(xa, BseT);
+  y.addmm_(x2, weight.t());
   return {y.view(with_last(x, out)), xa.view(with_last(x, r))};
 }
 
@@ -151,26 +168,32 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
   // (the autograd formula in ops.py maps it to None).
   const bool separate = x_lora.has_value();
   // (Two distinct empty tensors: outputs of an op must never alias each other.)
-  at::Tensor dx = need_dx ? at::mm(dy, weight) : x.new_empty({0});     // [N, in]
+  at::Tensor dx = x.new_empty({0});
   at::Tensor dx_lora = x.new_empty({0});
   if (r == 0) {
     // No active component: the adapter contributed nothing, so its gradients are exact zeros.
+    if (need_dx) dx = at::mm(dy, weight).view(x.sizes());
     if (separate && need_dx_lora) dx_lora = at::zeros(x_lora->sizes(), x_lora->options());
-    return {need_dx ? dx.view(x.sizes()) : dx, dx_lora, at::zeros_like(A), at::zeros_like(E),
-            at::zeros_like(B)};
+    return {dx, dx_lora, at::zeros_like(A), at::zeros_like(E), at::zeros_like(B)};
   }
   const at::Tensor act = active.contiguous();
   const at::Tensor Bc = B.contiguous(), Ec = E.contiguous();
   const at::Tensor xl2 = separate ? x_lora->reshape({-1, in}) : x.reshape({-1, in});
-  const at::Tensor A_act = A.index_select(0, act);                          // [r, in]
+  const at::Tensor A_act = active_rows(k, A, act);                          // [r, in]
   const at::Tensor geT = at::mm(k.gather_scale_B(Bc, Ec, act, scaling), dy.t());  // [r, N]
 
-  at::Tensor dA = at::zeros_like(A);
-  dA.index_copy_(0, act, at::mm(geT, xl2));
+  at::Tensor dA = at::mm(geT, xl2);                                         // [r, in]
+  if (r < A.size(0)) dA = at::zeros_like(A).index_copy_(0, act, dA);
   auto [dB, dE] = k.grad_B_E(at::mm(xa.reshape({-1, r}).t(), dy), Bc, Ec, act, scaling);
-  if (!separate && need_dx) dx.addmm_(geT.t(), A_act);
-  if (separate && need_dx_lora) dx_lora = at::mm(geT.t(), A_act).view(x.sizes());
-  return {need_dx ? dx.view(x.sizes()) : dx, dx_lora, dA, dE, dB};
+  if (separate) {
+    if (need_dx) dx = at::mm(dy, weight).view(x.sizes());
+    if (need_dx_lora) dx_lora = at::mm(geT.t(), A_act).view(x.sizes());
+  } else if (need_dx) {
+    dx = at::mm(geT.t(), A_act);  // the adapter's part first, then the base GEMM onto it
+    dx.addmm_(dy, weight);
+    dx = dx.view(x.sizes());
+  }
+  return {dx, dx_lora, dA, dE, dB};
 }
 
 }  // namespace tsq::lora

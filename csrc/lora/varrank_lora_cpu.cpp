@@ -21,16 +21,18 @@ namespace {
 // Rows of [out, *] per parallel task: enough work per task to amortise the scheduling.
 constexpr int64_t kRowGrain = 64;
 
-// The ids must index B's columns without a bounds check in the loops below, and must be unique
-// (a duplicated id would scatter two gradients into one slot). r values, so this is cheap.
+// The ids must index B's columns without a bounds check in the loops below, and must be strictly
+// increasing: unique (a duplicated id would scatter two gradients into one slot), and sorted so
+// that r == r_max means exactly 0..r_max-1 (varrank_lora.h then uses A as it is). r values, so
+// this is cheap.
 void check_active_ids(const at::Tensor& active, int64_t r_max) {
   const int64_t* act = active.data_ptr<int64_t>();
-  std::vector<char> seen(r_max, 0);
   for (int64_t k = 0; k < active.numel(); ++k) {
     TORCH_CHECK(act[k] >= 0 && act[k] < r_max, "varrank_lora: active[", k, "] = ", act[k],
                 " is outside [0, r_max=", r_max, ")");
-    TORCH_CHECK(!seen[act[k]], "varrank_lora: active holds id ", act[k], " twice");
-    seen[act[k]] = 1;
+    TORCH_CHECK(k == 0 || act[k] > act[k - 1], "varrank_lora: active must be strictly increasing "
+                "(sorted component ids, no repeats), but active[", k, "] = ", act[k],
+                " follows ", act[k - 1]);
   }
 }
 
@@ -40,6 +42,10 @@ std::vector<at::opmath_type<scalar_t>> scaled_E(const scalar_t* E, const int64_t
   std::vector<at::opmath_type<scalar_t>> se(r);
   for (int64_t k = 0; k < r; ++k) se[k] = static_cast<at::opmath_type<scalar_t>>(s * double(E[act[k]]));
   return se;
+}
+
+at::Tensor gather_rows_cpu(const at::Tensor& A, const at::Tensor& act) {
+  return A.index_select(0, act);
 }
 
 at::Tensor gather_scale_B_cpu(const at::Tensor& B, const at::Tensor& E, const at::Tensor& act,
@@ -64,8 +70,8 @@ std::tuple<at::Tensor, at::Tensor> grad_B_E_cpu(const at::Tensor& Pt, const at::
                                                 const at::Tensor& E, const at::Tensor& act,
                                                 double s) {
   const int64_t out = B.size(0), r_max = B.size(1), r = act.numel();
-  at::Tensor dB = at::zeros_like(B);
-  at::Tensor dE = at::zeros_like(E);
+  at::Tensor dB = r == r_max ? at::empty(B.sizes(), B.options()) : at::zeros_like(B);
+  at::Tensor dE = r == r_max ? at::empty(E.sizes(), E.options()) : at::zeros_like(E);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, B.scalar_type(), "grad_B_E", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor Pc = Pt.contiguous();
@@ -93,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> grad_B_E_cpu(const at::Tensor& Pt, const at::
   return {dB, dE};
 }
 
-constexpr Kernels kCpuKernels{gather_scale_B_cpu, grad_B_E_cpu};
+constexpr Kernels kCpuKernels{gather_rows_cpu, gather_scale_B_cpu, grad_B_E_cpu};
 
 std::tuple<at::Tensor, at::Tensor> varrank_lora_cpu(
     const at::Tensor& x, const std::optional<at::Tensor>& x_lora, const at::Tensor& weight,

@@ -3,16 +3,18 @@
 // varrank_lora.h: the GEMMs run on cuBLAS through ATen on the current stream; this file holds the
 // three small fused kernels around them.
 //
+//   gather_rows    : A_act[k, j] = A[act[k], j]                  [r, in]    (r < r_max only)
 //   gather_scale_B : BseT[k, o] = s·E[act[k]]·B[o, act[k]]       [r, out]   (forward and backward)
 //   scatter_dB     : dB[o, act[k]] = s·E[act[k]]·Pt[k, o]          [out, r_max], zeros elsewhere
 //   reduce_dE      : dE[act[k]] = s·Σ_o B[o, act[k]]·Pt[k, o]      [r_max],      zeros elsewhere
 //
 // Each touches O(out·r) values, against O(N·out·r) FLOPs in the GEMMs, so they are written for
-// clarity: one thread per element (grid-stride) for the first two, one block per component for the
-// reduction. Arithmetic is in at::opmath_type (float for bf16/fp16, double for float64), rounded
+// clarity: one thread per element (grid-stride) for the first three, one block per component for
+// the reduction. (gather_rows replaces A.index_select: ATen's small-index kernel took 11 us for a
+// 16x4096 gather on an H200.) Arithmetic is in at::opmath_type (float for bf16/fp16, double for float64), rounded
 // once on store; s arrives as a double, so float64 keeps all of alpha / r_init.
-// Active ids are checked on the device (CUDA_KERNEL_ASSERT), never copied to the host: uniqueness
-// is the caller's contract (VarRankLoRALinear.set_active guarantees it; the CPU backend checks it).
+// Active ids are checked on the device (CUDA_KERNEL_ASSERT: in range and strictly increasing),
+// never copied to the host (VarRankLoRALinear.set_active keeps them sorted and unique).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -33,6 +35,24 @@ int blocks_for(int64_t n) {
   return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 4096));
 }
 
+// act[k] in [0, r_max) and above act[k - 1]: the ids varrank_lora.h relies on.
+__device__ __forceinline__ int64_t checked_id(const int64_t* act, int64_t k, int64_t r_max) {
+  const int64_t id = act[k];
+  CUDA_KERNEL_ASSERT(id >= 0 && id < r_max && (k == 0 || id > act[k - 1]));
+  return id;
+}
+
+template <typename scalar_t>
+__global__ void gather_rows_kernel(const scalar_t* __restrict__ A,         // [r_max, in]
+                                   const int64_t* __restrict__ act,        // [r]
+                                   scalar_t* __restrict__ A_act,           // [r, in]
+                                   int64_t in, int64_t r_max, int64_t r) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < in * r;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    A_act[i] = A[checked_id(act, i / in, r_max) * in + i % in];
+  }
+}
+
 template <typename scalar_t>
 __global__ void gather_scale_B_kernel(const scalar_t* __restrict__ B,      // [out, r_max]
                                       const scalar_t* __restrict__ E,      // [r_max]
@@ -42,8 +62,7 @@ __global__ void gather_scale_B_kernel(const scalar_t* __restrict__ B,      // [o
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < out * r;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t o = i % out, id = act[i / out];
-    CUDA_KERNEL_ASSERT(id >= 0 && id < r_max);
+    const int64_t o = i % out, id = checked_id(act, i / out, r_max);
     BseT[i] = static_cast<scalar_t>(acc_t(s) * acc_t(E[id]) * acc_t(B[o * r_max + id]));
   }
 }
@@ -57,8 +76,7 @@ __global__ void scatter_dB_kernel(const scalar_t* __restrict__ Pt,         // [r
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < out * r;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t o = i % out, id = act[i / out];
-    CUDA_KERNEL_ASSERT(id >= 0 && id < r_max);
+    const int64_t o = i % out, id = checked_id(act, i / out, r_max);
     dB[o * r_max + id] = static_cast<scalar_t>(acc_t(s) * acc_t(E[id]) * acc_t(Pt[i]));
   }
 }
@@ -72,8 +90,7 @@ __global__ void reduce_dE_kernel(const scalar_t* __restrict__ Pt,          // [r
                                  int64_t out, int64_t r_max, int64_t r, double s) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t partial[kThreads];
-  const int64_t k = blockIdx.x, id = act[k];
-  CUDA_KERNEL_ASSERT(id >= 0 && id < r_max);
+  const int64_t k = blockIdx.x, id = checked_id(act, k, r_max);
   acc_t sum = 0;
   for (int64_t o = threadIdx.x; o < out; o += blockDim.x)
     sum += acc_t(B[o * r_max + id]) * acc_t(Pt[k * out + o]);
@@ -95,6 +112,23 @@ void check_kernel_args(const char* what, const at::Tensor& B, const at::Tensor& 
               ": lora_B must be [out, r_max] and lora_E [r_max]");
   TORCH_CHECK(E.scalar_type() == B.scalar_type() && act.scalar_type() == at::kLong, what,
               ": dtype mismatch (lora_E must match lora_B; active must be int64)");
+}
+
+at::Tensor gather_rows_cuda(const at::Tensor& A, const at::Tensor& act) {
+  TORCH_CHECK(A.is_cuda() && act.is_cuda() && A.is_contiguous() && act.is_contiguous() &&
+                  A.dim() == 2 && act.scalar_type() == at::kLong,
+              "gather_rows: lora_A must be a contiguous [r_max, in] CUDA tensor and active int64");
+  const c10::cuda::CUDAGuard guard(A.device());
+  const int64_t r_max = A.size(0), in = A.size(1), r = act.numel();
+  at::Tensor A_act = at::empty({r, in}, A.options());
+  if (A_act.numel() == 0) return A_act;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, A.scalar_type(), "gather_rows", [&] {
+    gather_rows_kernel<scalar_t><<<blocks_for(in * r), kThreads, 0, stream>>>(
+        A.data_ptr<scalar_t>(), act.data_ptr<int64_t>(), A_act.data_ptr<scalar_t>(), in, r_max, r);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return A_act;
 }
 
 at::Tensor gather_scale_B_cuda(const at::Tensor& B, const at::Tensor& E, const at::Tensor& act,
@@ -124,8 +158,8 @@ std::tuple<at::Tensor, at::Tensor> grad_B_E_cuda(const at::Tensor& Pt_in, const 
               "grad_B_E: Pt = xaᵀ dy must be an [r, out] tensor of lora_B's dtype");
   const at::Tensor Pt = Pt_in.contiguous();
   const c10::cuda::CUDAGuard guard(B.device());
-  at::Tensor dB = at::zeros_like(B);
-  at::Tensor dE = at::zeros_like(E);
+  at::Tensor dB = r == r_max ? at::empty(B.sizes(), B.options()) : at::zeros_like(B);
+  at::Tensor dE = r == r_max ? at::empty(E.sizes(), E.options()) : at::zeros_like(E);
   if (Pt.numel() == 0) return {dB, dE};
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, B.scalar_type(), "grad_B_E", [&] {
@@ -141,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor> grad_B_E_cuda(const at::Tensor& Pt_in, const 
   return {dB, dE};
 }
 
-constexpr Kernels kCudaKernels{gather_scale_B_cuda, grad_B_E_cuda};
+constexpr Kernels kCudaKernels{gather_rows_cuda, gather_scale_B_cuda, grad_B_E_cuda};
 
 std::tuple<at::Tensor, at::Tensor> varrank_lora_cuda(
     const at::Tensor& x, const std::optional<at::Tensor>& x_lora, const at::Tensor& weight,
