@@ -83,15 +83,46 @@ __device__ __forceinline__ bool finite_value(T v) {
   return finite_value(static_cast<float>(v));
 }
 
+// Elements whose loads one thread issues before the first of their stores (see update_strided).
+constexpr int kBatch = 4;
+
+// The EMA update of the elements x = first, first + stride, ... < end (in that order), returning
+// the sum of their s = Ī·Ū (added in that order, so the result does not depend on kBatch).
+// The loads of kBatch elements are issued before any of their stores: the state pointers come
+// from the layer table, not __restrict__ arguments, so the compiler must assume a store to
+// ipt[x] may alias the next element's loads, and an element-at-a-time loop would keep only one
+// element's four loads in flight per thread, too few to cover the memory latency.
 template <typename T>
-__device__ __forceinline__ float update_element(T p, T g, float* ipt, float* unc, float b1,
-                                                float b2) {
-  const float I = fabsf(static_cast<float>(p) * static_cast<float>(g));
-  const float ib = b1 * *ipt + (1.f - b1) * I;
-  const float ub = b2 * *unc + (1.f - b2) * fabsf(I - ib);
-  *ipt = ib;
-  *unc = ub;
-  return ib * ub;
+__device__ __forceinline__ float update_strided(const T* p, const T* g, float* ipt, float* unc,
+                                                int64_t first, int64_t end, int64_t stride,
+                                                float b1, float b2) {
+  float sum = 0.f;
+  for (int64_t x = first; x < end; x += kBatch * stride) {
+    float pv[kBatch], gv[kBatch], iv[kBatch], uv[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t y = x + u * stride;
+      if (y < end) {
+        pv[u] = static_cast<float>(p[y]);
+        gv[u] = static_cast<float>(g[y]);
+        iv[u] = ipt[y];
+        uv[u] = unc[y];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t y = x + u * stride;
+      if (y < end) {
+        const float I = fabsf(pv[u] * gv[u]);
+        const float ib = b1 * iv[u] + (1.f - b1) * I;
+        const float ub = b2 * uv[u] + (1.f - b2) * fabsf(I - ib);
+        ipt[y] = ib;
+        unc[y] = ub;
+        sum += ib * ub;
+      }
+    }
+  }
+  return sum;
 }
 
 // Sum over the block; the result is valid in thread 0.
@@ -121,6 +152,7 @@ __global__ void __launch_bounds__(kThreads) nonfinite_check_kernel(
     const int64_t k = it.row_begin;
     if (!act[k]) return;
     const T* ga = static_cast<const T*>(m.gA) + k * m.in;
+#pragma unroll 4  // the loads are independent: several in flight per thread
     for (int64_t j = threadIdx.x; j < m.in; j += blockDim.x) ok &= finite_value(ga[j]);
     if (threadIdx.x == 0) ok &= finite_value(static_cast<const T*>(m.gE)[k]);
   } else {
@@ -129,6 +161,7 @@ __global__ void __launch_bounds__(kThreads) nonfinite_check_kernel(
     if (m.r <= blockDim.x) {
       const int64_t stride = (blockDim.x / m.r) * m.r;
       if (threadIdx.x < stride && act[threadIdx.x % m.r])
+#pragma unroll 4
         for (int64_t x = it.row_begin * m.r + threadIdx.x; x < it.row_end * m.r; x += stride)
           ok &= finite_value(gb[x]);
     } else {
@@ -170,16 +203,12 @@ __global__ void __launch_bounds__(kThreads) sensitivity_update_kernel(
       const T* ga = static_cast<const T*>(m.gA) + k * m.in;
       float* ia = m.ipt + k * m.in;
       float* ua = m.unc + k * m.in;
-      float sum = 0.f;
-#pragma unroll 4
-      for (int64_t j = threadIdx.x; j < m.in; j += blockDim.x)
-        sum += update_element(a[j], ga[j], ia + j, ua + j, b1, b2);
+      float sum = update_strided(a, ga, ia, ua, threadIdx.x, m.in, blockDim.x, b1, b2);
       sum = block_sum(sum, warp_sums);
       if (threadIdx.x == 0) {
-        const int64_t e = m.r * m.in + k;
-        const float se = update_element(static_cast<const T*>(m.E)[k],
-                                         static_cast<const T*>(m.gE)[k], m.ipt + e, m.unc + e,
-                                         b1, b2);
+        // E's states follow A's in the state buffers.
+        const float se = update_strided(static_cast<const T*>(m.E), static_cast<const T*>(m.gE),
+                                        m.ipt + m.r * m.in, m.unc + m.r * m.in, k, k + 1, 1, b1, b2);
         acc[m.comp_offset + k] = se + sum / static_cast<float>(m.in);
       }
     }
@@ -194,8 +223,8 @@ __global__ void __launch_bounds__(kThreads) sensitivity_update_kernel(
       const int64_t groups = blockDim.x / m.r, stride = groups * m.r;
       float own = 0.f;
       if (threadIdx.x < stride && act[threadIdx.x % m.r])
-        for (int64_t x = it.row_begin * m.r + threadIdx.x; x < it.row_end * m.r; x += stride)
-          own += update_element(b[x], gb[x], ib + x, ub + x, b1, b2);
+        own = update_strided(b, gb, ib, ub, it.row_begin * m.r + threadIdx.x, it.row_end * m.r,
+                             stride, b1, b2);
       thread_part[threadIdx.x] = own;
       __syncthreads();
       if (threadIdx.x < m.r) {
@@ -204,15 +233,10 @@ __global__ void __launch_bounds__(kThreads) sensitivity_update_kernel(
         sums[threadIdx.x] = sum;
       }
     } else {
-      for (int64_t c = threadIdx.x; c < m.r; c += blockDim.x) {
-        float sum = 0.f;
-        if (act[c])
-          for (int64_t j = it.row_begin; j < it.row_end; ++j) {
-            const int64_t x = j * m.r + c;
-            sum += update_element(b[x], gb[x], ib + x, ub + x, b1, b2);
-          }
-        sums[c] = sum;
-      }
+      for (int64_t c = threadIdx.x; c < m.r; c += blockDim.x)
+        sums[c] = act[c] ? update_strided(b, gb, ib, ub, it.row_begin * m.r + c,
+                                          it.row_end * m.r, m.r, b1, b2)
+                         : 0.f;
     }
   }
   // The last block to finish this layer publishes its scores (threadfence reduction).

@@ -125,7 +125,7 @@ def run_set(name: str, device: str, repeats: int) -> tuple[dict, dict]:
                                             / (t["ours_update_in_loop"] + t["ours_realloc"]), 2)
     gpu = {}
     if device == "cuda":
-        gpu = gpu_figures(ours_update, elements, A[0].element_size())
+        gpu = gpu_figures(ours_update, ours_update_in_loop, elements, A[0].element_size())
     return row, gpu
 
 
@@ -156,21 +156,28 @@ def no_host_sync(fn) -> bool:
         torch.cuda.set_sync_debug_mode("default")
 
 
-def gpu_figures(ours_update, elements: int, param_bytes: int) -> dict:
+def gpu_figures(ours_update, ours_update_in_loop, elements: int, param_bytes: int) -> dict:
     # Per call, as a training step sees it (host launch work included: one call takes lists of
-    # 8 x L tensors, checks them and uploads a work table), and the kernel alone on the device.
+    # 8 x L tensors, checks them and uploads a work table), and the kernels alone on the device:
+    # the op as it runs standalone (its NaN/inf scan of the gradients, then the update) and as
+    # the training loop calls it (check_finite=False: the update kernel only).
     ms = cuda_ms(ours_update, 50)
     kernel_ms = common.cuda_kernel_ms(ours_update)
-    # must move: read p and grad, read+write both float32 EMAs
+    loop_kernel_ms = common.cuda_kernel_ms(ours_update_in_loop)
+    # must move: read p and grad, read+write both float32 EMAs (the scan's second read of the
+    # gradients is not counted: it is work the standalone op adds, not bytes it must move)
     useful = elements * (2 * param_bytes + 4 * 4)
     src = torch.empty(useful // 2 // 4, device="cuda")
     dst = torch.empty_like(src)
     copy_ms = cuda_ms(lambda: dst.copy_(src), 50)
     copy_bw = 2 * src.numel() * 4 / copy_ms / 1e6  # GB/s
     kernel_bw = useful / kernel_ms / 1e6
+    loop_bw = useful / loop_kernel_ms / 1e6
     return {"update_ms": round(ms, 4), "update_kernel_ms": round(kernel_ms, 4),
             "call_GBps": round(useful / ms / 1e6, 1), "kernel_GBps": round(kernel_bw, 1),
             "copy_GBps": round(copy_bw, 1), "fraction_of_copy": round(kernel_bw / copy_bw, 3),
+            "in_loop_kernel_ms": round(loop_kernel_ms, 4),
+            "in_loop_fraction_of_copy": round(loop_bw / copy_bw, 3),
             "update_no_sync": no_host_sync(ours_update)}
 
 
@@ -230,6 +237,8 @@ def main() -> None:
         rows.append({"set": "llama2048 (GPU bandwidth)", **g})
         goals.append(common.goal("update kernel bandwidth / D2D copy bandwidth", g["fraction_of_copy"],
                                  0.70, True))
+        goals.append(common.goal("the same, as the training loop calls it (no NaN/inf scan)",
+                                 g["in_loop_fraction_of_copy"], 0.70, True))
         goals.append(common.goal("update without host sync", float(g["update_no_sync"]), 1.0, True))
         row = realloc_100k("cuda", repeats)
         rows.append(row)
