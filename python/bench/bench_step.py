@@ -149,7 +149,7 @@ def trainable(model) -> int:
 def main() -> None:
     args = common.parse_args(__doc__.splitlines()[0])
     device = args.device
-    repeats = 3 if args.quick else (10 if device == "cpu" else 30)
+    repeats = 3 if args.quick else (10 if device == "cpu" else 20)
     total_steps = 10_000  # far beyond the timed steps: every method stays in its budget phase
     base, data, task_type, amp_dtype = load_model(device, args.quick)
     base.requires_grad_(False)
