@@ -109,6 +109,7 @@ def test_matches_reference_active_sets(device, kind, with_x_lora):
     (5, 3, 256, "scattered"),
     (33, 1, 7, "scattered"),
     (64, 96, 256, "full"),
+    (4, 0, 6, "full"),  # out = 0: dE is an empty sum, so exact zeros
 ])
 def test_matches_reference_odd_sizes(device, n_in, n_out, r_max, kind):
     for dtype in dtypes_for(device):
@@ -163,10 +164,12 @@ def _sample_args(device):
                 t[k].requires_grad_(True)
         yield tuple(t[k] for k in ARGS)
     # Transposed views: the fake kernels must give the real outputs' (contiguous) strides.
-    for kind in ("scattered", "empty"):
+    for kind in ("scattered", "empty", "full"):
         t = make_inputs((3, 4), 12, 10, 6, kind, torch.float32, device, with_x_lora=True)
         for k in ("x", "x_lora"):
             t[k] = t[k].transpose(0, 1)
+        for k in ("lora_A", "lora_B"):  # same shape, column-major
+            t[k] = t[k].t().contiguous().t()
         for k in GRAD_OF:
             t[k].requires_grad_(True)
         yield tuple(t[k] for k in ARGS)

@@ -48,10 +48,12 @@ def _varrank_lora_fake(x, x_lora, weight, bias, lora_A, lora_E, lora_B, active, 
 @torch.library.register_fake("tsqlora_ext::varrank_lora_backward")
 def _varrank_lora_backward_fake(grad_y, x, x_lora, weight, lora_A, lora_E, lora_B, active,
                                 scaling, xa, need_dx, need_dx_lora):
-    # The kernels return dx and dx_lora contiguous whatever x's strides (empty_like would copy them).
+    # The kernels return every gradient contiguous whatever its input's strides (empty_like would
+    # copy them).
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     dx_lora = x.new_empty(x.shape) if (x_lora is not None and need_dx_lora) else x.new_empty(0)
-    return dx, dx_lora, torch.empty_like(lora_A), torch.empty_like(lora_E), torch.empty_like(lora_B)
+    return (dx, dx_lora, lora_A.new_empty(lora_A.shape), lora_E.new_empty(lora_E.shape),
+            lora_B.new_empty(lora_B.shape))
 
 
 # ---- sensitivity and rank reallocation (csrc/sensitivity/, csrc/realloc/) ----------------------

@@ -21,7 +21,8 @@
 // degenerate GEMM shape for it), and no slower at 4096x2048x5632.
 //
 // dA, dE, dB have the full [r_max, ...] shapes with exact zeros outside the active set, so an
-// optimizer sees parameters that never change shape. W and b are frozen: no gradient.
+// optimizer sees parameters that never change shape; they are contiguous whatever the
+// parameters' strides (as the fake kernel in ops.py says). W and b are frozen: no gradient.
 //
 // Why the base GEMM is not fused with the adapter's x·A_actᵀ (which would read x once): fusing
 // needs one weight [W; A_act] of shape [out + r, in], i.e. a copy of all of W every call (W is the
@@ -47,6 +48,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/util/accumulate.h>
 
 #include <tuple>
 
@@ -105,6 +107,12 @@ inline void check_inputs(const char* op, const at::Tensor& x, const std::optiona
   }
 }
 
+// The number of rows N of x: [..., in] seen as [N, in]. (reshape({-1, in}) cannot infer N when a
+// last dimension is 0.)
+inline int64_t rows_of(const at::Tensor& x) {
+  return c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+}
+
 // The shape [..., n] for an input of shape [..., in].
 inline std::vector<int64_t> with_last(const at::Tensor& x, int64_t n) {
   auto s = x.sizes().vec();
@@ -131,14 +139,14 @@ inline std::tuple<at::Tensor, at::Tensor> forward(const Kernels& k, const at::Te
     TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(),
                 "varrank_lora: bias must match x's dtype and device");
   }
-  const at::Tensor x2 = x.reshape({-1, in});
+  const at::Tensor x2 = x.reshape({rows_of(x), in});
   if (r == 0) {
     // Rank 0 is the base layer, bit for bit: no adapter term is added at all.
     at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
     return {y.view(with_last(x, out)), x2.new_empty(with_last(x, 0))};
   }
   const at::Tensor act = active.contiguous();
-  const at::Tensor xl2 = x_lora.has_value() ? x_lora->reshape({-1, in}) : x2;
+  const at::Tensor xl2 = x_lora.has_value() ? x_lora->reshape({rows_of(x), in}) : x2;
   const at::Tensor xa = at::mm(xl2, active_rows(k, A, act).t());       // [N, r]
   const at::Tensor BseT = k.gather_scale_B(B.contiguous(), E.contiguous(), act, scaling);
   at::Tensor y = bias.has_value() ? at::addmm(*bias, xa, BseT) : at::mm(xa, BseT);
@@ -163,7 +171,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
               "varrank_lora_backward: grad_y and xa must have x's dtype ", x.scalar_type());
   TORCH_CHECK(grad_y.device() == x.device() && xa.device() == x.device(),
               "varrank_lora_backward: grad_y and xa must be on x's device ", x.device());
-  const at::Tensor dy = grad_y.reshape({-1, out});
+  const at::Tensor dy = grad_y.reshape({rows_of(x), out});
   // dx_lora only exists when the adapter had its own input; an empty tensor means "no gradient"
   // (the autograd formula in ops.py maps it to None).
   const bool separate = x_lora.has_value();
@@ -174,17 +182,18 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
     // No active component: the adapter contributed nothing, so its gradients are exact zeros.
     if (need_dx) dx = at::mm(dy, weight).view(x.sizes());
     if (separate && need_dx_lora) dx_lora = at::zeros(x_lora->sizes(), x_lora->options());
-    return {dx, dx_lora, at::zeros_like(A), at::zeros_like(E), at::zeros_like(B)};
+    return {dx, dx_lora, at::zeros(A.sizes(), A.options()), at::zeros(E.sizes(), E.options()),
+            at::zeros(B.sizes(), B.options())};
   }
   const at::Tensor act = active.contiguous();
   const at::Tensor Bc = B.contiguous(), Ec = E.contiguous();
-  const at::Tensor xl2 = separate ? x_lora->reshape({-1, in}) : x.reshape({-1, in});
+  const at::Tensor xl2 = (separate ? *x_lora : x).reshape({rows_of(x), in});
   const at::Tensor A_act = active_rows(k, A, act);                          // [r, in]
   const at::Tensor geT = at::mm(k.gather_scale_B(Bc, Ec, act, scaling), dy.t());  // [r, N]
 
   at::Tensor dA = at::mm(geT, xl2);                                         // [r, in]
-  if (r < A.size(0)) dA = at::zeros_like(A).index_copy_(0, act, dA);
-  auto [dB, dE] = k.grad_B_E(at::mm(xa.reshape({-1, r}).t(), dy), Bc, Ec, act, scaling);
+  if (r < A.size(0)) dA = at::zeros(A.sizes(), A.options()).index_copy_(0, act, dA);
+  auto [dB, dE] = k.grad_B_E(at::mm(xa.reshape({rows_of(x), r}).t(), dy), Bc, Ec, act, scaling);
   if (separate) {
     if (need_dx) dx = at::mm(dy, weight).view(x.sizes());
     if (need_dx_lora) dx_lora = at::mm(geT.t(), A_act).view(x.sizes());

@@ -160,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> grad_B_E_cuda(const at::Tensor& Pt_in, const 
   const c10::cuda::CUDAGuard guard(B.device());
   at::Tensor dB = r == r_max ? at::empty(B.sizes(), B.options()) : at::zeros_like(B);
   at::Tensor dE = r == r_max ? at::empty(E.sizes(), E.options()) : at::zeros_like(E);
-  if (Pt.numel() == 0) return {dB, dE};
+  if (Pt.numel() == 0) return {dB, dE.zero_()};  // out == 0: dE is an empty sum
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, B.scalar_type(), "grad_B_E", [&] {
     scatter_dB_kernel<scalar_t><<<blocks_for(out * r), kThreads, 0, stream>>>(
