@@ -232,12 +232,10 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def atomic_write(path: Path, write, protect: list[Path] = ()) -> None:
-    """write(tmp_path) then os.replace onto path; refuses to replace any protected input."""
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path) then os.replace onto path, so a failed write leaves path as it was. (What
+    path must not be, the input or the scores file, select checks before anything is written.)"""
     path = Path(path)
-    for p in protect:
-        if _same_file(path, p):
-            raise ValueError(f"refusing to overwrite the input {p}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -264,7 +262,7 @@ def _refuse_clashing_files(data, scores, outputs: dict) -> None:
                 raise ValueError(f"select: {other} {other_path} and {name} {path} are the same file")
 
 
-def _write_subset(rows: _Rows, indices: np.ndarray, out: Path, protect: list[Path]) -> None:
+def _write_subset(rows: _Rows, indices: np.ndarray, out: Path) -> None:
     fmt = FILE_FORMATS.get(out.suffix.lower())
     if rows.kind in ("jsonl", "csv", "tsv"):
         if fmt != rows.kind:
@@ -278,7 +276,7 @@ def _write_subset(rows: _Rows, indices: np.ndarray, out: Path, protect: list[Pat
                 for i in indices:
                     f.write(t.raw(int(i)))
                     f.write(newline)
-        atomic_write(out, write, protect)
+        atomic_write(out, write)
         return
     if rows.kind == "list":
         raise ValueError("select: a list of str has no file format; use the returned indices")
@@ -286,13 +284,13 @@ def _write_subset(rows: _Rows, indices: np.ndarray, out: Path, protect: list[Pat
     table = rows.table.take(pa.array(indices, type=pa.int64()))
     if fmt == "parquet":
         import pyarrow.parquet as pq
-        atomic_write(out, lambda tmp: pq.write_table(table, tmp), protect)
+        atomic_write(out, lambda tmp: pq.write_table(table, tmp))
     elif fmt == "jsonl":
         atomic_write(out, lambda tmp: table.to_pandas().to_json(tmp, orient="records", lines=True,
-                                                                force_ascii=False), protect)
+                                                                force_ascii=False))
     elif fmt in ("csv", "tsv"):
         sep = "," if fmt == "csv" else "\t"
-        atomic_write(out, lambda tmp: table.to_pandas().to_csv(tmp, sep=sep, index=False), protect)
+        atomic_write(out, lambda tmp: table.to_pandas().to_csv(tmp, sep=sep, index=False))
     else:
         raise ValueError(f"--out {out.name}: use .parquet, .jsonl, .csv or .tsv")
 
@@ -471,15 +469,12 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
             d["kept"] += int(kk)
         report["labels"] = by_label
 
-    protect = [Path(rows.source)] if rows.kind in FILE_FORMATS.values() else []
     if out is not None:
-        _write_subset(rows, indices, Path(out), protect)
+        _write_subset(rows, indices, Path(out))
     if indices_out is not None:
-        atomic_write(Path(indices_out), lambda tmp: Path(tmp).write_text("".join(f"{i}\n" for i in indices)),
-                     protect)
+        atomic_write(Path(indices_out), lambda tmp: Path(tmp).write_text("".join(f"{i}\n" for i in indices)))
     if report_out is not None:
-        atomic_write(Path(report_out), lambda tmp: Path(tmp).write_text(strict_json(report)),
-                     protect)
+        atomic_write(Path(report_out), lambda tmp: Path(tmp).write_text(strict_json(report)))
 
     subset = None
     if rows.kind == "dataset":
