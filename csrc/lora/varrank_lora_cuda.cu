@@ -1,18 +1,19 @@
 // Variable-rank LoRA linear, CUDA backend: y = x Wᵀ + b + s·((x_lora A_actᵀ) ⊙ E_act) B_actᵀ and its
 // backward. The algorithm (shared with the CPU backend) and the memory layout are in
 // varrank_lora.h: the GEMMs run on cuBLAS through ATen on the current stream; this file holds the
-// three small fused kernels around them.
+// three small kernels around them.
 //
 //   gather_rows    : A_act[k, j] = A[act[k], j]                  [r, in]    (r < r_max only)
 //   gather_scale_B : BseT[k, o] = s·E[act[k]]·B[o, act[k]]       [r, out]   (forward and backward)
-//   scatter_dB     : dB[o, act[k]] = s·E[act[k]]·Pt[k, o]          [out, r_max], zeros elsewhere
-//   reduce_dE      : dE[act[k]] = s·Σ_o B[o, act[k]]·Pt[k, o]      [r_max],      zeros elsewhere
+//   grad_B_E       : dB[o, act[k]] = s·E[act[k]]·Pt[k, o]          [out, r_max], zeros elsewhere
+//                    dE[act[k]] = s·Σ_o B[o, act[k]]·Pt[k, o]      [r_max],      zeros elsewhere
 //
-// Each touches O(out·r) values, against O(N·out·r) FLOPs in the GEMMs, so they are written for
-// clarity: one thread per element (grid-stride) for the first three, one block per component for
-// the reduction. (gather_rows replaces A.index_select: ATen's small-index kernel took 11 us for a
-// 16x4096 gather on an H200.) Arithmetic is in at::opmath_type (float for bf16/fp16, double for float64), rounded
-// once on store; s arrives as a double, so float64 keeps all of alpha / r_init.
+// Each touches O(out·r) or O(in·r) values, against O(N·out·r) FLOPs in the GEMMs, so they are
+// written for clarity: one thread per element (grid-stride) for the two gathers, one block per
+// component for grad_B_E. (gather_rows replaces A.index_select: ATen's small-index kernel took
+// 11 us for a 16x4096 gather on an H200.) Arithmetic is in at::opmath_type (float for bf16/fp16,
+// double for float64), rounded once on store; s arrives as a double, so float64 keeps all of
+// alpha / r_init.
 // Active ids are checked on the device (CUDA_KERNEL_ASSERT: in range and strictly increasing),
 // never copied to the host (VarRankLoRALinear.set_active keeps them sorted and unique).
 #include <ATen/ATen.h>
@@ -67,33 +68,31 @@ __global__ void gather_scale_B_kernel(const scalar_t* __restrict__ B,      // [o
   }
 }
 
-template <typename scalar_t>
-__global__ void scatter_dB_kernel(const scalar_t* __restrict__ Pt,         // [r, out]
-                                  const scalar_t* __restrict__ E,          // [r_max]
-                                  const int64_t* __restrict__ act,         // [r]
-                                  scalar_t* __restrict__ dB,               // [out, r_max], zeroed
-                                  int64_t out, int64_t r_max, int64_t r, double s) {
-  using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < out * r;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t o = i % out, id = checked_id(act, i / out, r_max);
-    dB[o * r_max + id] = static_cast<scalar_t>(acc_t(s) * acc_t(E[id]) * acc_t(Pt[i]));
-  }
-}
+// One block per active component k; its threads stride over the out rows, writing
+// dB[o, id] = s·E[id]·Pt[k, o] and summing B[o, id]·Pt[k, o] for dE[id] from the same read of Pt
+// (one launch instead of a scatter and a reduction that each read Pt). 512 threads: with only r
+// blocks, the rows each thread walks in sequence are what bounds the time.
+constexpr int kGradThreads = 512;
 
-// One block per active component k; the block's threads stride over the out rows.
 template <typename scalar_t>
-__global__ void reduce_dE_kernel(const scalar_t* __restrict__ Pt,          // [r, out]
-                                 const scalar_t* __restrict__ B,           // [out, r_max]
-                                 const int64_t* __restrict__ act,          // [r]
-                                 scalar_t* __restrict__ dE,                // [r_max], zeroed
-                                 int64_t out, int64_t r_max, int64_t r, double s) {
+__global__ void __launch_bounds__(kGradThreads) grad_B_E_kernel(
+    const scalar_t* __restrict__ Pt,          // [r, out]
+    const scalar_t* __restrict__ B,           // [out, r_max]
+    const scalar_t* __restrict__ E,           // [r_max]
+    const int64_t* __restrict__ act,          // [r]
+    scalar_t* __restrict__ dB,                // [out, r_max], zero outside the active columns
+    scalar_t* __restrict__ dE,                // [r_max], zero outside the active ids
+    int64_t out, int64_t r_max, double s) {
   using acc_t = at::opmath_type<scalar_t>;
-  __shared__ acc_t partial[kThreads];
+  __shared__ acc_t partial[kGradThreads];
   const int64_t k = blockIdx.x, id = checked_id(act, k, r_max);
+  const acc_t se = acc_t(s) * acc_t(E[id]);
   acc_t sum = 0;
-  for (int64_t o = threadIdx.x; o < out; o += blockDim.x)
-    sum += acc_t(B[o * r_max + id]) * acc_t(Pt[k * out + o]);
+  for (int64_t o = threadIdx.x; o < out; o += blockDim.x) {
+    const acc_t p = acc_t(Pt[k * out + o]);
+    dB[o * r_max + id] = static_cast<scalar_t>(se * p);
+    sum += acc_t(B[o * r_max + id]) * p;
+  }
   partial[threadIdx.x] = sum;
   __syncthreads();
   for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
@@ -163,13 +162,9 @@ std::tuple<at::Tensor, at::Tensor> grad_B_E_cuda(const at::Tensor& Pt_in, const 
   if (Pt.numel() == 0) return {dB, dE.zero_()};  // out == 0: dE is an empty sum
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, B.scalar_type(), "grad_B_E", [&] {
-    scatter_dB_kernel<scalar_t><<<blocks_for(out * r), kThreads, 0, stream>>>(
-        Pt.data_ptr<scalar_t>(), E.data_ptr<scalar_t>(), act.data_ptr<int64_t>(),
-        dB.data_ptr<scalar_t>(), out, r_max, r, s);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    reduce_dE_kernel<scalar_t><<<static_cast<unsigned>(r), kThreads, 0, stream>>>(
-        Pt.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(), act.data_ptr<int64_t>(),
-        dE.data_ptr<scalar_t>(), out, r_max, r, s);
+    grad_B_E_kernel<scalar_t><<<static_cast<unsigned>(r), kGradThreads, 0, stream>>>(
+        Pt.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(), E.data_ptr<scalar_t>(),
+        act.data_ptr<int64_t>(), dB.data_ptr<scalar_t>(), dE.data_ptr<scalar_t>(), out, r_max, s);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {dB, dE};
