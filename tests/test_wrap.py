@@ -348,3 +348,35 @@ def test_failed_wrap_leaves_the_model_as_it_was(tiny_model, monkeypatch):
     assert dict(model.named_modules()) == modules
     assert all(p is params[n] and p.requires_grad for n, p in model.named_parameters())
     assert not hasattr(model, "tsqlora_state")
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_gradients(family, use_reentrant, tiny_model):
+    # Fine-tuning larger models, users turn on transformers' gradient checkpointing: each block's
+    # forward runs again inside the backward. The adapters, their dropout included (checkpoint
+    # restores the RNG for the rerun), must get the gradients they get without it.
+    base, inputs = tiny_model(family)
+    labels = torch.tensor([0, 2])
+    cfg = TsqLoRAConfig(r_init=4, target_r=2, r_max=6, lora_alpha=8, lora_dropout=0.2)
+
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model = tsqlora_ext.wrap(copy.deepcopy(base), cfg, verbose=False)
+        g = torch.Generator().manual_seed(2)
+        with torch.no_grad():  # B = 0 at init would leave dA and dE exactly zero
+            for _, layer in tsqlora_ext.adapted_layers(model):
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        torch.manual_seed(3)  # the same dropout masks in both runs
+        model(**inputs, labels=labels).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys()
+    for name, grad in plain.items():
+        assert grad is not None and ckpt[name] is not None, name
+        torch.testing.assert_close(ckpt[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert all(plain[n].abs().sum() > 0 for n in plain if n.endswith(("lora_A", "lora_E")))
