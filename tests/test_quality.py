@@ -345,15 +345,31 @@ def test_warmup_keeps_inactive_components_and_skips_nan_steps():
                loss_fn=lambda m, b: sequence_classification_loss(m, b) * float("nan"))
 
 
+def _two_cluster_loss(wrong_ids):
+    """A loss_fn whose per-example losses form a tight low cluster and, for the examples whose
+    index is in ``wrong_ids``, a tight high one: what wrong labels look like to a warmed-up model,
+    so the guard acts (an untrained tiny model's losses would make it abstain)."""
+    def loss_fn(model, batch):
+        wrong = torch.isin(batch["index"], wrong_ids)
+        return sequence_classification_loss(model, batch) * torch.where(wrong, 4.0, 0.05)
+    return loss_fn
+
+
 def test_pool_index_kept_and_guard_switch():
     model = tiny_bert(dropout=0.0)
     ids, mask, labels = tiny_pool(n=12)
     batches = make_batches(ids, mask, labels, batch_size=5, index=torch.arange(100, 112))
-    s = score_pool(model, iter(batches), mode="head", weights=(0.5, 0.5, 0.0), progress=False,
-                   mislabel_guard=False)
-    np.testing.assert_array_equal(s.index, np.arange(100, 112))
-    assert not s.likely_mislabeled.any() and np.all((s.p_mislabeled >= 0) & (s.p_mislabeled <= 1))
-    assert np.isfinite(s.Q).all() and s.meta["alignment"] is None
+    wrong = torch.tensor([100, 104, 108])
+    runs = {guard: score_pool(model, iter(batches), mode="head", weights=(0.5, 0.5, 0.0),
+                              progress=False, mislabel_guard=guard, loss_fn=_two_cluster_loss(wrong))
+            for guard in (True, False)}
+    on, off = runs[True], runs[False]
+    np.testing.assert_array_equal(off.index, np.arange(100, 112))
+    np.testing.assert_array_equal(on.likely_mislabeled, np.isin(on.index, wrong.numpy()))
+    # Off: nothing flagged, while P(wrong label) is still reported, the same as with the guard on.
+    assert not off.likely_mislabeled.any() and off.meta["n_likely_mislabeled"] == 0
+    np.testing.assert_allclose(off.p_mislabeled, on.p_mislabeled)
+    assert np.isfinite(off.Q).all() and off.meta["alignment"] is None
 
 
 def test_score_pool_from_config_follows_the_config():
@@ -363,10 +379,13 @@ def test_score_pool_from_config_follows_the_config():
     ids, mask, labels = tiny_pool(n=8)
     batches = make_batches(ids, mask, labels, batch_size=4)
     cfg = TsqLoRAConfig(score_mode="full", lookahead="exact", quality_weights=(1.0, 0.0, 0.0),
-                        mislabel_guard=False, mislabel_threshold=0.3, quality_preference="high")
+                        mislabel_guard=False, mislabel_threshold=0.3, mislabel_max_spread=0.7,
+                        quality_preference="high")
     s = score_pool_from_config(model, batches, cfg, progress=False)
     assert (s.meta["mode"], s.meta["lookahead"], s.meta["alignment"]) == ("full", "exact", None)
-    assert s.meta["mislabel_threshold"] == 0.3 and not s.likely_mislabeled.any()
+    # The guard settings reach score_pool (what the guard then does: test_pool_index_kept_and_guard_switch).
+    assert (s.meta["mislabel_guard"], s.meta["mislabel_threshold"],
+            s.meta["mislabel_max_spread"]) == (False, 0.3, 0.7)
     np.testing.assert_allclose(s.Q, robust_z(s.G))
     np.testing.assert_array_equal(s.score, s.Q)  # 'high': the selection samples by Q itself
     m = score_pool_from_config(model, batches, cfg.replace(quality_preference="moderate"),

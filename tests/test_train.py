@@ -63,14 +63,20 @@ def test_grad_accumulation_counts_optimizer_steps():
     torch.set_num_threads(1)
     train_data, _ = tw.tiny_task(n=128)
     config = tw.tiny_config()
-    model = wrap(tw.tiny_bert(), config, verbose=False)
-    alloc_box = {}
-    result = train(model, train_data, None, config, _args(max_steps=6, grad_accum=2, batch_size=8),
-                   on_step=lambda s, r: alloc_box.setdefault("n", []).append(s))
-    assert result.optimizer_steps == 6 and alloc_box["n"] == [1, 2, 3, 4, 5, 6]
-    assert result.rank_history[-1]["step"] <= 6
-    # 128 rows / 8 = 16 micro-batches = 8 optimizer steps per epoch; 6 steps is 12 micro-batches
-    assert len(result.loss_history) == 6
+    forwards, steps = {}, {}
+    for accum in (1, 2):
+        model = wrap(tw.tiny_bert(), config, verbose=False)
+        calls = []
+        model.register_forward_pre_hook(lambda m, a: calls.append(1))
+        result = train(model, train_data, None, config,
+                       _args(max_steps=6, grad_accum=accum, batch_size=8),
+                       on_step=lambda s, r: steps.setdefault(accum, []).append(s))
+        forwards[accum] = len(calls)
+        assert result.optimizer_steps == 6 and steps[accum] == [1, 2, 3, 4, 5, 6]
+        assert result.rank_history[-1]["step"] <= 6 and len(result.loss_history) == 6
+    # 6 optimizer steps are 6 micro-batches without accumulation and 12 with 2 per step (whatever
+    # else runs the model, e.g. the sensitivity calibration, runs it as often in both).
+    assert forwards[2] - forwards[1] == 6
 
 
 def test_training_learns_the_tiny_task(device):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import tsqlora_ext  # noqa: F401  (registers the ops)
 from tsqlora_ext import ops, reference
@@ -203,14 +204,35 @@ def test_gradcheck_float64(device, with_x_lora):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
-def test_no_grad_needed_for_x(device):
+class _BackwardCalls(TorchDispatchMode):
+    """Records the need_dx / need_dx_lora flags of every varrank_lora_backward call."""
+
+    def __init__(self):
+        super().__init__()
+        self.flags = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.tsqlora_ext.varrank_lora_backward.default:
+            self.flags.append((args[10], args[11]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("x_requires_grad", [False, True])
+def test_no_grad_needed_for_x(device, x_requires_grad):
     """A frozen input (e.g. after frozen embeddings) skips the dx GEMM; adapter grads still come."""
     t = make_inputs((6,), 8, 8, 4, "prefix", torch.float32, device)
-    A = t["lora_A"].requires_grad_(True)
-    y = ops.varrank_lora(t["x"], None, t["weight"], t["bias"], A, t["lora_E"], t["lora_B"],
-                         t["active"], 0.5)
-    y.sum().backward()
-    assert t["x"].grad is None and A.grad is not None
+    x = t["x"].requires_grad_(x_requires_grad)
+    A = t["lora_A"].clone().requires_grad_(True)
+    A_ref = t["lora_A"].clone().requires_grad_(True)
+    with _BackwardCalls() as calls:
+        y = ops.varrank_lora(x, None, t["weight"], t["bias"], A, t["lora_E"], t["lora_B"],
+                             t["active"], 0.5)
+        y.sum().backward()
+    assert calls.flags == [(x_requires_grad, False)]
+    assert (x.grad is not None) == x_requires_grad
+    reference.varrank_lora(x.detach(), None, t["weight"], t["bias"], A_ref, t["lora_E"],
+                           t["lora_B"], t["active"], 0.5).sum().backward()
+    torch.testing.assert_close(A.grad, A_ref.grad)
 
 
 def test_bad_inputs_name_the_input():

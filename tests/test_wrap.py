@@ -203,9 +203,12 @@ def test_init_seeded_without_touching_global_rng(tiny_model):
     tsqlora_ext.wrap(a, CFG.replace(seed=7), verbose=False)
     assert torch.equal(torch.get_rng_state(), state)
     tsqlora_ext.wrap(b, CFG.replace(seed=7), verbose=False)
-    for (_, la), (_, lb) in zip(tsqlora_ext.adapted_layers(a),
-                                tsqlora_ext.adapted_layers(b)):
-        assert torch.equal(la.lora_A, lb.lora_A)
+    c, _ = tiny_model("llama")
+    tsqlora_ext.wrap(c, CFG.replace(seed=8), verbose=False)
+    for (_, la), (_, lb), (_, lc) in zip(tsqlora_ext.adapted_layers(a), tsqlora_ext.adapted_layers(b),
+                                         tsqlora_ext.adapted_layers(c)):
+        assert torch.equal(la.lora_A, lb.lora_A)  # the same seed, the same init
+        assert not torch.equal(la.lora_A, lc.lora_A)  # the init follows the seed
 
 
 @pytest.mark.slow
