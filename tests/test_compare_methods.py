@@ -4,6 +4,7 @@ resumable run store, on synthetic run records (no model is trained here)."""
 import importlib.util
 import json
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,26 @@ def test_committed_runs_keep_matching_the_settings(cm):
     assert runs and {r["settings_id"] for r in runs} <= ids
     decoder = cm.task_settings("smollm2", quick=False)["rotten_tomatoes"]
     assert cm.settings_id(decoder, "rotten_tomatoes") not in ids
+
+
+def test_decoder_runs_whole_split_on_a_gpu_in_files_of_its_own(cm):
+    """SmolLM2 on CUDA trains on the full split, and its runs and tables never mix with the CPU
+    subset's (other settings ids, other file names)."""
+    cpu = cm.task_settings("smollm2", quick=False, device="cpu")["rotten_tomatoes"]
+    gpu = cm.task_settings("smollm2", quick=False, device="cuda")["rotten_tomatoes"]
+    assert cpu.limit_train > 0 and (gpu.limit_train, gpu.limit_val, gpu.limit_test) == (0, 0, 0)
+    assert cm.settings_id(cpu, "rotten_tomatoes") != cm.settings_id(gpu, "rotten_tomatoes")
+    assert cm.task_settings("minilm", quick=False, device="cuda") == cm.task_settings("minilm", False)
+
+    def name(**over):
+        opts = dict(model="minilm", device="cpu", quick=False, tag="") | over
+        return cm.results_name(types.SimpleNamespace(**opts))
+
+    assert name() == name(device="cuda") == "compare_methods"
+    assert name(model="smollm2") == "compare_methods-smollm2"
+    assert name(model="smollm2", device="cuda") == "compare_methods-smollm2-cuda"
+    assert name(model="smollm2", device="cuda", quick=True) == "compare_methods-smollm2-quick-cuda"
+    assert name(tag="cpu") == "compare_methods-cpu"
 
 
 def test_tagged_partial_grid_names_its_files_and_its_command(cm, tmp_path):

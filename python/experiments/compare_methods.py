@@ -39,10 +39,12 @@ The quality and random arms of one (task, learning rate, seed) run in one worker
 warm-up and scoring pass, which none of them changes, run once, and each arm trains its own copy
 of the warmed-up model (the same run as alone; each arm's wall time counts the shared part).
 
-The decoder case (--model smollm2, results compare_methods-smollm2.*) runs on a CPU-sized subset of
-Rotten Tomatoes (DECODER below): the 135M-parameter model takes seconds per step on two cores, and a
-GPU lease cannot carry its weights (the lent machine has no network, and the file is over the
-transfer limit), so it is the one experiment sized for the CPU.
+The decoder case (--model smollm2) runs on a CPU-sized subset of Rotten Tomatoes on the CPU
+(DECODER below; results compare_methods-smollm2.*): the 135M-parameter model takes seconds per
+step on two cores. With --device cuda it runs on the full split (DECODER_GPU; results
+compare_methods-smollm2-cuda.*). A lent GPU machine has no network and takes at most 64 MiB per
+transfer, so the 94 MiB model travels in two halves: see gpu_bundle.py --smollm2 and
+gpu_experiments.sh smollm2.
 
 Trainable parameters are counted the same way for every method: the parameters in use at the
 end, i.e. for each adapted layer rank x (in + out) for LoRA and rank x (in + out + 1) for the
@@ -123,9 +125,11 @@ QUICK = {"rotten_tomatoes": TaskSettings(max_length=32, epochs=1, batch_size=16,
 # the learning-rate grid and three seeds of three methods then take about 40 minutes.
 DECODER = {"rotten_tomatoes": TaskSettings(max_length=48, epochs=1, batch_size=16, limit_train=640,
                                            limit_val=160, limit_test=400, calibration_batches=2)}
+# On a GPU: the whole split (about 480 steps of 16 reviews), the same length and batch.
+DECODER_GPU = {"rotten_tomatoes": TaskSettings(max_length=48, epochs=1, batch_size=16)}
 # model -> (bundled path, wrap family whose default targets PEFT gets too, name in titles)
 MODELS = {"minilm": ("minilm_dir", "bert", "bundled MiniLM"),
-          "smollm2": ("smollm2_gguf", "llama", "bundled SmolLM2-135M, decoder, CPU-sized subset")}
+          "smollm2": ("smollm2_gguf", "llama", "bundled SmolLM2-135M, decoder")}
 
 
 def model_path(model: str):
@@ -133,9 +137,29 @@ def model_path(model: str):
     return getattr(bundled, MODELS[model][0])()
 
 
-def task_settings(model: str, quick: bool) -> dict[str, TaskSettings]:
-    table = QUICK if quick else FULL if model == "minilm" else DECODER
+def task_settings(model: str, quick: bool, device: str = "cpu") -> dict[str, TaskSettings]:
+    if quick or model == "minilm":
+        table = QUICK if quick else FULL
+    else:
+        table = DECODER_GPU if device == "cuda" else DECODER
     return {t: dataclasses.replace(s, model=model) for t, s in table.items()}
+
+
+def results_name(opts) -> str:
+    """The stem of a grid's files: compare_methods[-model[-cuda]][-quick-device][-tag]. The
+    decoder's GPU grid (full split) is kept apart from its CPU subset."""
+    decoder = "" if opts.model == "minilm" else f"-{opts.model}"
+    if decoder and opts.device == "cuda" and not opts.quick:
+        decoder += "-cuda"
+    return ("compare_methods" + decoder + (f"-quick-{opts.device}" if opts.quick else "")
+            + (f"-{opts.tag}" if opts.tag else ""))
+
+
+def model_title(opts) -> str:
+    title = MODELS[opts.model][2]
+    if opts.model != "minilm":
+        title += ", full Rotten Tomatoes" if opts.device == "cuda" else ", CPU-sized subset"
+    return title
 
 
 def schedule(total_steps: int) -> dict[str, int]:
@@ -572,7 +596,7 @@ def estimate_steps(task: str, method: str, settings: TaskSettings) -> int:
 
 
 def run_grid(opts, store: RunStore, name: str) -> int:
-    settings = task_settings(opts.model, opts.quick)
+    settings = task_settings(opts.model, opts.quick, opts.device)
     lrs = opts.lrs
     specs_by_group: dict[tuple[str, str], list[dict[str, Any]]] = {}
 
@@ -851,7 +875,7 @@ def render_markdown(summary: dict[str, Any], title: str) -> str:
 def write_summary(store: RunStore, out: Path, name: str, opts, title: str) -> None:
     """Summarise the finished runs made with the current settings of the selected tasks/methods."""
     from tsqlora_ext.report import write_json
-    settings = task_settings(opts.model, opts.quick)
+    settings = task_settings(opts.model, opts.quick, opts.device)
     sids = {settings_id(settings[t], t) for t in opts.tasks}
     runs = [r for r in store.runs if r["settings_id"] in sids and r["method"] in opts.methods
             and r["key"] == run_key(r["task"], r["method"], r["lr"], r["seed"], opts.quality_preference)]
@@ -861,7 +885,7 @@ def write_summary(store: RunStore, out: Path, name: str, opts, title: str) -> No
     command = "python python/experiments/compare_methods.py" + (" --quick" if opts.quick else "") + \
         (f" --model {opts.model}" if opts.model != "minilm" else "") + \
         f" --device {runs[0]['device']} --jobs {max(r.get('jobs', 1) for r in runs)}" + \
-        (f" --tasks {' '.join(opts.tasks)}" if opts.tasks != list(task_settings(opts.model, opts.quick))
+        (f" --tasks {' '.join(opts.tasks)}" if opts.tasks != list(task_settings(opts.model, opts.quick, opts.device))
          else "") + \
         (f" --methods {' '.join(opts.methods)}" if tuple(opts.methods) != METHODS else "") + \
         (f" --seeds {' '.join(map(str, opts.seeds))}" if not opts.quick and tuple(opts.seeds) != SEEDS
@@ -910,20 +934,19 @@ def main(argv=None) -> int:
         p.error("--jobs must be >= 1")
     if not re.fullmatch(r"[A-Za-z0-9_.-]*", opts.tag):
         p.error(f"--tag {opts.tag!r}: use letters, digits, '.', '_' and '-' only (it names files)")
-    opts.tasks = opts.tasks or list(task_settings(opts.model, opts.quick))
-    missing = set(opts.tasks) - set(task_settings(opts.model, opts.quick))
+    opts.tasks = opts.tasks or list(task_settings(opts.model, opts.quick, opts.device))
+    missing = set(opts.tasks) - set(task_settings(opts.model, opts.quick, opts.device))
     if missing:
         p.error(f"--model {opts.model} has no settings for {sorted(missing)}")
     opts.seeds = opts.seeds or ([0] if opts.quick else list(SEEDS))
     opts.lrs = tuple(opts.lrs or ([3e-3] if opts.quick else LR_GRID))
     if not opts.threads:
         opts.threads = 2 if opts.device == "cuda" else max(1, (os.cpu_count() or 1) // opts.jobs)
-    if opts.device == "cuda":
+    if opts.device == "cuda" and not (opts.summarize or opts.plan):
         import torch
         if not torch.cuda.is_available():
             p.error("--device cuda: torch sees no CUDA device")
-    name = "compare_methods" + ("" if opts.model == "minilm" else f"-{opts.model}") + \
-        (f"-quick-{opts.device}" if opts.quick else "") + (f"-{opts.tag}" if opts.tag else "")
+    name = results_name(opts)
     opts.out.mkdir(parents=True, exist_ok=True)
     store = RunStore(opts.out / f"{name}-runs.jsonl")
     opts.quality_preference = opts.quality_preference or default_preference()
@@ -931,7 +954,7 @@ def main(argv=None) -> int:
     if quality and opts.quality_preference != default_preference():
         name += f"-{opts.quality_preference}"  # the runs file is shared; the tables are not
     title = ("Smoke run (--quick: tiny subsets, one seed, one learning rate; NOT a result)"
-             if opts.quick else f"TsqLoRA against PEFT LoRA and AdaLoRA ({MODELS[opts.model][2]})")
+             if opts.quick else f"TsqLoRA against PEFT LoRA and AdaLoRA ({model_title(opts)})")
     if opts.tag:
         title += f" — partial grid '{opts.tag}' ({opts.device}): {', '.join(LABELS[m] for m in opts.methods)}"
     if quality:

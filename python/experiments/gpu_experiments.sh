@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # The experiments that need a GPU's speed, for a lent GPU machine (no network, no bundled packages).
 #
-# Here, first:  python python/experiments/gpu_bundle.py    # model + data -> .gpu_carry/site
-# There:        bash python/experiments/gpu_experiments.sh [SECONDS]   (carry .gpu_carry)
+# MiniLM (compare_methods' main grid, noisy_labels):
+#   here, first:  python python/experiments/gpu_bundle.py    # model + data -> .gpu_carry/site
+#   there:        bash python/experiments/gpu_experiments.sh [SECONDS]   (carry .gpu_carry/site)
+# SmolLM2-135M on the full Rotten Tomatoes split (its 94 MiB file needs two transfers):
+#   here, first:  python python/experiments/gpu_bundle.py --smollm2
+#   there:        one call carrying .gpu_carry/smollm2-a (it may run `true`), then at once, while
+#                 the machine is still warm: bash python/experiments/gpu_experiments.sh smollm2
+#                 [SECONDS] carrying .gpu_carry/smollm2-b
 #
 # Run it after python/bench/gpu_check.sh has installed the CUDA build there (same machine, same
 # lease). Each experiment resumes from the runs already in its results file and writes every run
@@ -11,17 +17,30 @@
 # (python/experiments/results/) are copied under $OUT when it is set, to be committed from here.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-export PYTHONPATH=$PWD/.gpu_carry/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY=${PYTHON:-$(command -v python3 || command -v python)}
+mode=minilm
+if [ "${1:-}" = smollm2 ]; then mode=smollm2; shift; fi
 budget=${1:-480}
 res=python/experiments/results
-[ -d .gpu_carry/site ] || { echo "no .gpu_carry/site: run python/experiments/gpu_bundle.py here and carry it"; exit 1; }
 
-echo "==== compare_methods: the methods not yet in $res/compare_methods-runs.jsonl ($(date +%T))"
-timeout $((budget / 2)) "$PY" python/experiments/compare_methods.py --device cuda --jobs 8
-echo "==== noisy_labels ($(date +%T))"
-timeout $((budget / 2)) "$PY" python/experiments/noisy_labels.py --device cuda --jobs 8
-"$PY" python/experiments/compare_methods.py --summarize >/dev/null
+if [ $mode = smollm2 ]; then
+  "$PY" python/experiments/gpu_bundle.py --join-smollm2 || exit 1
+  export PYTHONPATH=$PWD/.gpu_carry/smollm2-a/site${PYTHONPATH:+:$PYTHONPATH}
+  echo "==== compare_methods --model smollm2, full split ($(date +%T))"
+  timeout "$budget" "$PY" python/experiments/compare_methods.py --model smollm2 --device cuda \
+    --jobs 8 --methods lora adalora tsqlora
+  "$PY" python/experiments/compare_methods.py --model smollm2 --device cuda \
+    --methods lora adalora tsqlora --summarize >/dev/null
+else
+  [ -d .gpu_carry/site ] || { echo "no .gpu_carry/site: run python/experiments/gpu_bundle.py here and carry it"; exit 1; }
+  export PYTHONPATH=$PWD/.gpu_carry/site${PYTHONPATH:+:$PYTHONPATH}
+  echo "==== compare_methods: the methods not yet in $res/compare_methods-runs.jsonl ($(date +%T))"
+  timeout $((budget / 2)) "$PY" python/experiments/compare_methods.py --device cuda --jobs 8
+  echo "==== noisy_labels ($(date +%T))"
+  timeout $((budget / 2)) "$PY" python/experiments/noisy_labels.py --device cuda --jobs 8
+  "$PY" python/experiments/compare_methods.py --summarize >/dev/null
+fi
 if [ -n "${OUT:-}" ]; then
   tar -czf "$OUT/experiment-results.tgz" "$res" && echo "results in \$OUT/experiment-results.tgz"
 fi
