@@ -41,9 +41,10 @@
 // used as they are (no gather of A's rows, no zero-filled dA scattered into); this is the common
 // case early in training and for every layer that ends at its r_max.
 //
-// The small fused steps (gather + scale of B's active columns, and the scatter of dB / reduction
-// of dE) are per-backend kernels, passed in as a `Kernels` struct so this file holds the algorithm
-// once. Rank r is a runtime shape (active.numel()), never a compile-time constant.
+// The small fused steps (the gather of A's active rows, gather + scale of B's active columns, and
+// the scatter of dB / reduction of dE) are per-backend kernels, passed in as a `Kernels` struct
+// so this file holds the algorithm once. Rank r is a runtime shape (active.numel()), never a
+// compile-time constant.
 #pragma once
 
 #include <ATen/ATen.h>
