@@ -248,6 +248,24 @@ def test_adamw_keeps_inactive_components_across_active_set_changes(device, forea
     assert not torch.equal(layers[0].lora_A[1:], A0[1:])  # unprotected: weight decay moves them
 
 
+def test_guard_protects_a_layer_pruned_after_steps_with_every_component_active(device):
+    # protect_inactive re-reads which layers have inactive components only when an active set
+    # changed (VarRankLoRALinear.active_sets_version): a layer that trained with every component
+    # active must be protected from the first step after it is pruned.
+    layer = make_layer(device, r_max=8, r_init=8)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.1)
+    protect_inactive(opt, layer)
+    for ids in (range(8), range(8), [0, 2, 5]):
+        layer.set_active(ids)
+        before = layer.lora_A.detach().clone()
+        opt.zero_grad()
+        layer(torch.randn(8, 24, device=device)).square().mean().backward()
+        opt.step()
+    inactive = layer.inactive
+    assert inactive.numel() == 5 and torch.equal(layer.lora_A[inactive], before[inactive])
+    assert not torch.equal(layer.lora_A[layer.active], before[layer.active])
+
+
 class _PerTensorGuard:
     """The plain form of protect_inactive: per tensor, gather the inactive slices before the step
     and scatter them back after it. The batched guard must match it bit for bit."""

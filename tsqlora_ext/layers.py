@@ -95,6 +95,12 @@ class VarRankLoRALinear(nn.Module):
                 nn.init.normal_(self.lora_B, std=0.02)
 
     # ---- the active set ------------------------------------------------------------------------
+    # Counts set_active calls that changed a set, over every layer: protect_inactive re-reads which
+    # layers have inactive components only when it moved (a Python pass over every adapter
+    # parameter each step was most of its cost when every component is active: 1.1 ms per step
+    # for 210 layers on these CPUs).
+    active_sets_version = 0
+
     @property
     def rank(self) -> int:
         return int(self.active.numel())
@@ -131,6 +137,7 @@ class VarRankLoRALinear(nn.Module):
         device = self.active.device
         self.active = idx.to(device)
         self.inactive = torch.nonzero(keep).flatten().to(device)
+        VarRankLoRALinear.active_sets_version += 1
 
     def get_extra_state(self) -> torch.Tensor:
         # Whether base_layer.weight holds ΔW: a merged layer's state must load as merged, or the
@@ -254,6 +261,9 @@ class _InactiveGuard:
             if id(getattr(layer, name)) in in_optimizer
         ]
         self._optimizer = optimizer
+        # The targets whose layer has inactive components, as of active_sets_version _version.
+        self._protected: list = []
+        self._version = -1
         self._saved: list = []
         # layer -> (its inactive buffer when the mask was built, bool mask [r_max])
         self._layer_masks: dict[VarRankLoRALinear, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -275,8 +285,11 @@ class _InactiveGuard:
         """[(member tensors, stacked inactive mask)] for this step."""
         members: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         state = self._optimizer.state
-        for layer, p, kind in self._targets:
-            if layer.inactive.numel() == 0 or p.grad is None:
+        if self._version != VarRankLoRALinear.active_sets_version:
+            self._protected = [t for t in self._targets if t[0].inactive.numel() > 0]
+            self._version = VarRankLoRALinear.active_sets_version
+        for layer, p, kind in self._protected:
+            if p.grad is None:
                 continue
             mask = self._layer_mask(layer)
             key = (kind, tuple(p.shape), p.dtype, p.device)
