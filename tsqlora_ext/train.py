@@ -502,7 +502,9 @@ def train(
             batches = iter(loader)
             while step < total_steps and not done_epoch:
                 n_micro = min(args.grad_accum, micro_per_epoch - position)
-                loss_sum = 0.0
+                # Summed on the device: reading each micro-batch's loss would stop the host until
+                # its backward has run, before it could queue the next micro-batch.
+                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
                 for i in range(n_micro):
                     batch = _to_device(next(batches), device)
                     sync = contextlib.nullcontext() if (not ddp or i == n_micro - 1) else net.no_sync()
@@ -513,18 +515,18 @@ def train(
                             if config.orth_reg_weight > 0:
                                 loss = loss + orthogonality_penalty(layers, config.orth_reg_weight)
                         (loss / n_micro).backward()
-                    loss_sum += float(loss.detach())
+                    loss_sum += loss.detach()
                     n_window += int(batch["input_ids"].shape[0]) * world
                 position += n_micro
                 if ddp:  # log the global mean loss, as one process at the same global batch would
-                    mean = torch.tensor([loss_sum], dtype=torch.float64, device=device)
-                    torch.distributed.all_reduce(mean)
-                    loss_sum = float(mean) / world
+                    torch.distributed.all_reduce(loss_sum)
+                    loss_sum /= world
                 # The global gradient norm (clipped to, when clipping) says whether the step's
                 # gradients are finite: a step with NaN/inf is skipped whole, so parameters, AdamW
                 # moments, LR and scores keep their values, and the allocator need not scan the
-                # gradients itself. One host sync, as for the loss above.
+                # gradients itself. The step's one host sync; the loss is ready by then.
                 step_norm = grad_norm(params, args.max_grad_norm)
+                step_loss = float(loss_sum) / n_micro
                 finite = math.isfinite(step_norm)
                 if finite:
                     optimizer.step()
@@ -536,7 +538,7 @@ def train(
                     if nonfinite_run >= args.max_nonfinite_steps:
                         raise FloatingPointError(
                             f"train: optimizer steps {step + 2 - nonfinite_run} to {step + 1} all had "
-                            f"NaN/inf gradients (last loss {loss_sum / n_micro:.4g}) and were skipped: "
+                            f"NaN/inf gradients (last loss {step_loss:.4g}) and were skipped: "
                             f"the model holds step {step + 1 - nonfinite_run}'s parameters and every "
                             f"checkpoint written is intact. Lower TrainArgs.lr ({args.lr:g}), check "
                             f"the data, or raise max_nonfinite_steps ({args.max_nonfinite_steps}).")
@@ -545,7 +547,7 @@ def train(
                         reallocations += 1
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                record = {"step": step, "loss": loss_sum / n_micro, "grad_norm": step_norm,
+                record = {"step": step, "loss": step_loss, "grad_norm": step_norm,
                           "lr": scheduler.get_last_lr()[0], "total_rank": total_rank(model)}
                 loss_history.append(record)
                 if position >= micro_per_epoch:
