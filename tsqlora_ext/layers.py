@@ -95,7 +95,7 @@ class VarRankLoRALinear(nn.Module):
                 nn.init.normal_(self.lora_B, std=0.02)
 
     # ---- the active set ------------------------------------------------------------------------
-    # Counts set_active calls that changed a set, over every layer: protect_inactive re-reads which
+    # Counts the active sets set_active replaced, over every layer: protect_inactive re-reads which
     # layers have inactive components only when it moved (a Python pass over every adapter
     # parameter each step was most of its cost when every component is active: 1.1 ms per step
     # for 210 layers on these CPUs).
