@@ -121,6 +121,12 @@ inline std::vector<int64_t> with_last(const at::Tensor& x, int64_t n) {
   return s;
 }
 
+// A gradient buffer shaped like t (contiguous): zero-filled, unless every component is active and
+// the backend's kernel writes every element anyway.
+inline at::Tensor grad_buffer(const at::Tensor& t, bool all_active) {
+  return all_active ? at::empty(t.sizes(), t.options()) : at::zeros(t.sizes(), t.options());
+}
+
 // A's rows of the active components, [r, in]: A itself when every component is active.
 inline at::Tensor active_rows(const Kernels& k, const at::Tensor& A, const at::Tensor& act) {
   return act.numel() == A.size(0) ? A : k.gather_rows(A.contiguous(), act);

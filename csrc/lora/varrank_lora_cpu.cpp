@@ -70,8 +70,8 @@ std::tuple<at::Tensor, at::Tensor> grad_B_E_cpu(const at::Tensor& Pt, const at::
                                                 const at::Tensor& E, const at::Tensor& act,
                                                 double s) {
   const int64_t out = B.size(0), r_max = B.size(1), r = act.numel();
-  at::Tensor dB = r == r_max ? at::empty(B.sizes(), B.options()) : at::zeros_like(B);
-  at::Tensor dE = r == r_max ? at::empty(E.sizes(), E.options()) : at::zeros_like(E);
+  at::Tensor dB = grad_buffer(B, r == r_max);
+  at::Tensor dE = grad_buffer(E, r == r_max);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, B.scalar_type(), "grad_B_E", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor Pc = Pt.contiguous();

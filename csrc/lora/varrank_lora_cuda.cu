@@ -157,8 +157,8 @@ std::tuple<at::Tensor, at::Tensor> grad_B_E_cuda(const at::Tensor& Pt_in, const 
               "grad_B_E: Pt = xaᵀ dy must be an [r, out] tensor of lora_B's dtype");
   const at::Tensor Pt = Pt_in.contiguous();
   const c10::cuda::CUDAGuard guard(B.device());
-  at::Tensor dB = r == r_max ? at::empty(B.sizes(), B.options()) : at::zeros_like(B);
-  at::Tensor dE = r == r_max ? at::empty(E.sizes(), E.options()) : at::zeros_like(E);
+  at::Tensor dB = grad_buffer(B, r == r_max);
+  at::Tensor dE = grad_buffer(E, r == r_max);
   if (Pt.numel() == 0) return {dB, dE.zero_()};  // out == 0: dE is an empty sum
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, B.scalar_type(), "grad_B_E", [&] {
