@@ -3,6 +3,8 @@ active-set changes (protect_inactive)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -333,6 +335,49 @@ def test_batched_guard_is_bit_identical_to_per_tensor_save_restore(device, forea
                 assert sa.keys() == sb.keys()
                 for k in sa:
                     assert torch.equal(_bits(sa[k].float()), _bits(sb[k].float())), (name, k)
+    guard.remove()
+
+
+def test_guard_follows_changes_that_leave_the_active_sets_alone(device):
+    # The guard rebuilds what it protects only when that changes. After step 2 no active set
+    # changes; what does is which layers get a gradient (layer 2 joins the forward at step 4), the
+    # optimizer's state tensors (swapped for copies at step 5, replaced by load_state_dict at
+    # step 6) and nothing at all (steps 3 and 7). Steps 0-1 run with every component active, so
+    # the components pruned at step 2 carry AdamW moments that an unprotected step would decay.
+    # Every step must match the per-tensor guard bit for bit.
+    def build():
+        return nn.ModuleList([make_layer(device, seed=0), make_layer(device, n_in=20, seed=1),
+                              make_layer(device, n_in=20, seed=2)])
+
+    models = [build(), build()]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1) for m in models]
+    guard = protect_inactive(opts[0], models[0])
+    _PerTensorGuard(opts[1], list(models[1]))
+    x = torch.randn(5, 24, device=device)
+    for step in range(8):
+        for m, opt in zip(models, opts):
+            if step in (0, 2):
+                subsets = ([0, 3], [1, 2, 5], [4]) if step == 2 else [range(8)] * 3
+                for layer, ids in zip(m, subsets):
+                    layer.set_active(ids)
+            if step == 5:
+                for state in opt.state.values():
+                    for k in ("exp_avg", "exp_avg_sq"):
+                        state[k] = state[k].clone()
+            if step == 6:
+                opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+            opt.zero_grad(set_to_none=True)
+            h = m[1](m[0](x)).relu()
+            (m[2](h) if step >= 4 else h).square().mean().backward()
+            opt.step()
+        for la, lb in zip(models[0], models[1]):
+            for name in ("lora_A", "lora_E", "lora_B"):
+                pa, pb = getattr(la, name), getattr(lb, name)
+                assert torch.equal(_bits(pa), _bits(pb)), (step, name)
+                sa, sb = opts[0].state.get(pa, {}), opts[1].state.get(pb, {})
+                assert sa.keys() == sb.keys()
+                for k in sa:
+                    assert torch.equal(_bits(sa[k].float()), _bits(sb[k].float())), (step, name, k)
     guard.remove()
 
 
