@@ -1,16 +1,16 @@
 // Every operator schema of the tsqlora_ext library, in one place.
 //
 // Backends register implementations in their own files with TORCH_LIBRARY_IMPL(tsqlora_ext,
-// CPU|CUDA, m) and varrank_lora's autograd at the Autograd key (csrc/lora/varrank_lora_autograd.cpp);
-// fake (meta) kernels are registered from Python (tsqlora_ext/ops.py) through torch.library, so the
-// ops work under torch.compile and opcheck.
+// CPU|CUDA, m), and varrank_lora's autograd and autocast rule sit at the Autograd and Autocast
+// keys (csrc/lora/varrank_lora_autograd.cpp); fake (meta) kernels are registered from Python
+// (tsqlora_ext/ops.py) through torch.library, so the ops work under torch.compile and opcheck.
 #include <torch/library.h>
 
 TORCH_LIBRARY(tsqlora_ext, m) {
   // ---- variable-rank LoRA linear (csrc/lora/) ------------------------------------------------
-  // y = x Wᵀ + b + scaling·((x_lora A_actᵀ) ⊙ E_act) B_actᵀ with act = active (unique int64 ids,
-  // its length is the rank, possibly 0). x_lora = None means x itself. Returns (y, xa) with
-  // xa = x_lora A_actᵀ [..., r], kept for the backward.
+  // y = x Wᵀ + b + scaling·((x_lora A_actᵀ) ⊙ E_act) B_actᵀ with act = active (strictly
+  // increasing int64 ids, its length is the rank, possibly 0). x_lora = None means x itself.
+  // Returns (y, xa) with xa = x_lora A_actᵀ [..., r], kept for the backward.
   m.def(
       "varrank_lora(Tensor x, Tensor? x_lora, Tensor weight, Tensor? bias, Tensor lora_A, "
       "Tensor lora_E, Tensor lora_B, Tensor active, float scaling) -> (Tensor y, Tensor xa)");

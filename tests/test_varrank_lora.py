@@ -149,6 +149,36 @@ def test_backward_inside_an_autocast_region_keeps_float32(device, with_x_lora):
         torch.testing.assert_close(leaves[k].grad, g, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("region", [torch.bfloat16, torch.float16])
+def test_autocast_region_runs_the_op_in_its_dtype(device, region):
+    # Inside autocast the op gets the activations in the region's dtype and float32 parameters:
+    # every float32 input is cast to the region's dtype (bf16 or fp16, as the region says), the
+    # result is the op on those cast inputs, and float32 leaves get float32 gradients, equal to
+    # the cast inputs' gradients widened. float64 is left alone, as autocast leaves it for a
+    # matmul.
+    t = make_inputs((4, 6), 24, 20, 8, "scattered", torch.float32, device, with_x_lora=True)
+    grad_y = torch.randn(4, 6, 20, generator=torch.Generator().manual_seed(3)).to(device)
+
+    def in_region(*args):
+        with torch.autocast(device, dtype=region):
+            return ops.varrank_lora(*args)
+
+    y, grads = run(in_region, t, grad_y)
+    assert y.dtype == region
+    cast = {k: (v.to(region) if torch.is_tensor(v) and v.is_floating_point() else v)
+            for k, v in t.items()}
+    y_cast, grads_cast = run(ops.varrank_lora, cast, grad_y)
+    assert torch.equal(y, y_cast)
+    for k, g in grads.items():
+        assert g.dtype == torch.float32, k
+        assert torch.equal(g, grads_cast[k].float()), k
+
+    t64 = make_inputs((4, 6), 24, 20, 8, "scattered", torch.float64, device)
+    y64, _ = run(in_region, t64, grad_y)
+    assert y64.dtype == torch.float64
+    assert torch.equal(y64, ops.varrank_lora(*(t64[k] for k in ARGS)))
+
+
 @pytest.mark.parametrize("lead", [(9,), (2, 5)])
 def test_rank_zero_is_exactly_the_base_layer(device, lead):
     t = make_inputs(lead, 24, 20, 8, "empty", torch.float32, device)

@@ -1,7 +1,8 @@
 """Typed Python entry points to the native ops (torch.ops.tsqlora_ext.*).
 
 Fake kernels are registered here through torch.library, so every op works under torch.compile and
-torch.library.opcheck; varrank_lora's autograd is C++ (csrc/lora/varrank_lora_autograd.cpp).
+torch.library.opcheck; varrank_lora's autograd and autocast rule are C++
+(csrc/lora/varrank_lora_autograd.cpp).
 """
 
 from __future__ import annotations
@@ -130,34 +131,3 @@ def _(weight, x, grad_out):
 @torch.library.register_fake("tsqlora_ext::topk_realloc")
 def _(scores, bounds, budget):
     return scores.new_empty(scores.shape, dtype=torch.bool)
-
-
-# ---- autocast (issue 7: bf16 training) ----------------------------------------------------------
-# Custom ops get no autocast treatment of their own: inside torch.autocast the base layers hand
-# varrank_lora bf16 activations while the adapter parameters stay float32, and the kernels need one
-# dtype. This rule does what autocast does for a matmul: every floating input except float64 is
-# cast to the region's dtype (torch.get_autocast_dtype, so fp16 regions get fp16), then the op runs
-# with autocast off. The casts are ordinary differentiable ops, so float32 parameters still get
-# float32 gradients.
-_AUTOCAST_LIB = torch.library.Library("tsqlora_ext", "IMPL")
-
-
-def _register_autocast(opname: str, device_type: str) -> None:
-    op = getattr(torch.ops.tsqlora_ext, opname).default
-
-    def kernel(_keyset, *args):
-        dtype = torch.get_autocast_dtype(device_type)
-        # Inputs already in the region's dtype (the activations, mostly) are passed as they are:
-        # .to() would return them unchanged, but still as one more dispatched op per call.
-        cast = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point()
-                and a.dtype not in (dtype, torch.float64) and a.device.type == device_type else a
-                for a in args]
-        with torch.autocast(device_type, enabled=False):
-            return op(*cast)
-
-    _AUTOCAST_LIB.impl(opname, kernel, "Autocast" + ("CPU" if device_type == "cpu" else "CUDA"),
-                       with_keyset=True)
-
-
-for _device_type in ("cpu", "cuda"):
-    _register_autocast("varrank_lora", _device_type)

@@ -1,17 +1,22 @@
-// Autograd of varrank_lora, registered in C++ at the Autograd key (one kernel for every backend).
+// Autograd and autocast of varrank_lora, registered in C++ at the Autograd key (one kernel for
+// every backend) and at the AutocastCPU / AutocastCUDA keys.
 //
 // Why C++ and not torch.library.register_autograd: the Python formula ran one Python autograd
 // Function per layer per forward and per backward, about 100 us of host time per adapted layer
 // and training step on these CPUs, more than all of PEFT LoRA's Python around its two Linear
 // modules. On a GPU, training steps of small models are bound by that host time. Here the
-// autograd node is C++, so the engine calls the backward without entering Python.
+// autograd node is C++, so the engine calls the backward without entering Python. The autocast
+// rule was a Python kernel too, entered by every adapted layer's forward in a bf16 region, the
+// setting GPU training runs in.
 //
 // The formula: the backward is the op varrank_lora_backward (dx through base and adapter, dA, dE,
 // dB; none for the frozen weight and bias). xa, the saved x_lora A_actᵀ, is an output only so
 // the backward can reuse it: non-differentiable, and its gradient is never materialized. Under
 // torch.compile, AOTAutograd traces through this kernel with fake tensors, so both ops appear in
 // the graph as themselves (their fake kernels are in tsqlora_ext/ops.py).
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -92,9 +97,44 @@ std::tuple<at::Tensor, at::Tensor> varrank_lora_autograd(
   return {outs[0], outs[1]};
 }
 
+// Custom ops get no autocast treatment of their own: inside torch.autocast the base layers hand
+// varrank_lora bf16 activations while the adapter parameters stay float32, and the kernels need
+// one dtype. This rule does what autocast does for a matmul: every floating input on the
+// region's device except float64 is cast to the region's dtype (bf16 or fp16 as the region
+// says), then the op runs below autocast. The casts are ordinary differentiable ops, so float32
+// parameters still get float32 gradients. An input already in that dtype (the activations,
+// mostly) is passed as it is, not through a no-op .to() that would still be one more op per call.
+template <c10::DeviceType kDevice>
+std::tuple<at::Tensor, at::Tensor> varrank_lora_autocast(
+    const at::Tensor& x, const std::optional<at::Tensor>& x_lora, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& E,
+    const at::Tensor& B, const at::Tensor& active, double scaling) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(
+      at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
+  const at::ScalarType dtype = at::autocast::get_autocast_dtype(kDevice);
+  auto cast = [dtype](const at::Tensor& t) {
+    const bool eligible = t.is_floating_point() && t.scalar_type() != dtype &&
+                          t.scalar_type() != at::kDouble && t.device().type() == kDevice;
+    return eligible ? t.to(dtype) : t;
+  };
+  auto cast_opt = [&cast](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
+    return t.has_value() ? std::optional<at::Tensor>(cast(*t)) : std::nullopt;
+  };
+  return call_forward(cast(x), cast_opt(x_lora), cast(weight), cast_opt(bias), cast(A), cast(E),
+                      cast(B), active, scaling);
+}
+
 }  // namespace
 }  // namespace tsq::lora
 
 TORCH_LIBRARY_IMPL(tsqlora_ext, Autograd, m) {
   m.impl("varrank_lora", &tsq::lora::varrank_lora_autograd);
+}
+
+TORCH_LIBRARY_IMPL(tsqlora_ext, AutocastCPU, m) {
+  m.impl("varrank_lora", &tsq::lora::varrank_lora_autocast<c10::DeviceType::CPU>);
+}
+
+TORCH_LIBRARY_IMPL(tsqlora_ext, AutocastCUDA, m) {
+  m.impl("varrank_lora", &tsq::lora::varrank_lora_autocast<c10::DeviceType::CUDA>);
 }
