@@ -23,6 +23,11 @@ over float32 weights). Timed steps are interleaved round-robin across methods (m
 all alike); figures are medians, with the peak CUDA memory of one step. Every method uses AdamW
 with foreach=True (CUDA's default, set explicitly so that a CPU run dispatches what a GPU step does).
 
+Host-bound rows (CPU only, a "setting" column): SmolLM2-135M's layout (30 blocks, 210 adapted
+linears) at width 16 on 2 x 8 tokens, in float32 and under bf16 autocast. Its arithmetic is
+negligible, so its step time is what the host pays per op and in Python, the cost that bounds a
+GPU step of a small model; this measures that cost, ours against PEFT, without a GPU.
+
 ops_per_step: the dispatcher ops (aten:: and tsqlora_ext::, top-level only: an op run inside
 another op is not counted) that torch.profiler records per step, averaged over delta_t steps so
 that ours include their share of a reallocation. At these model sizes a GPU step is bound by the
@@ -146,19 +151,27 @@ def trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def main() -> None:
-    args = common.parse_args(__doc__.splitlines()[0])
-    device = args.device
-    repeats = 3 if args.quick else (10 if device == "cpu" else 20)
-    total_steps = 10_000  # far beyond the timed steps: every method stays in its budget phase
-    base, data, task_type, amp_dtype = load_model(device, args.quick)
+def host_bound_model():
+    """SmolLM2-135M's layout (30 blocks, 210 adapted linears) at width 16 on 2 x 8 tokens (model,
+    batch). Its arithmetic is negligible, so a step costs what the host pays per op and in
+    Python: what a GPU step of a small model is bound by, measured on a CPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=16, intermediate_size=32, num_hidden_layers=30,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    return LlamaForCausalLM(cfg), {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                   "labels": ids.clone()}
+
+
+def build_methods(base, task_type: str, total_steps: int, device: str) -> tuple[dict, int]:
+    """{method: (model, optimizer, after_step)} over copies of `base`, and the adapted linears'
+    count. PEFT adapts exactly the linears our wrap adapts (full module names match as targets)."""
     base.requires_grad_(False)
-    data = {k: v.to(device) for k, v in data.items()}
-    # PEFT adapts exactly the linears our wrap adapts (full module names match as targets).
     probe = tsqlora_ext.wrap(copy.deepcopy(base), tsqlora_ext.TsqLoRAConfig(), verbose=False)
     targets = [name for name, _ in adapted_layers(probe)]
     del probe
-
     methods = {
         "ours 12/12": ours(base, 12, 12, total_steps, device),
         "lora 12": peft_model(base, targets, task_type, False, 12, total_steps, device),
@@ -166,27 +179,68 @@ def main() -> None:
         "adalora 12->8": peft_model(base, targets, task_type, True, 12, total_steps, device),
         "lora 8": peft_model(base, targets, task_type, False, 8, total_steps, device),
     }
-    fns, params = {}, {}
-    for name, (model, opt, after) in methods.items():
+    for model, _, _ in methods.values():
         model.train()
-        fns[name] = step_fn(model, opt, after, data, amp_dtype, device)
-        params[name] = trainable(model)
+    return methods, len(targets)
+
+
+def step_fns(methods: dict, data: dict, amp_dtype, device: str) -> dict:
+    return {k: step_fn(model, opt, after, data, amp_dtype, device)
+            for k, (model, opt, after) in methods.items()}
+
+
+def ratios(ms: dict[str, float], k: str) -> dict:
+    return {"vs lora 12": round(ms[k] / ms["lora 12"], 3),
+            "vs adalora": round(ms[k] / ms["adalora 12->8"], 3)}
+
+
+def host_bound_rows(repeats: int, total_steps: int) -> tuple[list[dict], list[dict]]:
+    """Rows and goals of the host-bound model, in float32 and under bf16 autocast (the GPU
+    training setting, where the adapters' casts come in)."""
+    base, data = host_bound_model()
+    methods, _ = build_methods(base, "CAUSAL_LM", total_steps, "cpu")
+    rows, goals = [], []
+    for label, amp_dtype in (("float32", None), ("bf16 autocast", torch.bfloat16)):
+        fns = step_fns(methods, data, amp_dtype, "cpu")
+        ms = common.round_robin_ms(fns, "cpu", repeats, warmup=2)
+        for k in fns:
+            # No op count here: profiling one step of ~12k ops takes seconds; the MiniLM rows
+            # give the counts.
+            rows.append({"setting": f"host-bound, {label}", "method": k, "step_ms": round(ms[k], 2),
+                         **ratios(ms, k)})
+            print(rows[-1], flush=True)
+        for ours_k in ("ours 12/12", "ours 12->8"):
+            goals.append(common.goal(
+                f"host-bound step ({label}): {ours_k} / PEFT LoRA r 12 (what a GPU step of a "
+                "small model pays)", ms[ours_k] / ms["lora 12"], 1.0, higher_is_better=False,
+                unit="x"))
+    return rows, goals
+
+
+def main() -> None:
+    args = common.parse_args(__doc__.splitlines()[0])
+    device = args.device
+    repeats = 3 if args.quick else (10 if device == "cpu" else 20)
+    total_steps = 10_000  # far beyond the timed steps: every method stays in its budget phase
+    base, data, task_type, amp_dtype = load_model(device, args.quick)
+    data = {k: v.to(device) for k, v in data.items()}
+    methods, n_targets = build_methods(base, task_type, total_steps, device)
+    fns = step_fns(methods, data, amp_dtype, device)
+    params = {k: trainable(model) for k, (model, _, _) in methods.items()}
     ms = common.round_robin_ms(fns, device, repeats, warmup=2)  # warm-up also creates AdamW state
     mem = {k: common.peak_memory_mb(fn, device) for k, fn in fns.items()} if device == "cuda" else {}
     n_ops = {k: ops_per_step(fn, DELTA_T) for k, fn in fns.items()}
     n_ops_bf16 = {}
     if device == "cpu":
-        for name, (model, opt, after) in methods.items():
-            # One step (CPU bf16 is slow); the timed steps stop short of a reallocation step.
-            n_ops_bf16[name] = ops_per_step(
-                step_fn(model, opt, after, data, torch.bfloat16, device), 1)
+        # One step (CPU bf16 is slow); the timed steps stop short of a reallocation step.
+        n_ops_bf16 = {k: ops_per_step(fn, 1)
+                      for k, fn in step_fns(methods, data, torch.bfloat16, device).items()}
 
     tokens = data["input_ids"].numel()
     rows = []
     for k in fns:
         row = {"method": k, "step_ms": round(ms[k], 2), "tokens_per_s": round(tokens / ms[k] * 1e3),
-               "trainable_params": params[k], "vs lora 12": round(ms[k] / ms["lora 12"], 3),
-               "vs adalora": round(ms[k] / ms["adalora 12->8"], 3), "ops_per_step": n_ops[k]}
+               "trainable_params": params[k], **ratios(ms, k), "ops_per_step": n_ops[k]}
         if n_ops_bf16:
             row["ops_per_step_bf16"] = n_ops_bf16[k]
         if mem:
@@ -203,9 +257,16 @@ def main() -> None:
     ]
     model_name = "all-MiniLM-L6-v2 (bundled), fp32" if device == "cpu" else \
         "SmolLM2-135M architecture (random init), bf16 autocast"
-    notes = (f"{model_name}; batch {tuple(data['input_ids'].shape)}; {len(targets)} adapted linears; "
+    notes = (f"{model_name}; batch {tuple(data['input_ids'].shape)}; {n_targets} adapted linears; "
              f"median of {repeats} round-robin steps after 2 warm-up steps each; "
              f"{torch.get_num_threads()} CPU thread(s)." + (" --quick" if args.quick else ""))
+    if device == "cpu":
+        hb_rows, hb_goals = host_bound_rows(repeats * 3, total_steps)
+        rows += hb_rows
+        goals += hb_goals
+        notes += (" Rows with a setting: SmolLM2-135M's layout (30 blocks, 210 adapted linears) "
+                  "at width 16 on 2 x 8 tokens, random init, where a step is host time only "
+                  f"(median of {repeats * 3} round-robin steps).")
     common.write_results("bench_step", device, args.out, rows, goals, notes)
     for gl in goals:
         print(gl)
