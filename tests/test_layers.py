@@ -360,10 +360,16 @@ def test_guard_follows_changes_that_leave_the_active_sets_alone(device):
                 subsets = ([0, 3], [1, 2, 5], [4]) if step == 2 else [range(8)] * 3
                 for layer, ids in zip(m, subsets):
                     layer.set_active(ids)
+            if step == 3:
+                # Entries the guard must pass over: a key that is not a parameter (torch.optim
+                # allows them) and a Python counter that is a new object every step.
+                opt.state["global"] = "not a parameter's dict"
+                opt.register_step_pre_hook(_count_calls)
             if step == 5:
                 for state in opt.state.values():
-                    for k in ("exp_avg", "exp_avg_sq"):
-                        state[k] = state[k].clone()
+                    if isinstance(state, dict):
+                        for k in ("exp_avg", "exp_avg_sq"):
+                            state[k] = state[k].clone()
             if step == 6:
                 opt.load_state_dict(copy.deepcopy(opt.state_dict()))
             opt.zero_grad(set_to_none=True)
@@ -377,8 +383,54 @@ def test_guard_follows_changes_that_leave_the_active_sets_alone(device):
                 sa, sb = opts[0].state.get(pa, {}), opts[1].state.get(pb, {})
                 assert sa.keys() == sb.keys()
                 for k in sa:
-                    assert torch.equal(_bits(sa[k].float()), _bits(sb[k].float())), (step, name, k)
+                    if torch.is_tensor(sa[k]):
+                        assert torch.equal(_bits(sa[k].float()), _bits(sb[k].float())), (step, name, k)
+                    else:
+                        assert sa[k] == sb[k], (step, name, k)
     guard.remove()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_guard_follows_the_model_to_another_device():
+    # model.to("cuda") mid-run replaces each layer's inactive buffer, and moving the optimizer
+    # state with `t.data = t.data.to(...)` keeps every state tensor's identity: the guard must
+    # still rebuild its masks on the new device (it raised a device mismatch when it did not).
+    def build():
+        return nn.ModuleList([make_layer("cpu", seed=0), make_layer("cpu", n_in=20, seed=1)])
+
+    models = [build(), build()]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1) for m in models]
+    protect_inactive(opts[0], models[0])
+    _PerTensorGuard(opts[1], list(models[1]))
+    x = torch.randn(5, 24)
+    for step, subsets in enumerate(([range(8)] * 2, ([0, 3], [1, 2, 5]), None, None)):
+        for m, opt in zip(models, opts):
+            if subsets is not None:
+                for layer, ids in zip(m, subsets):
+                    layer.set_active(ids)
+            if step == 2:
+                m.to("cuda")
+                for p, state in opt.state.items():
+                    for t in state.values():
+                        if torch.is_tensor(t) and t.shape == p.shape:
+                            t.data = t.data.to("cuda")
+            opt.zero_grad(set_to_none=True)
+            m[1](m[0](x.to(m[0].lora_A.device))).square().mean().backward()
+            opt.step()
+        for la, lb in zip(*models):
+            for name in ("lora_A", "lora_E", "lora_B"):
+                pa, pb = getattr(la, name), getattr(lb, name)
+                assert torch.equal(_bits(pa), _bits(pb)), (step, name)
+                assert torch.equal(_bits(opts[0].state[pa]["exp_avg"]),
+                                   _bits(opts[1].state[pb]["exp_avg"])), (step, name)
+
+
+def _count_calls(opt, *_):
+    """A step pre-hook keeping a Python int in every parameter's state (once AdamW has made it),
+    a new object each step."""
+    for p in (p for group in opt.param_groups for p in group["params"]):
+        if opt.state.get(p):
+            opt.state[p]["calls"] = opt.state[p].get("calls", 10**6) + 1
 
 
 def test_protect_inactive_needs_a_layer():

@@ -270,6 +270,7 @@ class _InactiveGuard:
         self._saved: list = []
         # _groups()'s result and what it was built from (see there)
         self._fingerprint: tuple = ()
+        self._fingerprint_tensors: list[torch.Tensor] = []  # held, so their ids stay theirs
         self._cached_groups: list = []
         # layer -> (its inactive buffer when the mask was built, bool mask [r_max])
         self._layer_masks: dict[VarRankLoRALinear, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -291,20 +292,24 @@ class _InactiveGuard:
         Walking every protected parameter's optimizer state costs about 14 us per adapted layer
         in Python (3 ms a step for 210 layers, host time a GPU step of a small model pays), yet
         the groups change only when an active set does, when a parameter gains or loses its
-        gradient, or when the optimizer's state tensors do (created by the first step, replaced
-        by load_state_dict or by the user). The fingerprint covers the state with the identities
-        of all its values, read without hashing a parameter (the cached groups hold their
-        tensors, so no id is reused while they live): a twentieth of the walk's cost.
+        gradient, when a layer's inactive buffer is replaced (``model.to(device)``), or when the
+        optimizer's state tensors do (created by the first step, replaced by load_state_dict or
+        by the user). The fingerprint covers the state with the identities of its tensors, read
+        without hashing a parameter, and keeps those tensors alive, so no id is reused while it
+        stands. Entries of ``optimizer.state`` that are not a parameter's dict, and non-tensor
+        values (a Python step counter), are not members and do not count.
         """
         state = self._optimizer.state
         if self._version != VarRankLoRALinear.active_sets_version:
             self._protected = [t for t in self._targets if t[0].inactive.numel() > 0]
             self._version = VarRankLoRALinear.active_sets_version
+        tensors = [v for per_param in state.values() if isinstance(per_param, dict)
+                   for v in per_param.values() if isinstance(v, torch.Tensor)]
         fingerprint = (self._version, [t[1].grad is None for t in self._protected],
-                       [id(v) for per_param in state.values() for v in per_param.values()])
+                       [id(t[0].inactive) for t in self._protected], [id(v) for v in tensors])
         if fingerprint != self._fingerprint:
             self._cached_groups = self._build_groups(state)
-            self._fingerprint = fingerprint
+            self._fingerprint, self._fingerprint_tensors = fingerprint, tensors
         return self._cached_groups
 
     def _build_groups(self, state) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
