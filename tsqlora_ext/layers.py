@@ -266,6 +266,7 @@ class _InactiveGuard:
         self._optimizer = optimizer
         # The targets whose layer has inactive components, as of active_sets_version _version.
         self._protected: list = []
+        self._protected_layers: list[VarRankLoRALinear] = []  # their layers, each once
         self._version = -1
         self._saved: list = []
         # _groups()'s result and what it was built from (see there)
@@ -302,11 +303,13 @@ class _InactiveGuard:
         state = self._optimizer.state
         if self._version != VarRankLoRALinear.active_sets_version:
             self._protected = [t for t in self._targets if t[0].inactive.numel() > 0]
+            self._protected_layers = list(dict.fromkeys(t[0] for t in self._protected))
             self._version = VarRankLoRALinear.active_sets_version
         tensors = [v for per_param in state.values() if isinstance(per_param, dict)
                    for v in per_param.values() if isinstance(v, torch.Tensor)]
         fingerprint = (self._version, [t[1].grad is None for t in self._protected],
-                       [id(t[0].inactive) for t in self._protected], [id(v) for v in tensors])
+                       [id(layer.inactive) for layer in self._protected_layers],
+                       [id(v) for v in tensors])
         if fingerprint != self._fingerprint:
             self._cached_groups = self._build_groups(state)
             self._fingerprint, self._fingerprint_tensors = fingerprint, tensors
