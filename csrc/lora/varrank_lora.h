@@ -167,7 +167,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
     const at::Tensor& E, const at::Tensor& B, const at::Tensor& active, double scaling,
     const at::Tensor& xa, bool need_dx, bool need_dx_lora) {
   // The op computes in its inputs' dtype. Its autograd may run inside an autocast region, which
-  // would otherwise cast the GEMMs below to bf16/fp16 (the forward's autocast rule is in ops.py).
+  // would otherwise cast the GEMMs below to bf16/fp16 (the forward's autocast rule is in
+  // varrank_lora_autograd.cpp).
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t in = weight.size(1), out = weight.size(0), r = active.numel();
   TORCH_CHECK(grad_y.sizes() == with_last(x, out), "varrank_lora_backward: grad_y must be ",
@@ -180,7 +181,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
               "varrank_lora_backward: grad_y and xa must be on x's device ", x.device());
   const at::Tensor dy = grad_y.reshape({rows_of(x), out});
   // dx_lora only exists when the adapter had its own input; an empty tensor means "no gradient"
-  // (the autograd formula in ops.py maps it to None).
+  // (the autograd node in varrank_lora_autograd.cpp maps it to None).
   const bool separate = x_lora.has_value();
   // (Two distinct empty tensors: outputs of an op must never alias each other.)
   at::Tensor dx = x.new_empty({0});
