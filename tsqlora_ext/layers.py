@@ -229,9 +229,6 @@ def _lora_layers(modules) -> list[VarRankLoRALinear]:
     return found
 
 
-_NO_STATE: dict = {}
-
-
 class _InactiveGuard:
     """Handle returned by protect_inactive(); ``remove()`` detaches its optimizer hooks.
 
@@ -325,7 +322,7 @@ class _InactiveGuard:
             tensors, masks = members.setdefault(key, ([], []))
             # The parameter and every per-element state tensor (AdamW's exp_avg, exp_avg_sq, ...);
             # scalar state such as "step" is shared by all components and left alone.
-            for t in [p, *state.get(p, _NO_STATE).values()]:
+            for t in [p, *state.get(p, {}).values()]:
                 if torch.is_tensor(t) and t.shape == p.shape and t.dtype == p.dtype \
                         and t.device == p.device:
                     tensors.append(t)
