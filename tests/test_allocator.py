@@ -278,6 +278,44 @@ def test_load_state_dict_rejects_another_model():
         alloc.load_state_dict(state)
 
 
+def test_load_state_dict_checks_everything_before_changing_anything():
+    # A rejected state must leave the allocator (and the model's active sets) as they were: the
+    # EMAs were copied one tensor at a time before a bad shape was found, and a list one tensor
+    # short was accepted (zip stopped early).
+    cfg = CFG.replace(total_steps=20)
+    model = Tiny(cfg)
+    alloc = RankAllocator(model, cfg)
+    donor = RankAllocator(copy.deepcopy(model), cfg)
+    for t in donor.ipt_avg + donor.unc_avg:
+        t.fill_(1.0)
+    donor.layers[next(iter(donor.layers))].set_active([0])
+    before = copy.deepcopy(alloc.state_dict())
+
+    def tampered(edit):
+        state = copy.deepcopy(donor.state_dict())
+        edit(state)
+        return state
+
+    cases = [
+        (lambda st: st["ipt_avg"].pop(), "ipt_avg holds"),
+        (lambda st: st["unc_avg"].__setitem__(-1, st["unc_avg"][-1][:-1]), r"unc_avg\[.*\] has shape"),
+        (lambda st: st.__setitem__("scores", st["scores"][:-1]), "scores has shape"),
+        (lambda st: st["active"].__setitem__(alloc.names[-1], torch.tensor([0, 99])), "active ids"),
+        (lambda st: st["schedule"].__setitem__("total_steps", 40),
+         r"another rank schedule: total_steps 40 \(saved\) vs 20 \(now\)"),
+        (lambda st: st["schedule"].__setitem__("b_t", 1), "b_t 1 .saved."),
+    ]
+    for edit, message in cases:
+        with pytest.raises(ValueError, match=message):
+            alloc.load_state_dict(tampered(edit))
+        after = alloc.state_dict()
+        for key in ("ipt_avg", "unc_avg"):
+            assert all(torch.equal(a, b) for a, b in zip(after[key], before[key])), (message, key)
+        assert all(torch.equal(after["active"][n], before["active"][n]) for n in alloc.names), message
+    alloc.load_state_dict(donor.state_dict())  # the untampered state loads
+    assert alloc.ranks() == donor.ranks()
+
+
 def test_orthogonality_penalty_over_active_components():
     model = Tiny(CFG)
     model.layers[0].set_active([0, 2, 5])

@@ -211,6 +211,7 @@ class RankAllocator:
         batch is run. Returns the new ranks.
         """
         cfg = self.config
+        self._follow_device()  # the sensitivity totals live with the scores
         mods = list(self.layers.values())
         if not cfg.sensitivity_init:
             ranks = [cfg.r_init] * len(mods)
@@ -362,9 +363,17 @@ class RankAllocator:
         return self.ranks()
 
     # ---- checkpointing ---------------------------------------------------------------------------
+    def _schedule(self) -> dict[str, int | None]:
+        """What the budget at each step follows: a resumed run must follow the same."""
+        cfg = self.config
+        return {"total_steps": cfg.total_steps, "t_init": cfg.t_init, "t_final": cfg.t_final,
+                "delta_t": cfg.delta_t, "b0": self.b0, "b_t": self.b_t}
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: EMAs, scores, counters, step, active sets, history."""
+        """Everything needed to resume exactly: EMAs, scores, counters, step, active sets, history,
+        and the schedule they belong to."""
         return {
+            "schedule": self._schedule(),
             "global_step": self.global_step,
             "ipt_avg": [t.clone() for t in self.ipt_avg],
             "unc_avg": [t.clone() for t in self.unc_avg],
@@ -376,16 +385,40 @@ class RankAllocator:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict()``. Everything is checked before anything changes, so a
+        rejected state leaves the allocator and the model's active sets as they were."""
+        where = "RankAllocator.load_state_dict"
         if set(state["active"]) != set(self.names):
-            raise ValueError(
-                "RankAllocator.load_state_dict: the checkpoint's layers "
-                f"{sorted(set(state['active']) ^ set(self.names))} do not match this model's")
-        for name, tgt, src_list in (("ipt_avg", self.ipt_avg, state["ipt_avg"]),
-                                    ("unc_avg", self.unc_avg, state["unc_avg"])):
-            for i, (t, s) in enumerate(zip(tgt, src_list)):
+            raise ValueError(f"{where}: the checkpoint's layers "
+                             f"{sorted(set(state['active']) ^ set(self.names))} do not match this "
+                             "model's")
+        # (States written before the schedule was saved carry none to compare.)
+        saved = state.get("schedule", self._schedule())
+        changed = [f"{k} {saved.get(k)} (saved) vs {v} (now)" for k, v in self._schedule().items()
+                   if saved.get(k) != v]
+        if changed:
+            raise ValueError(f"{where}: the checkpoint follows another rank schedule: "
+                             f"{'; '.join(changed)}. Resume with the settings it was trained with")
+        for name, tgt in (("ipt_avg", self.ipt_avg), ("unc_avg", self.unc_avg)):
+            src = state[name]
+            if len(src) != len(tgt):
+                raise ValueError(f"{where}: {name} holds {len(src)} layers' tensors, expected "
+                                 f"{len(tgt)}")
+            for i, (t, s) in enumerate(zip(tgt, src)):
                 if t.shape != s.shape:
-                    raise ValueError(f"RankAllocator.load_state_dict: {name}[{i}] has shape "
-                                     f"{tuple(s.shape)}, expected {tuple(t.shape)}")
+                    raise ValueError(f"{where}: {name}[{i}] has shape {tuple(s.shape)}, expected "
+                                     f"{tuple(t.shape)}")
+        if state["scores"].shape != self.scores.shape:
+            raise ValueError(f"{where}: scores has shape {tuple(state['scores'].shape)}, expected "
+                             f"{tuple(self.scores.shape)}")
+        for name, m in self.layers.items():
+            ids = torch.as_tensor(state["active"][name])
+            if ids.numel() and (ids.is_floating_point() or int(ids.min()) < 0
+                                or int(ids.max()) >= m.r_max):
+                raise ValueError(f"{where}: the active ids of {name} ({ids.tolist()}) are not "
+                                 f"component ids in [0, r_max={m.r_max})")
+        for tgt, src in ((self.ipt_avg, state["ipt_avg"]), (self.unc_avg, state["unc_avg"])):
+            for t, s in zip(tgt, src):
                 t.copy_(s)
         self.scores.copy_(state["scores"])
         self.counters.copy_(state["counters"])
