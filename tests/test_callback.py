@@ -105,6 +105,49 @@ def test_resume_from_a_checkpoint_continues_the_rank_schedule(tmp_path):
     assert sum(fresh.allocator.ranks().values()) == sum(full.allocator.ranks().values())
 
 
+def test_resume_refuses_an_allocator_of_another_run_or_schedule(tmp_path):
+    # Trainer.train(resume_from_checkpoint=PATH) does not tell callbacks PATH, so the callback
+    # reads output_dir/checkpoint-<step>: when that holds another run's allocator (its active sets
+    # differ from the ones the Trainer restored with the model), or the resumed run follows
+    # another schedule (max_steps changed), loading it would splice in a foreign state silently.
+    from tsqlora_ext.checkpoint import atomic_save, load_checkpoint
+
+    torch.set_num_threads(1)
+    config = tw.tiny_config(t_init=1, t_final=1, delta_t=2)
+    _trainer(tmp_path, config, TsqLoRACallback(), max_steps=8, save_steps=4)[1].train()
+    checkpoint = tmp_path / "checkpoint-4"
+    with pytest.raises(ValueError, match="another rank schedule: total_steps 8 .saved. vs 16"):
+        _trainer(tmp_path, config, TsqLoRACallback(), max_steps=16, save_steps=4)[1].train(
+            resume_from_checkpoint=str(checkpoint))
+
+    saved = load_checkpoint(checkpoint / ALLOCATOR_FILE)
+    name, ids = next(iter(saved["allocator"]["active"].items()))
+    r_max = config.r_max
+    saved["allocator"]["active"][name] = torch.tensor(
+        [i for i in range(r_max) if i not in set(ids.tolist())][:max(1, len(ids))])
+    atomic_save(saved, checkpoint / ALLOCATOR_FILE)
+    with pytest.raises(ValueError, match="belongs to another run"):
+        _trainer(tmp_path, config, TsqLoRACallback(), max_steps=8, save_steps=4)[1].train(
+            resume_from_checkpoint=str(checkpoint))
+
+
+def test_a_reused_callback_drives_the_new_model(tmp_path):
+    # hyperparameter_search(model_init=...) and a second Trainer hand the same callback a new
+    # model: the allocator of the first must not keep driving the first model's layers.
+    torch.set_num_threads(1)
+    config = tw.tiny_config(t_init=1, t_final=1, delta_t=2)
+    callback = TsqLoRACallback()
+    _trainer(tmp_path / "a", config, callback, max_steps=8)[1].train()
+    first = callback.allocator
+    model, trainer = _trainer(tmp_path / "b", config, callback, max_steps=8)
+    trainer.train()
+    assert callback.allocator is not first
+    assert callback.allocator.global_step == 8 and callback.reallocations > 0
+    layers = [m for m in model.modules() if m.__class__.__name__ == "VarRankLoRALinear"]
+    assert sorted(id(m) for m in callback.allocator.layers.values()) == sorted(map(id, layers))
+    assert len({m.rank for m in layers}) > 1  # this model's ranks moved
+
+
 def test_unwrapped_model_is_refused(tmp_path):
     data, _ = tw.tiny_task(n=16)
     rows = [{"input_ids": t, "labels": int(y)} for t, y in zip(data.token_ids, data.labels)]

@@ -66,6 +66,9 @@ class TsqLoRACallback(TrainerCallback):
     def __init__(self, allocator=None, config: TsqLoRAConfig | None = None) -> None:
         self.allocator = allocator
         self.config = config
+        # What the user gave: a callback reused for another model (hyperparameter_search's
+        # model_init, a second Trainer) builds its allocator anew from these.
+        self._given_allocator, self._given_config = allocator, config
         self.allocator_steps = 0
         self.reallocations = 0
         self._guard = None
@@ -82,18 +85,31 @@ class TsqLoRACallback(TrainerCallback):
         folder = args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) \
             else _checkpoint_folder(args, state)
         path = os.path.join(folder, ALLOCATOR_FILE)
+        elsewhere = ("; Trainer.train(resume_from_checkpoint=PATH) does not tell callbacks PATH, "
+                     "so for a checkpoint outside output_dir set TrainingArguments("
+                     "resume_from_checkpoint=PATH) too")
         if not os.path.isfile(path):
             warnings.warn(f"TsqLoRACallback: resuming at step {state.global_step} but there is no "
-                          f"{ALLOCATOR_FILE} in {folder} (a checkpoint written without it): the "
-                          "rank schedule continues from that step, but the sensitivity scores "
-                          "start afresh and the rank history before it is lost", stacklevel=3)
+                          f"{ALLOCATOR_FILE} in {folder} (a checkpoint written without it, or one "
+                          "elsewhere): the rank schedule continues from that step, but the "
+                          "sensitivity scores start afresh and the rank history before it is lost"
+                          + elsewhere, stacklevel=3)
             self.allocator.global_step = state.global_step
             return
         saved = load_checkpoint(path)
         if saved["step"] != state.global_step:
             raise ValueError(f"TsqLoRACallback: {path} holds the allocator of step {saved['step']} "
                              f"but the Trainer resumes at step {state.global_step}: resume from "
-                             "the checkpoint folder it belongs to")
+                             "the checkpoint folder it belongs to" + elsewhere)
+        # The Trainer has restored the model from the checkpoint it resumes, active sets
+        # included; an allocator saved with another run's checkpoint would replace them.
+        differ = [name for name, m in self.allocator.layers.items()
+                  if not torch.equal(saved["allocator"]["active"].get(name, torch.empty(0)).cpu(),
+                                     m.active.cpu())]
+        if differ:
+            raise ValueError(f"TsqLoRACallback: {path} belongs to another run: its active sets "
+                             f"differ from those of the checkpoint the Trainer resumed ({differ[0]} "
+                             f"and {len(differ) - 1} other layer(s))" + elsewhere)
         self.allocator.load_state_dict(saved["allocator"])
         self.reallocations = saved["reallocations"]
 
@@ -102,9 +118,17 @@ class TsqLoRACallback(TrainerCallback):
         from .allocator import RankAllocator
 
         model = _unwrap(model)
-        if not lora_layers(model):
+        layers = {id(m) for _, m in lora_layers(model)}
+        if not layers:
             raise ValueError("TsqLoRACallback: the model has no VarRankLoRALinear layer; wrap it "
                              "first with tsqlora_ext.wrap(model, config)")
+        if self.allocator is not None and {id(m) for m in self.allocator.layers.values()} != layers:
+            if self._given_allocator is not None:
+                raise ValueError("TsqLoRACallback: the allocator it was given drives another "
+                                 "model's layers than the Trainer's model")
+            # This callback trained another model before (a second Trainer, or
+            # hyperparameter_search's model_init): that model's allocator must not drive this one.
+            self.allocator, self.config = None, self._given_config
         if self.allocator is None:
             config = self.config or getattr(model, "tsqlora_config", None) or TsqLoRAConfig()
             if config.total_steps is None:
