@@ -148,6 +148,24 @@ def test_a_reused_callback_drives_the_new_model(tmp_path):
     assert len({m.rank for m in layers}) > 1  # this model's ranks moved
 
 
+def test_checkpoint_folder_of_a_hyperparameter_search_trial(tmp_path):
+    # In a hyperparameter search the Trainer writes checkpoints into output_dir/<run>/; the
+    # callback, told neither, takes the newest checkpoint folder of the step.
+    import os
+    import types
+
+    from tsqlora_ext.callback import _checkpoint_folder
+
+    args, state = types.SimpleNamespace(output_dir=str(tmp_path)), types.SimpleNamespace(global_step=4)
+    assert _checkpoint_folder(args, state) == str(tmp_path / "checkpoint-4")  # none written yet
+    (tmp_path / "checkpoint-4").mkdir()
+    assert _checkpoint_folder(args, state) == str(tmp_path / "checkpoint-4")
+    os.utime(tmp_path / "checkpoint-4", (1_000_000, 1_000_000))
+    (tmp_path / "run-1" / "checkpoint-4").mkdir(parents=True)
+    (tmp_path / "run-0" / "checkpoint-8").mkdir(parents=True)
+    assert _checkpoint_folder(args, state) == str(tmp_path / "run-1" / "checkpoint-4")
+
+
 def test_unwrapped_model_is_refused(tmp_path):
     data, _ = tw.tiny_task(n=16)
     rows = [{"input_ids": t, "labels": int(y)} for t, y in zip(data.token_ids, data.labels)]

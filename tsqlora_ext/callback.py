@@ -22,6 +22,7 @@ callback does the work at the one correct moment and refuses to be silent about 
 
 from __future__ import annotations
 
+import glob
 import os
 import warnings
 
@@ -46,8 +47,14 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _checkpoint_folder(args, state) -> str:
-    """The folder the Trainer writes (and names) the checkpoint of the current step in."""
-    return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+    """The folder of the current step's checkpoint: output_dir/checkpoint-<step>, or in a
+    hyperparameter search the same name inside the trial's run folder (output_dir/<run>/), which
+    callbacks are not told. The Trainer has just written it, so the newest such folder is it."""
+    name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+    found = [path for path in (os.path.join(args.output_dir, name),
+                               *glob.glob(os.path.join(glob.escape(args.output_dir), "*", name)))
+             if os.path.isdir(path)]
+    return max(found, key=os.path.getmtime) if found else os.path.join(args.output_dir, name)
 
 
 class TsqLoRACallback(TrainerCallback):
