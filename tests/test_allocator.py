@@ -212,7 +212,12 @@ def test_calibration_shares_b0_by_layer_sensitivity(monkeypatch):
     def loss_fn(out, batch):
         return out.pow(2).mean()
 
+    # A gradient the caller holds (a step under way) must come back as it was.
+    held = torch.randn_like(model.layers[0].lora_A)
+    model.layers[0].lora_A.grad = held.clone()
     ranks = alloc.calibrate(batches, model=model, loss_fn=loss_fn)
+    assert torch.equal(model.layers[0].lora_A.grad, held)
+    model.layers[0].lora_A.grad = None
     # explicit S_l: mean over the 3 batches of sum |W ⊙ dL/dW|, with W made trainable on a copy.
     # The native op refuses a trainable base weight by design, so the copy runs the reference math.
     monkeypatch.setattr(layers_module.ops, "varrank_lora", reference.varrank_lora)

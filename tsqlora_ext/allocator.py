@@ -206,8 +206,8 @@ class RankAllocator:
 
         ``batches`` yields model inputs (a dict is passed as ``model(**batch)``, anything else as
         ``model(batch)``); the loss is ``loss_fn(output, batch)``, or ``output.loss``. At most
-        ``config.calibration_batches`` batches are used. Gradients the calibration leaves on
-        parameters are cleared. With ``sensitivity_init=False`` every layer gets r_init and no
+        ``config.calibration_batches`` batches are used. Parameters' gradients are left as they
+        were before the call (calibration's own are discarded). With ``sensitivity_init=False`` every layer gets r_init and no
         batch is run. Returns the new ranks.
         """
         cfg = self.config
@@ -231,7 +231,11 @@ class RankAllocator:
     def _measure_sensitivity(self, model, batches, loss_fn) -> list[float]:
         mods = list(self.layers.values())
         totals = torch.zeros(len(mods), dtype=torch.float64, device=self.scores.device)
-        had_grad = {p: p.grad is not None for p in model.parameters()}
+        # Calibration's backward must not add into gradients the caller holds (a step under way):
+        # they are set aside and put back as they were.
+        held = {p: p.grad for p in model.parameters()}
+        for p in held:
+            p.grad = None
         handles = []
 
         def hook(i: int, layer: VarRankLoRALinear):
@@ -265,9 +269,8 @@ class RankAllocator:
             for h in handles:
                 h.remove()
             model.train(was_training)
-            for p, had in had_grad.items():
-                if not had:
-                    p.grad = None
+            for p, g in held.items():
+                p.grad = g
         if n == 0:
             raise ValueError("RankAllocator.calibrate: no calibration batch was given")
         totals /= n
