@@ -70,6 +70,19 @@ def test_in_memory_inputs_match_the_file(rt_jsonl, tmp_path):
     assert pd.read_parquet(tmp_path / "sub.parquet")["text"].tolist() == df["text"].iloc[ref.indices].tolist()
 
 
+def test_parquet_nulls_are_refused_naming_the_file_row_and_field(tmp_path):
+    # A null label would otherwise become a class of its own ("None"), unlike a jsonl null.
+    pd = pytest.importorskip("pandas")
+    path = tmp_path / "nulls.parquet"
+    pd.DataFrame({"text": ["a fine review", "another review", "a third one"],
+                  "label": [1.0, None, 0.0]}).to_parquet(path)
+    with pytest.raises(ValueError, match=r"nulls.parquet row 1: field 'label' is null"):
+        tsqlora_ext.select(path, label_field="label", fraction=0.5)
+    pd.DataFrame({"text": ["a fine review", None], "label": [1, 0]}).to_parquet(path)
+    with pytest.raises(ValueError, match=r"nulls.parquet row 1: field 'text' is null"):
+        tsqlora_ext.select(path, label_field="label", fraction=0.5)
+
+
 def test_csv_output_keeps_header_and_raw_rows(tmp_path):
     p = tmp_path / "d.csv"
     p.write_text('id,text\n1,"a multi\nline review, with commas"\n2,another fine review here\n3,and a third one\n')

@@ -110,16 +110,22 @@ class _Rows:
     bad: list = field(default_factory=list)
 
 
-def _arrow_gate(column, name: str):
+def _first_null(arr) -> int | None:
+    """The row of an Arrow array's first null, or None."""
+    if not arr.null_count:
+        return None
+    return int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+
+
+def _arrow_gate(column, name: str, where: str):
     """A gate over an Arrow string column via its buffers (no copy of the text)."""
     import pyarrow as pa
 
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
-        raise ValueError(f"field '{name}' must hold strings, not {arr.type}")
-    if arr.null_count:
-        first = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
-        raise ValueError(f"row {first}: field '{name}' is null")
+        raise ValueError(f"{where}: field '{name}' must hold strings, not {arr.type}")
+    if (first := _first_null(arr)) is not None:
+        raise ValueError(f"{where} row {first}: field '{name}' is null")
     arr = arr.cast(pa.large_string())
     _, offsets_buf, data_buf = arr.buffers()
     offsets = np.frombuffer(offsets_buf, dtype=np.int64)[arr.offset:arr.offset + len(arr) + 1]
@@ -131,8 +137,15 @@ def _from_arrow(table, kind: str, text_field: str, label_field: str | None, sour
     missing = [f for f in (text_field, label_field) if f and f not in table.column_names]
     if missing:
         raise ValueError(f"{_name(source)}: field '{missing[0]}' missing (columns: {', '.join(table.column_names)})")
-    labels = table.column(label_field).to_pylist() if label_field else None
-    return _Rows(kind, table.num_rows, _arrow_gate(table.column(text_field), text_field), labels, source, table)
+    labels = None
+    if label_field:
+        column = table.column(label_field)
+        # A null label would become a class of its own ("None"); a jsonl null is refused alike.
+        if (first := _first_null(column.combine_chunks())) is not None:
+            raise ValueError(f"{_name(source)} row {first}: field '{label_field}' is null")
+        labels = column.to_pylist()
+    return _Rows(kind, table.num_rows, _arrow_gate(table.column(text_field), text_field, _name(source)),
+                 labels, source, table)
 
 
 def _name(source) -> str:
