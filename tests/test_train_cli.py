@@ -182,6 +182,58 @@ def test_a_new_run_into_an_earlier_runs_folder_is_refused(tmp_path, monkeypatch,
     assert (out / "run.json").read_text() == "{}" and not calls
 
 
+def test_what_a_new_run_would_overwrite_is_refused_before_anything_is_written(tmp_path, monkeypatch,
+                                                                             capsys):
+    # An earlier run's checkpoints even when this run keeps none (--checkpoint-every 0), an earlier
+    # run's results without checkpoints, input files that are the run's own outputs, and a demo
+    # into a train run's folder: each refused with the reason, run.json and the data untouched.
+    calls = _record_pipeline(monkeypatch)
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "w1 w2 w3", "label": 0}\n')
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step-000000050.ckpt").write_bytes(b"an earlier run's")
+    (out / "run.json").write_text('{"earlier": true}')
+    argv = ["train", "--data", str(data), "--out", str(out)]
+    assert main(argv + ["--checkpoint-every", "0"]) == 2
+    assert "already holds checkpoints of an earlier run" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--out", str(out)]) == 2
+    assert f"{out} is the folder of a tsqlora train run" in capsys.readouterr().err
+
+    (out / "checkpoints" / "step-000000050.ckpt").unlink()
+    (out / "metrics.json").write_text("{}")
+    assert main(argv + ["--checkpoint-every", "0"]) == 2
+    assert f"--out {out} holds the results of an earlier run (metrics.json)" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--out", str(out)]) == 2
+    capsys.readouterr()
+    assert (out / "run.json").read_text() == '{"earlier": true}'
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "scores.jsonl").write_text(data.read_text())
+    assert main(["train", "--data", str(fresh / "scores.jsonl"), "--out", str(fresh)]) == 2
+    assert f"--data {fresh / 'scores.jsonl'} is a file this run writes into --out" in capsys.readouterr().err
+    assert main(["train", "--data", str(data), "--eval-data", str(fresh / "scores.jsonl"),
+                 "--out", str(fresh)]) == 2
+    assert "--eval-data" in capsys.readouterr().err
+    assert not (fresh / "run.json").exists() and not calls
+
+
+def test_resume_of_a_damaged_run_json_and_an_out_that_is_a_file_exit_2(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    for text, want in (("{not json", "is not a run's settings (JSONDecodeError"),
+                       ("{}", "lacks model, data,")):
+        (run / "run.json").write_text(text)
+        assert main(["train", "--resume", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert f"{run / 'run.json'}" in err and want in err, err
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "w1 w2 w3", "label": 0}\n')
+    assert main(["train", "--data", str(data), "--out", str(data)]) == 2  # a file, not a folder
+    assert "tsqlora train: error:" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_pipeline_refuses_earlier_checkpoints_before_it_overwrites_anything(tmp_path, resume):
     # Called directly (not through the CLI's own check): the refusal must come before the gate and

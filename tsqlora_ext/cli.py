@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, OSError, TypeError) as e:  # OSError: a path that is a folder, unwritable, ...
         print(f"tsqlora {args.command}: error: {e}", file=sys.stderr)
         return 2
 
@@ -245,6 +245,11 @@ def _split_settings(values: dict, source: str) -> tuple[dict, dict]:
             {k: v for k, v in values.items() if k in training})
 
 
+# The keys of a run.json (written by _train, read back by --resume).
+_RUN_KEYS = ("model", "data", "text_field", "label_field", "eval_data", "out", "baseline", "tsqlora",
+             "train")
+
+
 @subcommand("train", help="Run the whole TsqLoRA pipeline (gate, score, select, calibrate, train "
             "with rank reallocation, evaluate) and write a report folder with the adapter.",
             arguments=_train_arguments)
@@ -257,9 +262,11 @@ def _train(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointManager
     from .config import TsqLoRAConfig
     from .pipeline import bundled_task, file_task, run_pipeline
-    from .report import write_json
+    from .report import REPORT_FILES, write_json
     from .train import TrainArgs
 
+    # What a run writes into --out besides run.json (pipeline.run_pipeline, report.py).
+    results_written = ("selection.json", "scores.jsonl", "adapter", *REPORT_FILES)
     if args.resume:
         typed = sorted("--" + k.replace("_", "-") for k, v in vars(args).items()
                        if not k.startswith("_") and k not in ("command", "resume")
@@ -273,7 +280,15 @@ def _train(args: argparse.Namespace) -> int:
         if not run_file.is_file():
             raise FileNotFoundError(f"--resume {args.resume}: no run.json there (not a tsqlora "
                                     "train output folder)")
-        run = json.loads(run_file.read_text())
+        try:
+            run = json.loads(run_file.read_text())
+            missing = [k for k in _RUN_KEYS if k not in run]
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"--resume {args.resume}: {run_file} is not a run's settings "
+                             f"({type(e).__name__}: {e})") from e
+        if missing:
+            raise ValueError(f"--resume {args.resume}: {run_file} lacks {', '.join(missing)} (not "
+                             "written by tsqlora train)")
         # The run is the folder named here, wherever it now lies: its default checkpoint folder
         # moves with it (run.json of earlier versions also stored these relative to the cwd).
         if run["train"]["checkpoint_dir"] == str(Path(run["out"]) / "checkpoints"):
@@ -298,11 +313,22 @@ def _train(args: argparse.Namespace) -> int:
         if training["checkpoint_dir"] is not None:
             training["checkpoint_dir"] = os.path.abspath(training["checkpoint_dir"])
         train_args = TrainArgs.from_dict(training, "train args")
-        # Refused here too (train() would), before run.json of the earlier run is overwritten.
-        if train_args.checkpoint_every:
+        # Refused here, before run.json of an earlier run is overwritten: its checkpoints (whatever
+        # this run's --checkpoint-every), its results, and input files that outputs would replace.
+        earlier = f"continue it with --resume {args.out}, or choose another --out"
+        if train_args.checkpoint_dir:
             CheckpointManager(train_args.checkpoint_dir).refuse_earlier_run(
-                f"continue it with --resume {args.out}, or choose another --out",
-                label=f"--out {args.out}: ")
+                earlier, label=f"--out {args.out}: ")
+        results = [name for name in results_written if (Path(out) / name).exists()]
+        if results and (Path(out) / "run.json").is_file():
+            raise ValueError(f"--out {args.out} holds the results of an earlier run "
+                             f"({', '.join(results)}): {earlier}")
+        for flag in ("data", "eval_data"):
+            given = getattr(args, flag)
+            if given and not given.startswith("bundled:") and os.path.realpath(given) in {
+                    os.path.realpath(os.path.join(out, name)) for name in ("run.json", *results_written)}:
+                raise ValueError(f"--{flag.replace('_', '-')} {given} is a file this run writes "
+                                 f"into --out {args.out}: choose another --out")
         model = args.model or str(bundled.minilm_dir())
         run = {"model": os.path.abspath(model) if os.path.exists(model) else model,
                "data": args.data if args.data.startswith("bundled:") else os.path.abspath(args.data),

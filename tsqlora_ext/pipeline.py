@@ -435,6 +435,11 @@ def demo_settings(reduced: bool = False) -> tuple[TsqLoRAConfig, TrainArgs, dict
 def run_demo(out="tsqlora-demo", reduced: bool = False, verbose: bool = True) -> dict[str, Any]:
     from . import bundled
 
+    # The demo may overwrite an earlier demo's report, never a `tsqlora train` run (its results
+    # and the checkpoints a --resume would continue).
+    if (Path(out) / "run.json").is_file() or CheckpointManager(Path(out) / "checkpoints").checkpoints():
+        raise ValueError(f"run_demo: {out} is the folder of a tsqlora train run; write the demo "
+                         "to another folder")
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     config, args, limits = demo_settings(reduced)
     task = bundled_task("rotten_tomatoes")
