@@ -67,5 +67,33 @@ def test_unknown_and_malformed_json_are_named(tmp_path):
         TsqLoRAConfig.load(p)
 
 
+@pytest.mark.parametrize("text,message", [
+    ('{"r_init": 12.5}', r"TsqLoRAConfig\.r_init must be int, got 12\.5"),
+    ('{"lora_alpha": "16"}', r"TsqLoRAConfig\.lora_alpha must be float, got '16'"),
+    ('{"stratify": 1}', r"TsqLoRAConfig\.stratify must be bool, got 1"),
+    ('{"quality_weights": [1, 2]}', r"TsqLoRAConfig\.quality_weights must be tuple\[float, float, float\]"),
+    ('{"target_modules": ["query", 3]}', r"TsqLoRAConfig\.target_modules must be list\[str\] \| str \| None"),
+    ('[1, 2]', r"expected a JSON object, got list"),
+])
+def test_values_of_the_wrong_type_are_named(tmp_path, text, message):
+    # They failed in a comparison deep inside ('<=' not supported ...) or passed (12.5 for an int).
+    p = tmp_path / "cfg.json"
+    p.write_text(text)
+    with pytest.raises(ValueError, match=r"cfg\.json: " + message):
+        TsqLoRAConfig.load(p)
+
+
+def test_train_args_refuse_wrong_types_and_non_finite_numbers():
+    from tsqlora_ext.train import TrainArgs
+
+    with pytest.raises(ValueError, match=r"run\.json: TrainArgs\.max_steps must be int \| None, got '3'"):
+        TrainArgs.from_dict({"max_steps": "3"}, "run.json")
+    for name in ("lr", "epochs"):
+        for value in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=f"{name} must be a finite number > 0"):
+                TrainArgs(**{name: value})
+    assert TrainArgs.from_dict({"lr": 1, "max_steps": None}, "x").lr == 1  # an int is a float
+
+
 def test_budget():
     assert TsqLoRAConfig(r_init=12, target_r=8).budget(36) == (432, 288)

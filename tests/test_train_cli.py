@@ -234,6 +234,18 @@ def test_resume_of_a_damaged_run_json_and_an_out_that_is_a_file_exit_2(tmp_path,
     assert "tsqlora train: error:" in capsys.readouterr().err
 
 
+def test_a_config_file_that_is_not_an_object_of_fields_exits_2(tmp_path, capsys):
+    cfg = tmp_path / "cfg.json"
+    argv = ["train", "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"), "--config", str(cfg)]
+    for text, want in (("null", "settings must be a JSON object, got NoneType"),
+                       ('{"tsqlora": 5}', '"tsqlora" must be a JSON object of fields, got int'),
+                       ('{"lr": "abc"}', "TrainArgs.lr must be float, got 'abc'")):
+        cfg.write_text(text)
+        assert main(argv) == 2
+        assert f"{cfg}: {want}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_pipeline_refuses_earlier_checkpoints_before_it_overwrites_anything(tmp_path, resume):
     # Called directly (not through the CLI's own check): the refusal must come before the gate and

@@ -169,6 +169,9 @@ def _settings(args: argparse.Namespace, other_flags: tuple[str, ...]) -> tuple[d
     import json
     from pathlib import Path
 
+    from .config import TsqLoRAConfig, check_fields
+    from .train import TrainArgs
+
     method, training = {}, {}
     if args.config:
         try:
@@ -176,6 +179,9 @@ def _settings(args: argparse.Namespace, other_flags: tuple[str, ...]) -> tuple[d
         except json.JSONDecodeError as e:
             raise ValueError(f"{args.config}: not valid JSON ({e})") from None
         method, training = _split_settings(values, args.config)
+        # Checked here, while the file can still be named (flags override its values below).
+        check_fields(TsqLoRAConfig, method, args.config)
+        check_fields(TrainArgs, training, args.config)
     flags = {k: v for k, v in vars(args).items()
              if not k.startswith("_") and k not in ("command", "config", *other_flags)}
     m_flags, t_flags = _split_settings(flags, "flags")
@@ -234,8 +240,15 @@ def _split_settings(values: dict, source: str) -> tuple[dict, dict]:
     from .config import TsqLoRAConfig
     from .train import TrainArgs
 
+    if not isinstance(values, dict):
+        raise ValueError(f"{source}: settings must be a JSON object, got {type(values).__name__}")
     if set(values) <= {"tsqlora", "train"} and values:
-        return dict(values.get("tsqlora", {})), dict(values.get("train", {}))
+        sections = {k: values.get(k, {}) for k in ("tsqlora", "train")}
+        for k, v in sections.items():
+            if not isinstance(v, dict):
+                raise ValueError(f"{source}: \"{k}\" must be a JSON object of fields, got "
+                                 f"{type(v).__name__}")
+        return dict(sections["tsqlora"]), dict(sections["train"])
     method = {f.name for f in dataclasses.fields(TsqLoRAConfig)}
     training = {f.name for f in dataclasses.fields(TrainArgs)}
     unknown = sorted(set(values) - method - training)

@@ -11,6 +11,8 @@ import dataclasses
 import json
 import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,13 +24,52 @@ PREFERENCES = ("high", "moderate", "uniform")
 LOOKAHEADS = ("exact", "first_order")
 
 
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (as JSON or a flag gives it) fits a field annotated ``hint``: bool is not
+    a number, an int is a float, a list stands for a tuple."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, h) for h in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(map(_conforms, value, args))
+        return not args or all(_conforms(v, args[0]) for v in value)
+    return True  # other annotations are left to the class's own checks
+
+
 def dataclass_from_dict(cls, d: dict[str, Any], source: str):
-    """cls(**d), refusing unknown keys with a message that names the source and the keys."""
+    """cls(**d), after check_fields."""
+    check_fields(cls, d, source)
+    return cls(**d)
+
+
+def check_fields(cls, d: dict[str, Any], source: str) -> None:
+    """Refuse unknown keys and values of the wrong type for dataclass ``cls`` with a message that
+    names the source and the field (a JSON file's "abc" for a number failed in a comparison deep
+    inside, and 12.5 for an int passed)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: {cls.__name__} settings must be a JSON object of fields, got "
+                         f"{type(d).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"{source}: unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
-    return cls(**d)
+    hints = typing.get_type_hints(cls)
+    for name, value in d.items():
+        if not _conforms(value, hints[name]):
+            hint = hints[name]
+            raise ValueError(f"{source}: {cls.__name__}.{name} must be "
+                             f"{hint.__name__ if isinstance(hint, type) else hint}, got {value!r}")
 
 
 def _f(default, help: str, **kw):

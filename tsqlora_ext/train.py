@@ -79,10 +79,11 @@ class TrainArgs:
     def __post_init__(self) -> None:
         def bad(msg):
             raise ValueError(f"TrainArgs: {msg}")
-        if self.lr <= 0:
-            bad(f"lr must be > 0, got {self.lr}")
-        if self.epochs <= 0:
-            bad(f"epochs must be > 0, got {self.epochs}")
+        # (NaN passes a comparison such as lr <= 0.)
+        if not (0 < self.lr < math.inf):
+            bad(f"lr must be a finite number > 0, got {self.lr}")
+        if not (0 < self.epochs < math.inf):
+            bad(f"epochs must be a finite number > 0, got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
             bad(f"max_steps must be >= 1, got {self.max_steps}")
         for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "keep_checkpoints",
