@@ -206,7 +206,7 @@ def test_classification_metrics_macro_f1():
 
 
 def test_bad_inputs_name_the_problem():
-    with pytest.raises(ValueError, match="lr must be > 0"):
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
         TrainArgs(lr=0)
     with pytest.raises(ValueError, match="checkpoint_dir"):
         TrainArgs(checkpoint_every=5)
