@@ -83,6 +83,24 @@ def test_parquet_nulls_are_refused_naming_the_file_row_and_field(tmp_path):
         tsqlora_ext.select(path, label_field="label", fraction=0.5)
 
 
+@pytest.mark.parametrize("flag,value,message", [
+    ("--mislabel-threshold", "2", r"mislabel_threshold must be in \(0, 1\), got 2"),
+    ("--mislabel-max-spread", "-1", r"mislabel_max_spread must be > 0, got -1"),
+    ("--mislabel-max-spread", "nan", r"mislabel_max_spread must be > 0, got nan"),
+    ("--threads", "-1", r"num_threads must be >= 0 \(0: all cores\), got -1"),
+])
+def test_out_of_range_settings_exit_2_without_a_scores_file(tmp_path, capsys, flag, value, message):
+    import re
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"review number {i} here"}) + "\n" for i in range(4)))
+    out = tmp_path / "sub.jsonl"
+    assert cli.main(["select", "--input", str(data), "--text-field", "text", "--fraction", "0.5",
+                     "--out", str(out), flag, value]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not out.exists()
+
+
 def test_csv_output_keeps_header_and_raw_rows(tmp_path):
     p = tmp_path / "d.csv"
     p.write_text('id,text\n1,"a multi\nline review, with commas"\n2,another fine review here\n3,and a third one\n')

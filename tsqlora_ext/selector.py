@@ -387,6 +387,13 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
         raise ValueError(f"select: count must be >= 1, got {count}")
     if not temperature >= 0:
         raise ValueError(f"select: temperature must be >= 0, got {temperature}")
+    # Checked whether or not a scores file brings the guard into play, so a typo is never silent.
+    if not 0.0 < mislabel_threshold < 1.0:
+        raise ValueError(f"select: mislabel_threshold must be in (0, 1), got {mislabel_threshold}")
+    if not mislabel_max_spread > 0.0:
+        raise ValueError(f"select: mislabel_max_spread must be > 0, got {mislabel_max_spread}")
+    if num_threads is not None and int(num_threads) < 0:
+        raise ValueError(f"select: num_threads must be >= 0 (0: all cores), got {num_threads}")
     threads = 0 if num_threads is None else int(num_threads)
     stratify = bool(label_field) if stratify is None else stratify
     if stratify and not label_field:
