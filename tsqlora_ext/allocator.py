@@ -207,8 +207,8 @@ class RankAllocator:
         ``batches`` yields model inputs (a dict is passed as ``model(**batch)``, anything else as
         ``model(batch)``); the loss is ``loss_fn(output, batch)``, or ``output.loss``. At most
         ``config.calibration_batches`` batches are used. Parameters' gradients are left as they
-        were before the call (calibration's own are discarded). With ``sensitivity_init=False`` every layer gets r_init and no
-        batch is run. Returns the new ranks.
+        were before the call (calibration's own are discarded). With ``sensitivity_init=False``
+        every layer gets r_init and no batch is run. Returns the new ranks.
         """
         cfg = self.config
         self._follow_device()  # the sensitivity totals live with the scores

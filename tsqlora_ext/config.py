@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .mislabel import check_guard_settings
+
 
 # The choices of the string fields, checked here and by the functions that take them directly.
 MODES = ("full", "head")
@@ -214,10 +216,8 @@ class TsqLoRAConfig:
             bad(f"score_mode must be one of {MODES}, got {self.score_mode!r}")
         if self.lookahead not in LOOKAHEADS:
             bad(f"lookahead must be one of {LOOKAHEADS}, got {self.lookahead!r}")
-        if not 0.0 < self.mislabel_threshold < 1.0:
-            bad(f"mislabel_threshold must be in (0, 1), got {self.mislabel_threshold}")
-        if not self.mislabel_max_spread > 0.0:
-            bad(f"mislabel_max_spread must be > 0, got {self.mislabel_max_spread}")
+        check_guard_settings(self.mislabel_threshold, self.mislabel_max_spread, "TsqLoRAConfig",
+                             prefix="mislabel_")
 
     # ---- JSON round trip ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

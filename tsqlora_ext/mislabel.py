@@ -144,6 +144,14 @@ def guard_abstains(mix: LossMixture, max_share: float = 0.5, max_spread: float =
     return None
 
 
+def check_guard_settings(threshold: float, max_spread: float, where: str, prefix: str = "") -> None:
+    """The guard's bounds, for every caller that takes them (``prefix``: its name for them)."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"{where}: {prefix}threshold must be in (0, 1), got {threshold}")
+    if not max_spread > 0.0:
+        raise ValueError(f"{where}: {prefix}max_spread must be > 0, got {max_spread}")
+
+
 def flag_mislabeled(losses, threshold: float = 0.5, max_share: float = 0.5,
                     max_spread: float = 0.55) -> tuple[np.ndarray, np.ndarray, LossMixture]:
     """(p_mislabeled, likely_mislabeled, mixture): flag p > threshold where the loss exceeds
@@ -152,12 +160,9 @@ def flag_mislabeled(losses, threshold: float = 0.5, max_share: float = 0.5,
     exceeds ``max_spread`` (a tail of the model's own errors, not a cluster of wrong labels), or
     the low-loss component's mean exceeds ``MAX_CLEAN_LOSS`` (the model does not fit the bulk yet);
     then flag nothing. ``max_spread=inf`` turns the spread rule off."""
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"flag_mislabeled: threshold must be in (0, 1), got {threshold}")
+    check_guard_settings(threshold, max_spread, "flag_mislabeled")
     if not 0.0 < max_share <= 1.0:
         raise ValueError(f"flag_mislabeled: max_share must be in (0, 1], got {max_share}")
-    if not max_spread > 0.0:
-        raise ValueError(f"flag_mislabeled: max_spread must be > 0, got {max_spread}")
     x = np.asarray(losses, dtype=np.float64).ravel()
     p, mix = mislabel_probability(x)
     flagged = (p > threshold) & (x > MAX_CLEAN_LOSS)

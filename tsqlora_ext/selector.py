@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from . import _C
+from .mislabel import check_guard_settings, flag_losses, guard_abstains
 from .report import strict_json
 
 GATE_REASONS: tuple[str, ...] = tuple(_C.GATE_REASONS)
@@ -341,8 +342,6 @@ def _label_ids(labels: list) -> np.ndarray:
 def _mislabel_guard(cols: dict[str, np.ndarray], threshold: float,
                     max_spread: float) -> tuple[np.ndarray | None, dict | None]:
     """(rows flagged likely_mislabeled or None, what the guard did) from a scores file's columns."""
-    from .mislabel import flag_losses, guard_abstains
-
     if "loss" in cols:
         scored = int(np.isfinite(cols["loss"]).sum())
         flagged, mix = flag_losses(cols["loss"], threshold, max_spread)
@@ -388,10 +387,7 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
     if not temperature >= 0:
         raise ValueError(f"select: temperature must be >= 0, got {temperature}")
     # Checked whether or not a scores file brings the guard into play, so a typo is never silent.
-    if not 0.0 < mislabel_threshold < 1.0:
-        raise ValueError(f"select: mislabel_threshold must be in (0, 1), got {mislabel_threshold}")
-    if not mislabel_max_spread > 0.0:
-        raise ValueError(f"select: mislabel_max_spread must be > 0, got {mislabel_max_spread}")
+    check_guard_settings(mislabel_threshold, mislabel_max_spread, "select", prefix="mislabel_")
     if num_threads is not None and int(num_threads) < 0:
         raise ValueError(f"select: num_threads must be >= 0 (0: all cores), got {num_threads}")
     threads = 0 if num_threads is None else int(num_threads)
