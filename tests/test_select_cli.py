@@ -33,7 +33,7 @@ def test_cli_select_writes_subset_indices_and_report(tmp_path, rt_jsonl):
                    "--out", str(out), "--report", str(tmp_path / "report.json"), "--threads", "2"])
     assert rc == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    idx = [int(x) for x in (tmp_path / "out" / "subset.indices.txt").read_text().split()]
+    idx = [int(x) for x in (tmp_path / "out" / "subset.jsonl.indices.txt").read_text().split()]
     src = rt_jsonl.read_text().splitlines()
     assert out.read_text().splitlines() == [src[i] for i in idx]
     r = report["reasons"]
@@ -160,7 +160,7 @@ def test_errors_and_the_input_is_never_overwritten(tmp_path, rt_jsonl, capsys):
     assert "line 2 of b.jsonl: malformed JSON" in capsys.readouterr().err
     assert cli.main(["select", "--input", str(broken), "--fraction", "1", "--skip-bad",
                      "--out", str(tmp_path / "o.jsonl")]) == 0
-    report = json.loads((tmp_path / "o.report.json").read_text())
+    report = json.loads((tmp_path / "o.jsonl.report.json").read_text())
     assert report["bad_lines"] == 1 and "line 2" in report["bad_line_messages"][0]
     assert not list(tmp_path.glob(".*tmp*"))
 
@@ -172,6 +172,20 @@ def _small(tmp_path, n=20):
     scores = tmp_path / "s.jsonl"
     scores.write_text("".join(json.dumps({"index": i, "score": float(i)}) + "\n" for i in range(n)))
     return data, scores
+
+
+def test_default_indices_and_report_are_named_after_the_whole_output_name(tmp_path):
+    # o.jsonl and o.json once shared o.indices.txt and o.report.json: the second run's replaced
+    # the first's, which then no longer described o.jsonl.
+    data, _ = _small(tmp_path)
+    for out, fraction in (("o.jsonl", "0.5"), ("o.json", "0.25")):
+        assert cli.main(["select", "--input", str(data), "--fraction", fraction, "--no-gate",
+                         "--out", str(tmp_path / out)]) == 0
+    src = data.read_text().splitlines()
+    for out, kept in (("o.jsonl", 10), ("o.json", 5)):
+        idx = [int(x) for x in (tmp_path / f"{out}.indices.txt").read_text().split()]
+        assert (tmp_path / out).read_text().splitlines() == [src[i] for i in idx]
+        assert len(idx) == kept == json.loads((tmp_path / f"{out}.report.json").read_text())["kept"]
 
 
 def test_no_output_may_be_an_input_or_another_output(tmp_path, capsys):
@@ -200,7 +214,7 @@ def test_infinite_temperature_report_is_strict_json(tmp_path):
     data, scores = _small(tmp_path)
     assert cli.main(["select", "--input", str(data), "--scores", str(scores), "--fraction", "0.5",
                      "--no-gate", "--temperature", "inf", "--out", str(tmp_path / "o.jsonl")]) == 0
-    text = (tmp_path / "o.report.json").read_text()
+    text = (tmp_path / "o.jsonl.report.json").read_text()
     report = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
     assert report["selection"]["temperature"] == "inf"
 

@@ -121,8 +121,8 @@ def _select(args: argparse.Namespace) -> int:
                     mislabel_guard=args.mislabel_guard, mislabel_threshold=args.mislabel_threshold,
                     mislabel_max_spread=args.mislabel_max_spread, num_threads=args.threads,
                     skip_bad=args.skip_bad, max_line_bytes=args.max_line_bytes, out=out,
-                    indices_out=args.indices or out.with_name(out.stem + ".indices.txt"),
-                    report_out=args.report or out.with_name(out.stem + ".report.json"))
+                    indices_out=args.indices or out.with_name(out.name + ".indices.txt"),
+                    report_out=args.report or out.with_name(out.name + ".report.json"))
     counts = ", ".join(f"{r} {c}" for r, c in result.reason_counts.items() if c)
     print(f"kept {len(result.indices)} of {result.report['rows']} rows ({counts})"
           + (f"; skipped {len(result.bad_lines)} bad lines" if result.bad_lines else ""))
