@@ -172,6 +172,12 @@ def test_checkpoints_of_another_run_are_refused(tmp_path):
         run(config.replace(delta_t=2), resume=ckpt, lr=1e-4)
     # What does not change the remaining steps may differ (max_nonfinite_steps: the stop rule).
     assert run(resume=ckpt, max_nonfinite_steps=4, progress=True).optimizer_steps == 2
+    # Every checkpoint cut short: said so, not "no checkpoint".
+    for p in ckpt.glob("step-*.ckpt"):
+        p.write_bytes(p.read_bytes()[:20])
+    with pytest.warns(UserWarning, match="could not be read"), pytest.raises(
+            ValueError, match=rf"resume: none of the 2 checkpoint\(s\) in {ckpt} can be read"):
+        run(resume=ckpt)
 
 
 def test_pretokenized_data_pads_with_the_models_pad_id():

@@ -433,7 +433,11 @@ def train(
     elapsed_before = 0.0
 
     if resume is not None:
-        found = CheckpointManager(resume).latest()
+        manager = CheckpointManager(resume)
+        found = manager.latest()
+        if found is None and manager.checkpoints():
+            raise ValueError(f"resume: none of the {len(manager.checkpoints())} checkpoint(s) in "
+                             f"{resume} can be read (the warnings above say why)")
         if found is None:
             raise FileNotFoundError(f"resume: no checkpoint in {resume}")
         path, state = found
