@@ -125,7 +125,9 @@ class RankAllocator:
 
     Attributes:
         history: one entry per allocation decision, ``{"step", "budget", "ranks": {name: rank}}``
-            (the initial one at step 0), ready for a rank heatmap.
+            (the initial one at step 0), ready for a rank heatmap. ``budget`` is what the
+            schedule asked for (raised to Σ r_min); the ranks sum to less when fewer components
+            could be kept (Σ r_max, or allow_growth=False with fewer active).
         layer_sensitivity: {name: S_l} after ``calibrate``.
     """
 
