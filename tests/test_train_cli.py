@@ -96,6 +96,8 @@ def test_train_on_a_user_file_writes_the_report_and_a_loadable_adapter(tmp_path,
     assert again["accuracy"] == tsq["metrics"]["accuracy"]
     assert again["loss"] == pytest.approx(tsq["metrics"]["loss"], rel=1e-5)
     assert {n: lay.rank for n, lay in lora_layers(model)} == tsq["final_ranks"]
+    # The head's classes are the file's labels, in the run's report and on the loaded model.
+    assert m["labels"] == ["neg", "pos"] and model.config.id2label == {0: "neg", 1: "pos"}
 
 
 def test_bad_input_exits_2_naming_file_and_line(tmp_path, model_dir, capsys):
@@ -267,6 +269,47 @@ def test_pipeline_refuses_earlier_checkpoints_before_it_overwrites_anything(tmp_
         run_pipeline(tmp_path / "no-model", task, out, TsqLoRAConfig(), args,
                      resume=resume, verbose=False)
     assert (out / "scores.jsonl").read_text() == "kept\n"
+
+
+def test_resume_refuses_data_that_changed_since_the_run_started(tmp_path):
+    from tsqlora_ext.config import TsqLoRAConfig
+    from tsqlora_ext.pipeline import TextTask, data_fingerprint, run_pipeline
+    from tsqlora_ext.train import TrainArgs
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step-000000050.ckpt").write_bytes(b"the run's")
+    task = TextTask("t", ["a", "b"], ["x y z", "u v w"] * 2, [0, 1] * 2, ["x y z"] * 2, [0, 1])
+    (out / "selection.json").write_text(json.dumps({"data": data_fingerprint(task)}))
+    edited = TextTask("t", ["a", "b"], ["x y z", "u v w!"] * 2, [0, 1] * 2, ["x y z"] * 2, [0, 1])
+    args = TrainArgs(checkpoint_every=5, checkpoint_dir=str(out / "checkpoints"))
+    with pytest.raises(ValueError, match=r"run_pipeline: the data differ from those the run in .* "
+                                         r"started on \(sha256 changed; selection\.json records 4 "
+                                         r"training and 2 evaluation rows\)"):
+        run_pipeline(tmp_path / "no-model", edited, out, TsqLoRAConfig(), args, resume=True,
+                     verbose=False)
+
+
+def test_labels_are_classes_by_value_numbered_in_order_of_value(tmp_path):
+    from tsqlora_ext.pipeline import file_task
+
+    def task(rows, name="d.jsonl", **kw):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"text": f"text {i}", "label": y}) + "\n"
+                                for i, y in enumerate(rows)))
+        return file_task(path, "text", "label", **kw)
+
+    # A number is one class however it is spelled (it was "0" and "0.0", two classes).
+    t = task([0, 0.0, "0", 1, "1.0", 1e0, " 1 "] * 3, eval_fraction=0.2)
+    assert t.label_names == ["0", "1"]
+    # Twelve numbered classes keep their numbers as class ids ("10" sorted before "2").
+    t = task(list(range(12)) * 2, eval_path=_write(tmp_path / "e.csv", ["a", "b"], ["10", "2.0"]))
+    assert t.label_names == [str(i) for i in range(12)]
+    assert t.train_labels == list(range(12)) * 2 and t.eval_labels == [10, 2]
+    # Two rows leave one for training: refused, not trained on a single example.
+    with pytest.raises(ValueError, match=r"tiny\.jsonl: 2 rows, of which 1 remain for training after "
+                                         r"holding out 1 .* holding 1 distinct label\(s\)"):
+        task(["neg", "pos"], name="tiny.jsonl")
 
 
 def test_file_only_flags_with_bundled_data_are_refused(tmp_path, monkeypatch, capsys):

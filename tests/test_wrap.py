@@ -238,7 +238,7 @@ def test_bundled_smollm2_gguf_classifies_padded_batches(smollm2_gguf, tmp_path):
 
     from tsqlora_ext.pipeline import _load_model
 
-    model, tok = _load_model(smollm2_gguf, 2, seed=0)
+    model, tok = _load_model(smollm2_gguf, ["neg", "pos"], seed=0)
     tsqlora_ext.wrap(model, TsqLoRAConfig(), verbose=False)
     layers = dict(tsqlora_ext.adapted_layers(model))
     assert len(layers) == 7 * model.config.num_hidden_layers
@@ -264,7 +264,7 @@ def test_bundled_smollm2_gguf_classifies_padded_batches(smollm2_gguf, tmp_path):
                           num_attention_heads=4, num_key_value_heads=2, intermediate_size=37,
                           pad_token_id=None, eos_token_id=tok.eos_token_id)
     tf.LlamaForCausalLM(tiny).save_pretrained(tmp_path)
-    model, tok = _load_model(tmp_path, 2, seed=0)
+    model, tok = _load_model(tmp_path, ["neg", "pos"], seed=0)
     assert tok.pad_token_id == tok.eos_token_id == model.config.pad_token_id
 
 

@@ -5,7 +5,8 @@
   (``<layer>.lora_A`` [r, in], ``<layer>.lora_E`` [r], ``<layer>.lora_B`` [out, r]) and their ids in
   the r_max slots (``<layer>.active`` [r]); layers at rank 0 store nothing. The trainable head
   (``modules_to_save``) is stored in full under its parameter names.
-- ``adapter_config.json``: the TsqLoRAConfig, per-layer ranks, the sha256 of the weights file, and a
+- ``adapter_config.json``: the TsqLoRAConfig, per-layer ranks, the sha256 of the weights file, the
+  head's class names (``config.id2label``; ``load_adapter`` puts them back), and a
   fingerprint of the base model (class name, adapted layer names and shapes, head parameter
   shapes) so that loading onto another architecture or size fails with a message naming the
   mismatch instead of a shape error deep inside torch.
@@ -74,6 +75,15 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
         "layers": {n: [layer.out_features, layer.in_features] for n, layer in adapted_layers(model)},
         "modules_to_save": {n: list(p.shape) for n, p in _head_parameters(model).items()},
     }
+
+
+def _head_labels(model: nn.Module) -> list[str] | None:
+    """The class names of a trained head (``config.id2label``): saved beside it, so that the
+    predictions of a model the adapter is loaded into read back as the training data's labels."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None)
+    if not _head_parameters(model) or not id2label:
+        return None
+    return [str(id2label[i]) for i in range(len(id2label))]
 
 
 def _sha256(path: Path) -> str:
@@ -254,6 +264,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
         "ranks": ranks,
         "scaling": scaling,
         "base_model": fingerprint(model),
+        "labels": _head_labels(model),
     }
     _write_dir_atomically(Path(directory), tensors, meta, checksum_key="weights_sha256")
 
@@ -343,6 +354,11 @@ def _load_into(model: nn.Module, directory: Path, meta: dict[str, Any]) -> None:
             layer.merge()
     for p, t in head:
         p.copy_(t.to(p.device, p.dtype))
+    labels, config = meta.get("labels"), getattr(model, "config", None)
+    if head and labels and len(labels) == len(getattr(config, "id2label", None) or ()):
+        # The head's outputs are the adapter's classes now, whatever the base config called them.
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {name: i for i, name in enumerate(labels)}
 
 
 # ---- PEFT export --------------------------------------------------------------------------------

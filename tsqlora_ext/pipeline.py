@@ -16,11 +16,13 @@ repeating the warm-up and scoring (their effect on the adapter is in the checkpo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -66,8 +68,10 @@ def load_tokenizer(model_dir):
     return tokenizer
 
 
-def _load_model(model_dir, num_labels: int, seed: int):
-    """A sequence-classification model and its tokenizer from a transformers folder or a .gguf file."""
+def _load_model(model_dir, label_names: Sequence[str], seed: int):
+    """A sequence-classification model and its tokenizer from a transformers folder or a .gguf
+    file, with one output per label, named in its config (id2label, which the saved adapter
+    records) so that a prediction can be read back as the file's label."""
     from transformers import AutoModelForSequenceClassification
 
     tokenizer = load_tokenizer(model_dir)
@@ -75,12 +79,26 @@ def _load_model(model_dir, num_labels: int, seed: int):
     torch.manual_seed(seed)
     # float32 master weights whatever the checkpoint's dtype (transformers' default "auto" would
     # train a half-precision checkpoint in half precision); bf16 is applied by autocast instead.
-    model = AutoModelForSequenceClassification.from_pretrained(**_where(model_dir), num_labels=num_labels,
-                                                               dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        **_where(model_dir), num_labels=len(label_names), dtype=torch.float32,
+        id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
     # A decoder classifies from the last token that is not padding: it must know the padding id.
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def data_fingerprint(task: TextTask) -> dict[str, Any]:
+    """Row counts, label names and a sha256 of every text and label id (training, then
+    evaluation rows): what a resumed run checks its data against."""
+    h = hashlib.sha256()
+    for texts, labels in ((task.train_texts, task.train_labels), (task.eval_texts, task.eval_labels)):
+        for text in texts:
+            raw = text.encode("utf-8", "surrogatepass")
+            h.update(len(raw).to_bytes(8, "little") + raw)
+        h.update(np.asarray(labels, dtype="<i8").tobytes())
+    return {"train_rows": len(task.train_texts), "eval_rows": len(task.eval_texts),
+            "labels": list(task.label_names), "sha256": h.hexdigest()}
 
 
 def _gate(task: TextTask, seed: int):
@@ -168,7 +186,6 @@ def run_pipeline(model_dir, task: TextTask, out, config: TsqLoRAConfig, args: Tr
     say = print if verbose else (lambda *a, **k: None)
     t_all = time.perf_counter()
     phases: dict[str, float] = {}
-    n_labels = len(task.label_names)
     ckpt_dir = out / "checkpoints"
     if args.checkpoint_every and args.checkpoint_dir is None:
         args = TrainArgs.from_dict({**args.to_dict(), "checkpoint_dir": str(ckpt_dir)})
@@ -180,19 +197,28 @@ def run_pipeline(model_dir, task: TextTask, out, config: TsqLoRAConfig, args: Tr
     if resuming and not selection_file.is_file():
         raise ValueError(f"run_pipeline: {selection_file} is missing, so the run whose checkpoints "
                          f"{ckpt.directory} holds cannot be resumed")
+    data = data_fingerprint(task)
+    saved = json.loads(selection_file.read_text()) if resuming else None
+    # selection.json names training rows by position: other data would train on other rows.
+    if saved is not None and "data" in saved and saved["data"] != data:
+        changed = [k for k in data if saved["data"].get(k) != data[k]]
+        raise ValueError(f"run_pipeline: the data differ from those the run in {out} started on "
+                         f"({', '.join(changed)} changed; {selection_file.name} records "
+                         f"{saved['data']['train_rows']} training and {saved['data']['eval_rows']} "
+                         "evaluation rows), so it cannot be resumed: restore the data, or start a "
+                         "new run in another folder")
     if ckpt is not None and not resume:
         ckpt.refuse_earlier_run(f"continue it with resume=True (tsqlora train --resume {out}) or "
                                 "write this run to another folder", label="run_pipeline: ")
 
     t = time.perf_counter()
-    model, tokenizer = _load_model(model_dir, n_labels, config.seed)
+    model, tokenizer = _load_model(model_dir, task.label_names, config.seed)
     model = wrap(model, config, verbose=False)
     train_all = TokenizedData.from_texts(tokenizer, task.train_texts, task.train_labels, args.max_length)
     eval_tok = TokenizedData.from_texts(tokenizer, task.eval_texts, task.eval_labels, args.max_length)
     phases["load_and_tokenize_s"] = time.perf_counter() - t
 
-    if resuming:
-        saved = json.loads(selection_file.read_text())
+    if saved is not None:
         say(f"resuming {out}: selection of {len(saved['indices'])} examples from {selection_file.name}")
         indices = np.asarray(saved["indices"], dtype=np.int64)
         selection_info, warm, score_meta = saved["selection"], saved["warmup"], saved["scoring"]
@@ -221,7 +247,7 @@ def run_pipeline(model_dir, task: TextTask, out, config: TsqLoRAConfig, args: Tr
                           "temperature": config.temperature, "stratify": config.stratify}
         quality.write_scores(scores_file, scores)
         write_json({"indices": indices.tolist(), "pool": pool.tolist(), "selection": selection_info,
-                    "warmup": warm, "scoring": score_meta}, selection_file)
+                    "warmup": warm, "scoring": score_meta, "data": data}, selection_file)
     say(f"selected {len(indices):,} of {len(pool):,} training examples "
         f"({100 * len(indices) / len(pool):.1f}%)")
 
@@ -235,7 +261,7 @@ def run_pipeline(model_dir, task: TextTask, out, config: TsqLoRAConfig, args: Tr
     base = None
     if baseline:
         t = time.perf_counter()
-        base = run_baseline(model_dir, train_all, eval_tok, len(indices), n_labels, config, args,
+        base = run_baseline(model_dir, train_all, eval_tok, len(indices), task.label_names, config, args,
                             tokenizer)
         phases["baseline_s"] = time.perf_counter() - t
         runs["LoRA baseline"] = base
@@ -243,7 +269,7 @@ def run_pipeline(model_dir, task: TextTask, out, config: TsqLoRAConfig, args: Tr
     kept_in_pool = np.zeros(len(pool), dtype=bool)
     kept_in_pool[indices] = True
     metrics = {
-        "task": task.name, "model": str(model_dir),
+        "task": task.name, "model": str(model_dir), "labels": list(task.label_names),
         "config": config.to_dict(), "train_args": args.to_dict(),
         "selection": selection_info, "warmup": warm, "scoring": score_meta,
         "tsqlora": {**result.to_dict(), "wall_time_s": tsq_wall},
@@ -264,7 +290,8 @@ def run_pipeline(model_dir, task: TextTask, out, config: TsqLoRAConfig, args: Tr
 
 
 def run_baseline(model_dir, train_all: TokenizedData, eval_tok: TokenizedData, count: int,
-                 n_labels: int, config: TsqLoRAConfig, args: TrainArgs, tokenizer) -> dict[str, Any]:
+                 label_names: Sequence[str], config: TsqLoRAConfig, args: TrainArgs,
+                 tokenizer) -> dict[str, Any]:
     """Plain LoRA at TsqLoRA's budget: ``count`` examples drawn uniformly at random (seeded),
     a fixed rank of ``target_r`` in every layer, no gate, scoring or reallocation."""
     from .wrap import wrap
@@ -273,7 +300,7 @@ def run_baseline(model_dir, train_all: TokenizedData, eval_tok: TokenizedData, c
     r = max(1, int(round(config.target_r)))
     base_cfg = config.replace(r_init=r, r_min=0, r_max=r, target_r=r, dynamic=False,
                               sensitivity_init=False, total_steps=None)
-    model, _ = _load_model(model_dir, n_labels, config.seed)
+    model, _ = _load_model(model_dir, label_names, config.seed)
     model = wrap(model, base_cfg, verbose=False)
     rows = np.sort(np.random.default_rng(config.seed).choice(len(train_all), count, replace=False))
     base_args = TrainArgs.from_dict({**args.to_dict(), "checkpoint_dir": None, "checkpoint_every": 0})
@@ -343,35 +370,51 @@ def _read_rows(path: Path, text_field: str, label_field: str) -> tuple[list[str]
 
 
 def _read_labelled(path: Path, text_field: str, label_field: str) -> tuple[list[str], list[str], list[int]]:
-    """(texts, label names in sorted order, label ids) of a user's file; at least two labels."""
+    """(texts, label names in class-id order, label ids) of a user's file; at least two labels.
+    Labels are told apart by selector.label_key (numbers by value) and numbered by
+    selector.label_names (numbers in order of value, then names)."""
+    from .selector import label_key, label_names
+
     texts, labels, _ = _read_rows(path, text_field, label_field)
-    names = sorted({str(x) for x in labels})
+    keys = [label_key(x) for x in labels]
+    names = label_names(keys)
     if len(names) < 2:
         raise ValueError(f"{path}: field {label_field!r} holds {len(names)} distinct label(s); "
                          "classification needs at least 2")
-    return texts, names, [names.index(str(x)) for x in labels]
+    index = {name: i for i, name in enumerate(names)}
+    return texts, names, [index[k] for k in keys]
 
 
 def file_task(path, text_field: str, label_field: str, eval_path=None, eval_fraction: float = 0.1,
               seed: int = 0) -> TextTask:
     """A task from a jsonl/csv/tsv/parquet file; without ``eval_path`` a seeded ``eval_fraction``
-    of it is held out for evaluation. Labels may be strings or ints; they are numbered in sorted
-    order."""
+    of it is held out for evaluation. Labels may be strings or numbers (see _read_labelled). The
+    training part must hold at least two labels."""
+    from .selector import label_key
+
     path = Path(path)
     texts, names, ids = _read_labelled(path, text_field, label_field)
     if eval_path is not None:
         eval_path = Path(eval_path)
         e_texts, e_labels, e_lines = _read_rows(eval_path, text_field, label_field)
-        known = set(names)
+        index = {name: i for i, name in enumerate(names)}
+        e_ids = []
         for row, x in enumerate(e_labels):
-            if str(x) not in known:
+            if label_key(x) not in index:
                 where = f"line {e_lines[row]} of {eval_path}" if e_lines else f"{eval_path} row {row}"
                 raise ValueError(f"{where}: label {x!r} does not occur in the training data {path} "
                                  f"(its labels: {', '.join(names[:20])})")
-        return TextTask(path.stem, names, texts, ids, e_texts, [names.index(str(x)) for x in e_labels])
+            e_ids.append(index[label_key(x)])
+        return TextTask(path.stem, names, texts, ids, e_texts, e_ids)
     order = np.random.default_rng(seed).permutation(len(texts))
     n_eval = max(1, int(round(eval_fraction * len(texts))))
     ev, tr = order[:n_eval], order[n_eval:]
+    kept = {ids[i] for i in tr}
+    if len(kept) < 2:
+        raise ValueError(f"{path}: {len(texts)} rows, of which {len(tr)} remain for training after "
+                         f"holding out {n_eval} for evaluation (eval_fraction {eval_fraction}), "
+                         f"holding {len(kept)} distinct label(s); training needs at least 2 (more "
+                         "rows, or the evaluation rows in their own file: --eval-data)")
     return TextTask(path.stem, names, [texts[i] for i in tr], [ids[i] for i in tr],
                     [texts[i] for i in ev], [ids[i] for i in ev])
 
@@ -390,7 +433,7 @@ def score_file(model_dir, path, text_field: str, label_field: str, out, config: 
     if out.exists() and path.exists() and os.path.samefile(out, path):
         raise ValueError(f"--out {out}: refusing to overwrite the input")
     texts, names, ids = _read_labelled(path, text_field, label_field)
-    model, tokenizer = _load_model(model_dir, len(names), config.seed)
+    model, tokenizer = _load_model(model_dir, names, config.seed)
     model = wrap(model, config, verbose=False)
     data = TokenizedData.from_texts(tokenizer, texts, ids, args.max_length)
     warm, scores = _score(model, tokenizer, data, config, args)

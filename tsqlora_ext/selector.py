@@ -27,7 +27,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -333,10 +335,40 @@ def _score_report(scores: np.ndarray, kept: np.ndarray, bins: int = 20) -> dict[
 
 # ---- the selector ------------------------------------------------------------------------------
 
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
+def label_key(value) -> str:
+    """The class a label value names, as text. Numbers compare by value whatever their type or
+    spelling (0, 0.0, "0.0" and 0e0 are class "0"; 1.5 is "1.5"), because a file's writer picks
+    the spelling, not the class: the native jsonl reader hands a number over as its text, pyarrow
+    as a float, pandas as an int. Other text is the class name without surrounding whitespace
+    (csv fields keep the blanks after a comma). Booleans are "true" / "false", as jsonl spells them."""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        text = value.strip()
+        if not _NUMBER.fullmatch(text):
+            return text  # "007" too: JSON spells no number so, a code might
+        value = int(text) if text.lstrip("-").isdigit() else float(text)
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value)
+
+
+def label_names(keys) -> list[str]:
+    """The distinct label keys in class-id order: numbers by value first (labels 0..9, 10 give
+    class ids 0..10, as the file means them), then names alphabetically."""
+    return sorted(set(keys), key=lambda k: (0, float(k), "") if _NUMBER.fullmatch(k) else (1, 0.0, k))
+
+
 def _label_ids(labels: list) -> np.ndarray:
-    keys = sorted({str(v) for v in labels})
-    index = {k: i for i, k in enumerate(keys)}
-    return np.array([index[str(v)] for v in labels], dtype=np.int64)
+    keys = [label_key(v) for v in labels]
+    index = {k: i for i, k in enumerate(label_names(keys))}
+    return np.array([index[k] for k in keys], dtype=np.int64)
 
 
 def _mislabel_guard(cols: dict[str, np.ndarray], threshold: float,
@@ -478,7 +510,7 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
     }
     if rows.labels is not None:
         by_label: dict[str, dict[str, int]] = {}
-        for lab, p, kk in zip(map(str, rows.labels), pool, kept):
+        for lab, p, kk in zip(map(label_key, rows.labels), pool, kept):
             d = by_label.setdefault(lab, {"rows": 0, "pool": 0, "kept": 0})
             d["rows"] += 1
             d["pool"] += int(p)

@@ -325,7 +325,7 @@ def run_peft(method: str, prep: PreparedTask, settings: TaskSettings, lr: float,
     from tsqlora_ext.wrap import DEFAULT_TARGET_MODULES
 
     args = _train_args(settings, lr)
-    model, _ = pipeline._load_model(model_path(settings.model), len(prep.task.label_names), seed)
+    model, _ = pipeline._load_model(model_path(settings.model), prep.task.label_names, seed)
     targets = list(DEFAULT_TARGET_MODULES[MODELS[settings.model][1]])
     pad = pad_id_of(prep.tokenizer)
     loader = make_loader(prep.train_tok, batch_size=args.batch_size, max_length=args.max_length,
@@ -412,7 +412,7 @@ def run_tsqlora(methods: list[str], prep: PreparedTask, settings: TaskSettings, 
     elif methods[0] == "no_realloc":
         # The initial allocation shares the FINAL budget (8 per layer on average) by sensitivity.
         config = config.replace(r_init=TARGET_R, dynamic=False)
-    model, _ = pipeline._load_model(model_path(settings.model), len(prep.task.label_names), seed)
+    model, _ = pipeline._load_model(model_path(settings.model), prep.task.label_names, seed)
     model = wrap(model, config, verbose=False).to(device)
     pad = pad_id_of(prep.tokenizer)
     t0 = time.perf_counter()

@@ -186,7 +186,7 @@ def run_one(job: dict) -> dict:
     labels, flipped = flip_labels(task.train_labels, len(task.label_names), job["flip"],
                                   job["seed"])
     t_start = time.perf_counter()
-    model, tok = _load_model(bundled.minilm_dir(), len(task.label_names), config.seed)
+    model, tok = _load_model(bundled.minilm_dir(), task.label_names, config.seed)
     model = wrap(model, config, verbose=False).to(job["device"])
     train_all = TokenizedData.from_texts(tok, task.train_texts, labels, targs.max_length)
     eval_tok = TokenizedData.from_texts(tok, task.eval_texts, task.eval_labels, targs.max_length)

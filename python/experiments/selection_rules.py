@@ -66,7 +66,7 @@ def run_group(job: dict) -> list[dict]:
     targs = targs.from_dict({**targs.to_dict(), "progress": False, "num_workers": 1})
     task = load_task(job["dataset"], job["pool"], job["eval"])
     labels, flipped = flip_labels(task.train_labels, len(task.label_names), job["flip"], job["seed"])
-    model, tok = _load_model(bundled.minilm_dir(), len(task.label_names), config.seed)
+    model, tok = _load_model(bundled.minilm_dir(), task.label_names, config.seed)
     model = wrap(model, config, verbose=False)
     train_all = TokenizedData.from_texts(tok, task.train_texts, labels, targs.max_length)
     eval_tok = TokenizedData.from_texts(tok, task.eval_texts, task.eval_labels, targs.max_length)
