@@ -203,6 +203,37 @@ def test_non_finite_step_is_skipped(device):
     assert alloc.counters.tolist() == [1, 2]
 
 
+def test_a_reallocation_due_on_a_skipped_step_waits_for_the_next_good_one(device):
+    # It ran on the stale scores of the skipped step: a run stopped after skipped steps then held
+    # its last good step's parameters with other active sets.
+    model = Tiny(CFG).to(device)
+    alloc = RankAllocator(model, CFG)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    batches = data(CFG.total_steps, device=device)
+    for t in range(1, 4):
+        train_step(model, opt, batches[t - 1])
+        alloc.step()
+        opt.zero_grad()
+    ranks = alloc.ranks()
+    assert alloc.step(grads_finite=False) is None and alloc.ranks() == ranks  # step 4 was due
+    resumed = RankAllocator(Tiny(CFG).to(device), CFG)
+    resumed.load_state_dict(copy.deepcopy(alloc.state_dict()))
+    train_step(model, opt, batches[4])
+    got = alloc.step()  # step 5: not due, but the deferred one runs, at step 5's budget
+    assert got == alloc.ranks() and sum(got.values()) == budget_schedule(5, 16, 8, 2, 3, 14) == 10
+    assert alloc.history[-1]["step"] == 5 and not alloc.deferred
+    assert resumed.deferred  # carried by the state
+    # At the end of the budget phase (step 11) too: the final budget waits for a good step.
+    for t in range(6, 11):
+        train_step(model, opt, batches[t - 1])
+        alloc.step()
+        opt.zero_grad()
+    assert alloc.step(grads_finite=False) is None
+    assert alloc.step(grads_finite=False) is None  # step 12: frozen phase, still deferred
+    assert sum(alloc.step(grads_finite=True).values()) == 8  # step 13: b_T
+    assert alloc.step(grads_finite=True) is None
+
+
 def test_calibration_shares_b0_by_layer_sensitivity(monkeypatch):
     cfg = CFG.replace(calibration_batches=3)
     model = Tiny(cfg)

@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 from tsqlora_ext.allocator import RankAllocator, budget_schedule  # noqa: E402
 from tsqlora_ext.checkpoint import CheckpointManager  # noqa: E402
 from tsqlora_ext.train import (TokenizedData, TrainArgs, classification_metrics,  # noqa: E402
-                               evaluate, train)
+                               evaluate, lora_layers, train)
 from tsqlora_ext.wrap import wrap  # noqa: E402
 
 import train_worker as tw  # noqa: E402
@@ -132,10 +132,17 @@ def test_persistent_nan_gradients_stop_with_an_error_and_keep_the_checkpoints(tm
     model.classifier.register_forward_hook(_PoisonLoss(range(2 + 3, 100)))  # from step 3 on
     ckpt = tmp_path / "ckpt"
     args = _args(max_steps=8, max_nonfinite_steps=3, checkpoint_dir=str(ckpt), checkpoint_every=1)
+    active = {}
+
+    def keep_step_2(step, _):
+        if step == 2:
+            active.update({n: m.active_indices() for n, m in lora_layers(model)})
     with pytest.raises(FloatingPointError, match=r"optimizer steps 3 to 5 all had NaN/inf gradients"
                                                  r".*holds step 2's parameters.*max_nonfinite_steps \(3\)"):
-        train(model, train_data, None, config, args)
+        train(model, train_data, None, config, args, on_step=keep_step_2)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    # Its active sets too: the reallocation due at step 4 (a skipped step) did not run.
+    assert all(torch.equal(m.active_indices(), active[n]) for n, m in lora_layers(model))
     _, state = CheckpointManager(ckpt).latest()
     assert state["step"] == 4 and state["skipped_steps"] == 2
 
@@ -209,6 +216,8 @@ def test_classification_metrics_macro_f1():
     # per class F1: c0 2/3 (tp1 fp1 fn0), c1 0.8 (tp2 fp0 fn1), c2 0.5 (tp1 fp1 fn1)
     assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8 + 0.5) / 3)
     assert "macro_f1" not in classification_metrics(preds % 2, labels % 2, 2)
+    # A class in neither the labels nor the predictions has no F1 (it counted as 0: 2 of 3).
+    assert classification_metrics(np.array([0, 1]), np.array([0, 1]), 3)["macro_f1"] == 1.0
 
 
 def test_bad_inputs_name_the_problem():
@@ -216,6 +225,18 @@ def test_bad_inputs_name_the_problem():
         TrainArgs(lr=0)
     with pytest.raises(ValueError, match="checkpoint_dir"):
         TrainArgs(checkpoint_every=5)
+    # Built directly, not from a dict: these passed (2.5 failed deep inside the loader, NaN
+    # turned clipping off).
+    for kw, message in [({"batch_size": 2.5}, "batch_size must be an integer, got 2.5"),
+                        ({"max_steps": True}, "max_steps must be an integer, got True"),
+                        ({"num_workers": -1}, "num_workers must be >= 0"),
+                        ({"max_grad_norm": float("nan")}, "max_grad_norm must be a finite number >= 0"),
+                        ({"weight_decay": -0.1}, "weight_decay must be a finite number >= 0")]:
+        with pytest.raises(ValueError, match=f"TrainArgs: {message}"):
+            TrainArgs(**kw)
+    with pytest.raises(ValueError, match="TsqLoRAConfig: r_init must be an integer, got 12.5"):
+        tw.tiny_config(r_init=12.5)
+    assert type(TrainArgs(max_steps=np.int64(3)).max_steps) is int
     model = wrap(tw.tiny_bert(), tw.tiny_config(), verbose=False)
     with pytest.raises(TypeError, match="train_data"):
         train(model, "not data", None, tw.tiny_config(), _args(max_steps=1))
@@ -226,6 +247,70 @@ def test_bad_inputs_name_the_problem():
         train(model, train_data, ([], []), tw.tiny_config(), _args(max_steps=1), tokenizer=object())
     with pytest.raises(ValueError, match="evaluate: data holds no examples"):
         evaluate(model, TokenizedData([], np.zeros(0, dtype=np.int64)))
+
+
+def test_labels_outside_the_head_are_refused_before_training():
+    # An eval label out of range failed inside the loss at the first evaluation, after an epoch
+    # of training; -100 was ignored by the loss and counted wrong by accuracy; 0.7 became 0.
+    model = wrap(tw.tiny_bert(), tw.tiny_config(), verbose=False)
+    train_data, eval_data = tw.tiny_task(n=32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cases = [
+        ("eval_data", [0, 1, 7], r"eval_data row 2: label 7 is not a class of the model \(1 such "
+                                 r"row\(s\)\); its head has config.num_labels = 2"),
+        ("train_data", [-100, 1, 0], r"train_data row 0: label -100 is not a class"),
+        ("train_data", [0.0, 0.7, 1.0], r"train_data: label of row 1 is 0.7, not an integer class id"),
+        ("train_data", ["neg", "pos", "neg"], r"train_data: labels must be integer class ids"),
+    ]
+    for which, labels, message in cases:
+        bad = TokenizedData(train_data.token_ids[:3], np.asarray(labels))
+        data = {"train_data": bad if which == "train_data" else train_data,
+                "eval_data": bad if which == "eval_data" else eval_data}
+        with pytest.raises(ValueError, match=message):
+            train(model, data["train_data"], data["eval_data"], tw.tiny_config(), _args(max_steps=1))
+    with pytest.raises(ValueError, match=r"evaluate: data row 2: label 7"):
+        evaluate(model, TokenizedData(train_data.token_ids[:3], np.array([0, 1, 7])))
+    with pytest.raises(ValueError, match=r"train_data: labels must be one class id per example, got "
+                                         r"an array of shape \(2, 1\)"):
+        train(model, (["a b", "c d"], [[0], [1]]), None, tw.tiny_config(), _args(max_steps=1),
+              tokenizer=lambda *a, **k: {"input_ids": [[1, 2], [3, 4]]})
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_a_schedule_longer_or_shorter_than_the_run_warns_and_another_wrap_config_is_refused():
+    torch.set_num_threads(1)
+    train_data, _ = tw.tiny_task(n=64)
+    config = tw.tiny_config()
+    with pytest.warns(UserWarning, match=r"the rank schedule spans total_steps=100 optimizer steps "
+                                         r"but this run makes 4: the budget would reach target_r "
+                                         r"at step 98, so the ranks end above it"):
+        result = train(wrap(tw.tiny_bert(), config, verbose=False), train_data, None,
+                       config.replace(total_steps=100), _args(max_steps=4))
+    assert sum(result.final_ranks.values()) > config.target_r * len(result.final_ranks)
+    # The layers were built from r_init 4 (scaling 8 / 4): a budget of r_init 2 would not fit them.
+    model = wrap(tw.tiny_bert(), config, verbose=False)
+    with pytest.raises(ValueError, match=r"RankAllocator: the config differs from the one the model "
+                                         r"was wrapped with .*: r_init 4 there, 2 here"):
+        train(model, train_data, None, config.replace(r_init=2, target_r=1), _args(max_steps=6))
+    # Fields that do not shape the layers may differ.
+    train(model, train_data, None, config.replace(target_r=1, delta_t=1), _args(max_steps=6))
+
+
+def test_the_loss_history_records_the_rate_each_step_used():
+    train_data, _ = tw.tiny_task(n=64)
+    rates = []
+    model = wrap(tw.tiny_bert(), tw.tiny_config(), verbose=False)
+    optimizer_step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        rates.append(self.param_groups[0]["lr"])
+        return optimizer_step(self, *a, **k)
+    torch.optim.AdamW.step = spy
+    try:
+        result = train(model, train_data, None, tw.tiny_config(), _args(max_steps=6, warmup_ratio=0.5))
+    finally:
+        torch.optim.AdamW.step = optimizer_step
+    assert [h["lr"] for h in result.loss_history] == rates and len(set(rates)) == len(rates)
 
 
 # ---- bf16 autocast ------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
-from .config import TsqLoRAConfig
+from .config import LAYER_FIELDS, TsqLoRAConfig
 from .layers import VarRankLoRALinear
 
 
@@ -138,6 +138,15 @@ class RankAllocator:
         }
         if not self.layers:
             raise ValueError("RankAllocator: the model holds no VarRankLoRALinear layer to allocate")
+        wrapped = getattr(model, "tsqlora_config", None)
+        changed = [f"{k} {getattr(wrapped, k)!r} there, {getattr(config, k)!r} here"
+                   for k in LAYER_FIELDS if wrapped is not None and getattr(wrapped, k) != getattr(config, k)]
+        if changed:
+            raise ValueError(f"RankAllocator: the config differs from the one the model was wrapped "
+                             f"with (tsqlora_ext.wrap) in fields that shape its layers: "
+                             f"{'; '.join(changed)}. The layers keep what wrap gave them (B_0 = "
+                             f"r_init x layers and the scaling lora_alpha / r_init would not match "
+                             f"them): change only other fields, e.g. model.tsqlora_config.replace(...)")
         self.names = list(self.layers)
         mods = list(self.layers.values())
         # A, E, B of every layer in order, and zero stand-ins for missing gradients (update_scores).
@@ -155,6 +164,8 @@ class RankAllocator:
         # [updates applied, steps skipped for non-finite gradients]; read on demand only.
         self.counters = torch.zeros(2, device=device, dtype=torch.long)
         self.global_step = 0
+        # A reallocation due on a skipped step (grads_finite=False), made at the next good one.
+        self.deferred = False
         self.history: list[dict[str, Any]] = []
         self.layer_sensitivity: dict[str, float] = {}
         self._refresh_mask()
@@ -324,7 +335,10 @@ class RankAllocator:
         """Call once after each optimizer step (a skipped one included, with grads_finite=False,
         so the schedule keeps counting optimizer steps). Updates the scores (see update_scores
         for ``grads_finite``) and, every delta_t steps of the budget phase (and once when it
-        ends), reallocates. Returns the new ranks when it reallocated, else None."""
+        ends), reallocates. A reallocation due on a skipped step waits for the next good one,
+        at that step's budget: the active sets change only with the parameters, so a run that
+        stops after skipped steps holds its last good step's model. Returns the new ranks when
+        it reallocated, else None."""
         cfg = self.config
         self.global_step += 1
         if not cfg.dynamic:
@@ -332,10 +346,17 @@ class RankAllocator:
         if cfg.total_steps is None:
             raise ValueError("RankAllocator.step: config.total_steps is unset; call set_total_steps(T)")
         t, end = self.global_step, cfg.total_steps - cfg.t_final
-        if t > end:
+        due = t == end or (t > cfg.t_init and t % cfg.delta_t == 0)
+        if grads_finite is False and t <= end:
+            self.update_scores(False)
+            self.deferred |= due
+            return None
+        if t > end and not (self.deferred and grads_finite is not False):
             return None  # ranks frozen for the final t_final steps
-        self.update_scores(grads_finite)
-        if t == end or (t > cfg.t_init and t % cfg.delta_t == 0):
+        if t <= end:
+            self.update_scores(grads_finite)
+        if due or self.deferred:
+            self.deferred = False
             return self.reallocate(self.budget(t))
         return None
 
@@ -387,6 +408,7 @@ class RankAllocator:
             "active": {name: m.active.clone() for name, m in self.layers.items()},
             "history": [dict(h, ranks=dict(h["ranks"])) for h in self.history],
             "layer_sensitivity": dict(self.layer_sensitivity),
+            "deferred": self.deferred,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -428,6 +450,7 @@ class RankAllocator:
         self.scores.copy_(state["scores"])
         self.counters.copy_(state["counters"])
         self.global_step = int(state["global_step"])
+        self.deferred = bool(state.get("deferred", False))  # (absent from older states)
         for name, m in self.layers.items():
             m.set_active(state["active"][name])
         self._refresh_mask()

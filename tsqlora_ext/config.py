@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import types
 import typing
@@ -19,6 +20,11 @@ from typing import Any
 
 from .mislabel import check_guard_settings
 
+
+# The fields tsqlora_ext.wrap builds the adapted layers from (seed aside: it also orders the
+# data): fixed once a model is wrapped.
+LAYER_FIELDS = ("target_modules", "exclude_modules", "modules_to_save", "r_init", "r_max",
+                "lora_alpha", "lora_dropout", "init")
 
 # The choices of the string fields, checked here and by the functions that take them directly.
 MODES = ("full", "head")
@@ -47,6 +53,19 @@ def _conforms(value: Any, hint: Any) -> bool:
             return len(value) == len(args) and all(map(_conforms, value, args))
         return not args or all(_conforms(v, args[0]) for v in value)
     return True  # other annotations are left to the class's own checks
+
+
+def check_integers(obj, names, bad) -> None:
+    """Call ``bad(message)`` for the first of the fields ``names`` of dataclass ``obj`` that does
+    not hold an integer (None allowed): 2.5 for a batch size passes every comparison and fails deep
+    inside, True is no count. numpy integers become int (they would not write to JSON)."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            bad(f"{name} must be an integer, got {value!r}")
+        setattr(obj, name, int(value))
 
 
 def dataclass_from_dict(cls, d: dict[str, Any], source: str):
@@ -167,6 +186,8 @@ class TsqLoRAConfig:
         def bad(msg: str):
             raise ValueError(f"TsqLoRAConfig: {msg}")
 
+        check_integers(self, ("r_init", "r_min", "r_max", "t_init", "t_final", "delta_t",
+                              "total_steps", "calibration_batches", "score_warmup", "seed"), bad)
         # NaN passes every comparison below, and inf makes the adapter or the selection NaN.
         for name in ("lora_alpha", "orth_reg_weight", "temperature"):
             if not math.isfinite(getattr(self, name)):

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -41,7 +42,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
-from .config import TsqLoRAConfig, dataclass_from_dict
+from .config import TsqLoRAConfig, check_integers, dataclass_from_dict
 from .layers import VarRankLoRALinear, protect_inactive
 from .loader import TokenBatchLoader
 
@@ -79,6 +80,9 @@ class TrainArgs:
     def __post_init__(self) -> None:
         def bad(msg):
             raise ValueError(f"TrainArgs: {msg}")
+        check_integers(self, ("max_steps", "batch_size", "grad_accum", "max_nonfinite_steps",
+                              "max_length", "eval_batch_size", "checkpoint_every", "keep_checkpoints",
+                              "num_workers"), bad)
         # (NaN passes a comparison such as lr <= 0.)
         if not (0 < self.lr < math.inf):
             bad(f"lr must be a finite number > 0, got {self.lr}")
@@ -90,6 +94,12 @@ class TrainArgs:
                      "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            bad(f"num_workers must be >= 0, got {self.num_workers}")
+        if not 0 <= self.max_grad_norm < math.inf:  # (NaN would turn clipping off unnoticed)
+            bad(f"max_grad_norm must be a finite number >= 0 (0: no clipping), got {self.max_grad_norm}")
+        if not 0 <= self.weight_decay < math.inf:
+            bad(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not 0 <= self.warmup_ratio < 1:
             bad(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.bf16 not in ("auto", "on", "off"):
@@ -125,9 +135,10 @@ class TokenizedData:
             raise ValueError(f"texts ({len(texts)}) and labels ({len(labels)}) differ in length")
         if len(texts) == 0:
             raise ValueError("no examples to tokenize")
+        ids = class_ids(labels)
         enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False,
                         return_attention_mask=False)["input_ids"]
-        return cls(enc, np.asarray(labels, dtype=np.int64))
+        return cls(enc, ids)
 
     def subset(self, rows: Sequence[int]) -> TokenizedData:
         rows = np.asarray(rows, dtype=np.int64)
@@ -143,6 +154,40 @@ class TokenizedData:
             ids[i, :len(t)] = torch.as_tensor(t, dtype=torch.long)
             mask[i, :len(t)] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": torch.as_tensor(self.labels)}
+
+
+def class_ids(labels) -> np.ndarray:
+    """Labels as an int64 array of one class id per example, refusing what is not: a float such
+    as 0.7 (int64 conversion would truncate it to class 0), text, nested lists."""
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise ValueError(f"labels must be one class id per example, got an array of shape {arr.shape}")
+    if arr.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(arr) | (arr != np.round(arr)))
+        if bad.size:
+            raise ValueError(f"label of row {bad[0]} is {arr[bad[0]]}, not an integer class id")
+    elif arr.dtype.kind not in "iub" and arr.size:
+        raise ValueError(f"labels must be integer class ids, got {arr.dtype} values such as "
+                         f"{arr[0]!r} (number the classes first, e.g. with sorted(set(labels)))")
+    return arr.astype(np.int64)
+
+
+def check_labels(data: TokenizedData, model: nn.Module, what: str) -> None:
+    """Every label a class of the model's head, [0, config.num_labels). Otherwise an eval label
+    fails inside the loss only at the first evaluation, after an epoch of training, and -100
+    is ignored by the loss yet counted as a wrong answer by accuracy."""
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    try:
+        labels = class_ids(data.labels)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+    if num_labels is None or not labels.size:
+        return
+    bad = np.flatnonzero((labels < 0) | (labels >= num_labels))
+    if bad.size:
+        raise ValueError(f"{what} row {bad[0]}: label {labels[bad[0]]} is not a class of the model "
+                         f"({bad.size} such row(s)); its head has config.num_labels = {num_labels}, "
+                         f"so labels must lie in [0, {num_labels})")
 
 
 def as_tokenized(data, tokenizer, max_length: int, what: str) -> TokenizedData:
@@ -273,7 +318,9 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int):
 
 # ---- evaluation ---------------------------------------------------------------------------------
 def classification_metrics(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
-    """Accuracy, plus macro-F1 when there are more than two classes."""
+    """Accuracy, plus macro-F1 when there are more than two classes: the mean F1 over the classes
+    that occur among the labels or the predictions (scikit-learn's f1_score(average='macro')); a
+    class absent from both, as in a small evaluation set, has no F1 to count."""
     out = {"accuracy": float((preds == labels).mean()) if len(labels) else float("nan"),
            "n": int(len(labels))}
     if num_labels > 2:
@@ -282,8 +329,9 @@ def classification_metrics(preds: np.ndarray, labels: np.ndarray, num_labels: in
             tp = int(((preds == c) & (labels == c)).sum())
             fp = int(((preds == c) & (labels != c)).sum())
             fn = int(((preds != c) & (labels == c)).sum())
-            f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-        out["macro_f1"] = float(np.mean(f1s))
+            if tp + fp + fn:
+                f1s.append(2 * tp / (2 * tp + fp + fn))
+        out["macro_f1"] = float(np.mean(f1s)) if f1s else float("nan")
     return out
 
 
@@ -295,6 +343,7 @@ def evaluate(model: nn.Module, data: TokenizedData, *, batch_size: int = 64, max
     config's pad_token_id (0 without one) when None."""
     if len(data) == 0:
         raise ValueError("evaluate: data holds no examples")
+    check_labels(data, model, "evaluate: data")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -391,6 +440,9 @@ def train(
     pad_id = pad_id_of(tokenizer, model)
     train_tok = as_tokenized(train_data, tokenizer, args.max_length, "train_data")
     eval_tok = None if eval_data is None else as_tokenized(eval_data, tokenizer, args.max_length, "eval_data")
+    for tok, what in ((train_tok, "train_data"), (eval_tok, "eval_data")):
+        if tok is not None:
+            check_labels(tok, model, what)
 
     loader = make_loader(train_tok, batch_size=args.batch_size, max_length=args.max_length,
                          pad_id=pad_id, shuffle=True, seed=seed, rank=rank, world_size=world,
@@ -418,6 +470,14 @@ def train(
         allocator = RankAllocator(model, config)
     if allocator is not None and allocator.config.total_steps is None:
         allocator.set_total_steps(total_steps)
+    schedule = allocator.config if allocator is not None else None
+    if schedule is not None and schedule.dynamic and schedule.total_steps != total_steps:
+        end = schedule.total_steps - schedule.t_final
+        warnings.warn(f"train: the rank schedule spans total_steps={schedule.total_steps} optimizer "
+                      f"steps but this run makes {total_steps}: " + (
+                          f"the budget would reach target_r at step {end}, so the ranks end above it"
+                          if end > total_steps else f"the ranks freeze at step {end}") +
+                      "; leave config.total_steps None to have it filled in", stacklevel=2)
 
     ckpt = CheckpointManager(args.checkpoint_dir, args.checkpoint_every, args.keep_checkpoints) \
         if args.checkpoint_dir else None
@@ -529,6 +589,7 @@ def train(
                 step_norm = grad_norm(params, args.max_grad_norm)
                 step_loss = float(loss_sum) / n_micro
                 finite = math.isfinite(step_norm)
+                lr = scheduler.get_last_lr()[0]  # this step's (scheduler.step moves to the next)
                 if finite:
                     optimizer.step()
                     scheduler.step()
@@ -549,7 +610,7 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 record = {"step": step, "loss": step_loss, "grad_norm": step_norm,
-                          "lr": scheduler.get_last_lr()[0],
+                          "lr": lr,
                           # the layers found once: a walk of every module costs ~1 ms per step
                           "total_rank": sum(m.rank for _, m in layers)}
                 loss_history.append(record)
