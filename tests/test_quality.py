@@ -291,6 +291,17 @@ def test_corrupted_scores_file_names_file_and_line(tmp_path, bad, message):
         read_scores(path)
 
 
+def test_non_finite_values_written_as_null_read_back_as_nan(tmp_path):
+    # rows() writes null for any non-finite value; read_scores took null only for C and D.
+    s = _random_scores(n=4)
+    s.Q[1], s.score[1], s.loss[2] = np.nan, np.inf, -np.inf
+    back = read_scores(write_scores(tmp_path / "s.jsonl", s))
+    for field in ("Q", "score", "loss"):
+        got, want = getattr(back, field), getattr(s, field)
+        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+        np.testing.assert_array_equal(got[np.isfinite(got)], want[np.isfinite(want)])
+
+
 def test_empty_and_duplicate_scores_file(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n")
     with pytest.raises(ValueError, match=r"e\.jsonl: no scores"):

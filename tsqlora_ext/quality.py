@@ -506,8 +506,8 @@ def score_pool(
         raise ValueError(f"lookahead must be one of {LOOKAHEADS}, got {lookahead!r}")
     if not eta > 0:
         raise ValueError(f"eta must be > 0, got {eta}")
-    if len(weights) != 3:
-        raise ValueError(f"weights must be 3 numbers (alpha1..3), got {weights}")
+    if len(weights) != 3 or not all(math.isfinite(float(w)) for w in weights):
+        raise ValueError(f"weights must be 3 finite numbers (alpha1..3), got {weights}")
     if preference not in PREFERENCES:
         raise ValueError(f"preference must be one of {PREFERENCES}, got {preference!r}")
     if compute_alignment is None:
@@ -742,7 +742,7 @@ def read_scores(path: str | os.PathLike, mislabel_threshold: float = 0.5) -> Qua
                 raise ValueError(f"{where}: field 'index' must be a non-negative integer, got {row['index']!r}")
             for k in SCORE_FIELDS[1:]:
                 v = row[k]
-                if v is None and k in ("C", "D"):
+                if v is None:  # how rows() writes a value that is not finite (C, D: not computed)
                     v = math.nan
                 elif not isinstance(v, (int, float)) or isinstance(v, bool):
                     raise ValueError(f"{where}: field {k!r} must be a number, got {v!r}")
