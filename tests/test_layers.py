@@ -140,6 +140,20 @@ def test_state_dict_roundtrip_with_another_rank():
     torch.testing.assert_close(b(x), a(x))
 
 
+def test_assign_load_adopts_the_saved_active_set_and_its_device():
+    # A layer built on the meta device (how large models are instantiated) and filled with
+    # load_state_dict(assign=True) kept its id buffers on meta: NaN outputs, no error.
+    a = make_layer("cpu", seed=0)
+    a.set_active([1, 4, 6])
+    with torch.device("meta"):
+        b = VarRankLoRALinear(nn.Linear(24, 20), r_max=8, r_init=4, alpha=8.0)
+    b.load_state_dict(a.state_dict(), assign=True)
+    assert b.active.device.type == b.inactive.device.type == "cpu"
+    assert b.active_indices().tolist() == [1, 4, 6] and b.inactive.tolist() == [0, 2, 3, 5, 7]
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+
+
 def test_merged_state_dict_loads_as_merged():
     # A merged layer's base weight holds ΔW; its state must say so, or loading it into an unmerged
     # layer adds ΔW a second time.

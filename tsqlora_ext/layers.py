@@ -111,10 +111,14 @@ class VarRankLoRALinear(nn.Module):
 
     # Buffers made under torch.inference_mode() (an evaluation pass that prunes) would be inference
     # tensors, which the next training step cannot use.
-    @torch.inference_mode(False)
     def set_active(self, indices) -> None:
         """Make exactly ``indices`` (ints in [0, r_max); order and repeats do not matter) the active
         components. Parameters are never re-created, so optimizer state stays attached."""
+        self._set_active(indices, self.active.device)
+
+    @torch.inference_mode(False)
+    def _set_active(self, indices, device: torch.device) -> None:
+        """set_active, with the id buffers placed on ``device``."""
         if self.merged:
             raise RuntimeError("unmerge() the layer before changing its active set")
         idx = indices if torch.is_tensor(indices) else torch.as_tensor(list(indices))
@@ -128,13 +132,12 @@ class VarRankLoRALinear(nn.Module):
             raise ValueError(f"set_active: component ids must lie in [0, r_max={self.r_max}), "
                              f"got {bad.tolist()}")
         idx = torch.unique(idx)  # sorted, duplicates removed
-        if self.active.device.type == "cpu" and torch.equal(idx, self.active):
+        if self.active.device == device and device.type == "cpu" and torch.equal(idx, self.active):
             # The same buffers keep protect_inactive's masks, which are cached on them. (Not
             # compared on a GPU, where reading the buffer would cost a host sync per layer.)
             return
         keep = torch.ones(self.r_max, dtype=torch.bool)
         keep[idx] = False
-        device = self.active.device
         self.active = idx.to(device)
         self.inactive = torch.nonzero(keep).flatten().to(device)
         VarRankLoRALinear.active_sets_version += 1
@@ -174,7 +177,10 @@ class VarRankLoRALinear(nn.Module):
                 error_msgs.append(f"{key} was saved from {source}, but this layer has "
                                   f"r_max={self.r_max}: wrap the model with the saved r_max")
             else:
-                self.set_active(saved)
+                # load_state_dict(assign=True) adopts the saved tensors and their device (a
+                # model built on the meta device is filled so); otherwise the buffers stay put.
+                assign = local_metadata.get("assign_to_params_buffers", False)
+                self._set_active(saved, saved.device if assign else self.active.device)
             state_dict[key] = self.active
         # State dicts written before the flag was saved are of unmerged layers.
         state_dict.setdefault(prefix + "_extra_state", torch.tensor(False))
