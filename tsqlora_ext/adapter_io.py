@@ -22,7 +22,8 @@ head goes in as PEFT's ``modules_to_save``, with every head PEFT's task type add
 Both writers build the whole new directory in a temporary sibling (``.<name>.tmp-*``), with the
 existing directory's other entries hard-linked into it, and swap it in: the existing directory is
 renamed aside (``.<name>.old``), the new one renamed into place, the old one deleted. A reader sees
-the old version or the new one, never a mix. A process killed in the middle leaves the old version
+the old version or the new one, never a mix: ``load_adapter`` reads both files through one handle
+on the folder, and starts again when a save deletes the version it holds. A process killed in the middle leaves the old version
 aside while the new one is not yet in place: ``load_adapter`` then reads it there, and the next
 write to the directory puts it back (or, when the new one did get in place, deletes it) and removes
 left-over temporaries. One writer per directory at a time.
@@ -40,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from torch import nn
 
 from . import _build_config
@@ -60,10 +62,14 @@ def _require_wrapped(model: nn.Module, fn: str) -> None:
 
 
 def _head_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    out = {}
+    """The trained head's parameters by name; a weight tied across them (embed_tokens and
+    lm_head both trained) once, under its first name, as named_parameters gives it."""
+    out, seen = {}, set()
     for module_name in model.tsqlora_state.modules_to_save:
         for pname, p in model.get_submodule(module_name).named_parameters():
-            out[f"{module_name}.{pname}"] = p
+            if id(p) not in seen:
+                seen.add(id(p))
+                out[f"{module_name}.{pname}"] = p
     return out
 
 
@@ -83,7 +89,11 @@ def _head_labels(model: nn.Module) -> list[str] | None:
     id2label = getattr(getattr(model, "config", None), "id2label", None)
     if not _head_parameters(model) or not id2label:
         return None
-    return [str(id2label[i]) for i in range(len(id2label))]
+    try:  # (keys set by hand may be strings, "0", "1", ...)
+        by_id = {int(k): str(v) for k, v in id2label.items()}
+    except (TypeError, ValueError):
+        return None
+    return [by_id[i] for i in range(len(by_id))] if set(by_id) == set(range(len(by_id))) else None
 
 
 def _sha256(path: Path) -> str:
@@ -146,6 +156,19 @@ def _carry_other_entries(directory: Path, tmp: Path) -> None:
             _link_or_copy(entry, tmp / entry.name)
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU tensors for safetensors, which refuses two that share memory (a PEFT export of a tied
+    embed_tokens / lm_head pair holds both): a later one sharing an earlier one's storage is
+    copied."""
+    out, storages = {}, set()
+    for key, t in tensors.items():
+        t = t.detach().contiguous().cpu()
+        ptr = t.untyped_storage().data_ptr()
+        out[key] = t.clone() if ptr in storages else t
+        storages.add(ptr)
+    return out
+
+
 def _write_dir_atomically(directory: Path, tensors: dict[str, torch.Tensor],
                           config: dict[str, Any], checksum_key: str | None) -> None:
     """Write WEIGHTS_NAME and CONFIG_NAME into ``directory`` so that no reader ever sees a
@@ -163,7 +186,7 @@ def _write_dir_atomically(directory: Path, tensors: dict[str, torch.Tensor],
     _recover(directory)
     tmp = _new_temporary(directory)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / WEIGHTS_NAME)
+        save_file(_unshared(tensors), tmp / WEIGHTS_NAME)
         if checksum_key is not None:
             config = {**config, checksum_key: _sha256(tmp / WEIGHTS_NAME)}
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -179,13 +202,18 @@ def _write_dir_atomically(directory: Path, tensors: dict[str, torch.Tensor],
         _recover(directory)
 
 
-def _read_config(directory: Path) -> dict[str, Any]:
+def _read_at(fd: int, name: str) -> bytes:
+    with open(name, "rb", opener=lambda path, flags: os.open(path, flags, dir_fd=fd)) as f:
+        return f.read()
+
+
+def _read_config(fd: int, directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"tsqlora_ext.load_adapter: {path} not found (is {directory} an adapter "
-                                "written by save_adapter?)")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(_read_at(fd, CONFIG_NAME))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"tsqlora_ext.load_adapter: {path} not found (is {directory} an "
+                                "adapter written by save_adapter?)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"tsqlora_ext.load_adapter: {path} is not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -202,18 +230,67 @@ def _read_config(directory: Path) -> dict[str, Any]:
     return meta
 
 
-def _read_weights(directory: Path, sha256: str) -> dict[str, torch.Tensor]:
+def _read_weights(fd: int, directory: Path, sha256: str) -> dict[str, torch.Tensor]:
     path = directory / WEIGHTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"tsqlora_ext.load_adapter: {path} not found")
-    if _sha256(path) != sha256:
+    try:
+        raw = _read_at(fd, WEIGHTS_NAME)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"tsqlora_ext.load_adapter: {path} not found") from None
+    if hashlib.sha256(raw).hexdigest() != sha256:
         raise ValueError(f"tsqlora_ext.load_adapter: {path} does not match the checksum in "
                          f"{directory / CONFIG_NAME} (corrupted, or the two files come from "
                          "different saves)")
     try:
-        return load_file(path)
+        return load_safetensors(raw)
     except Exception as e:  # safetensors raises its own SafetensorError on a damaged file
         raise ValueError(f"tsqlora_ext.load_adapter: cannot read {path}: {e}") from None
+
+
+def _current(directory: Path) -> Path:
+    """Where the newest complete version of ``directory`` is: the folder itself, or the previous
+    version a save renamed aside, when it is between its two renames or was killed there."""
+    resolved = Path(os.path.realpath(directory))  # as _write_dir_atomically names the aside
+    return _aside(resolved) if not resolved.exists() and _aside(resolved).is_dir() else directory
+
+
+def _still_current(fd: int, directory: Path) -> bool:
+    """Whether the folder open as ``fd`` is still the current version of ``directory``."""
+    try:
+        now = os.stat(_current(directory))
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
+
+
+# How often a reader starts again when saves keep replacing the version it reads.
+_READ_ATTEMPTS = 20
+
+
+def _read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
+    """(config, weights, the folder read) of one version of ``directory``. Both files are read
+    through one handle on the folder, and a save swaps whole folders, so a save running meanwhile
+    gives the old pair or the new one, never one file of each; a version deleted under the reader
+    (the save's last step) is read again from the one that replaced it."""
+    attempts = 0
+    while True:
+        attempts += 1
+        source = _current(directory)
+        try:
+            fd = os.open(source, os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            if attempts < _READ_ATTEMPTS and _current(directory).is_dir():
+                continue  # replaced between the look and the open
+            raise FileNotFoundError(f"tsqlora_ext.load_adapter: {source / CONFIG_NAME} not found "
+                                    f"(is {directory} an adapter written by save_adapter?)") from None
+        try:
+            meta = _read_config(fd, source)
+            return meta, _read_weights(fd, source, meta["weights_sha256"]), source
+        except FileNotFoundError:
+            if attempts == _READ_ATTEMPTS or _still_current(fd, directory):
+                raise
+        finally:
+            os.close(fd)
 
 
 def _check_fingerprint(saved: dict[str, Any], model: nn.Module, source: Path) -> None:
@@ -277,19 +354,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, verbose: bool =
     Components outside the saved active sets keep the values they have in ``model``.
     """
     given, model = model, _uncompiled(model)
-    directory = Path(directory)
-    resolved = Path(os.path.realpath(directory))  # as _write_dir_atomically names the aside
-    if not resolved.exists() and _aside(resolved).is_dir():
-        directory = _aside(resolved)  # a write was killed before the new version got into place
-    meta = _read_config(directory)
+    meta, tensors, directory = _read_adapter(Path(directory))
     if is_wrapped(model):
-        _load_into(model, directory, meta)
+        _load_into(model, directory, meta, tensors)
         return given
     config = TsqLoRAConfig.from_dict(meta["config"], source=str(directory / CONFIG_NAME))
     originals = dict(model.named_modules())
     wrap(model, config, verbose=verbose)
     try:
-        _load_into(model, directory, meta)
+        _load_into(model, directory, meta, tensors)
     except BaseException:
         # A failed load leaves the caller's model as it was given, down to its module and
         # Parameter objects (which an optimizer may hold).
@@ -302,10 +375,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, verbose: bool =
 
 
 @torch.no_grad()
-def _load_into(model: nn.Module, directory: Path, meta: dict[str, Any]) -> None:
+def _load_into(model: nn.Module, directory: Path, meta: dict[str, Any],
+               tensors: dict[str, torch.Tensor]) -> None:
     """Check everything first, then copy: an adapter that fails a check changes nothing."""
     _check_fingerprint(meta["base_model"], model, directory)
-    tensors = _read_weights(directory, meta["weights_sha256"])
     weights_path = directory / WEIGHTS_NAME
 
     def get(key: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -447,4 +520,9 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
         "use_dora": False,
         "inference_mode": True,
     }
+    held = [p for name in state.modules_to_save for p in model.get_submodule(name).parameters()]
+    if len({id(p) for p in held}) < len(held):
+        # A weight tied across trained modules (embed_tokens and lm_head): PEFT keeps its two
+        # copies tied only when told (it warns otherwise).
+        peft_config["ensure_weight_tying"] = True
     _write_dir_atomically(Path(directory), tensors, peft_config, checksum_key=None)
