@@ -88,6 +88,17 @@ def test_bounds_table_stays_on_the_cpu_under_a_default_device():
         assert ops.realloc_bounds([4, 4], [0, 0], [4, 4]).device.type == "cpu"
 
 
+def test_sizes_past_the_scores_are_refused_not_a_crash():
+    # Sizes whose int64 sum wrapped to the score count passed the check and sorted outside the
+    # buffer (a segfault).
+    bounds = torch.tensor([[2**62 + 1, 2**62, 2**62, 2**62], [0] * 4, [1] * 4])
+    with pytest.raises(RuntimeError, match=r"sizes\[0\] = 4611686018427387905 is negative or runs "
+                                           r"past the 1 scores"):
+        ops.topk_realloc(torch.rand(1), bounds, 1)
+    with pytest.raises(RuntimeError, match="bounds must be a CPU tensor"):
+        ops.topk_realloc(torch.rand(3), ops.realloc_bounds([3], [0], [3]).to("meta"), 1)
+
+
 def test_budget_below_sum_r_min_is_refused(device):
     with pytest.raises(ValueError, match=r"budget 3 is below the sum of r_min \(4\)"):
         ours(torch.rand(8, device=device), [4, 4], [2, 2], [4, 4], 3)

@@ -256,6 +256,22 @@ def test_layer_sensitivity_matches_explicit(device, shape, dtype):
                                rtol=1e-5 if dtype == torch.float32 else 1e-10, atol=0)
 
 
+def test_layer_sensitivity_past_the_float32_range_is_inf_as_the_reference():
+    w, x, d = torch.full((64, 64), 1e35), torch.ones(4, 64), torch.ones(4, 64)
+    assert torch.isinf(ops.layer_sensitivity(w, x, d)) and torch.isinf(reference.layer_sensitivity(w, x, d))
+
+
+def test_a_meta_input_among_cpu_ones_is_refused():
+    # The call went to the fake kernel: a garbage scalar, or an update that did nothing.
+    w, x, d = torch.randn(6, 5), torch.randn(3, 5), torch.randn(3, 6)
+    with pytest.raises(RuntimeError, match="layer_sensitivity: grad_out is on meta but weight is on cpu"):
+        ops.layer_sensitivity(w, x, d.to("meta"))
+    A, E, B, ipt, unc, mask, scores, counters = make_state("cpu")
+    gA, gE, gB = grads_like(A, E, B, seed=1)
+    with pytest.raises(RuntimeError, match="sensitivity_update: lora_A is on cpu but active_mask is on meta"):
+        ops.sensitivity_update(A, E, B, gA, gE, gB, ipt, unc, mask.to("meta"), scores, counters, 0.85, 0.85)
+
+
 def test_layer_sensitivity_gives_the_same_bits_on_every_run(device):
     g = torch.Generator().manual_seed(12)
     W = torch.randn(700, 300, generator=g).to(device)

@@ -289,3 +289,22 @@ def test_bad_inputs_name_the_input():
         call(lora_E=t["lora_E"].double())
     with pytest.raises(ValueError, match="weight and bias are the frozen"):
         call(weight=t["weight"].clone().requires_grad_(True))
+    # Under no_grad no gradient can reach them (an evaluation of a model whose every parameter
+    # requires grad raised).
+    with torch.no_grad():
+        torch.testing.assert_close(call(weight=t["weight"].clone().requires_grad_(True)), call())
+    # One meta tensor among CPU ones routed the call to the fake kernel: uninitialised memory.
+    for name in ("lora_A", "active", "bias"):
+        with pytest.raises(RuntimeError, match=f"varrank_lora: {name} is on meta but x is on cpu"):
+            call(**{name: t[name].to("meta")})
+
+
+def test_double_backward_is_refused_not_wrong():
+    # The backward op has no derivative: a gradient penalty got wrong second derivatives silently.
+    t = make_inputs((3,), 5, 4, 4, "scattered", torch.float64, "cpu")
+    for k in GRAD_OF:
+        if t[k] is not None:
+            t[k].requires_grad_(True)
+    y = ops.varrank_lora(*(t[k] for k in ARGS))
+    with pytest.raises(RuntimeError, match="double backward \\(create_graph=True\\) is not supported"):
+        torch.autograd.grad(y.sum(), t["x"], create_graph=True)

@@ -39,8 +39,23 @@ def varrank_lora(
     return y
 
 
+def _check_devices(op: str, anchor: str, tensors: dict) -> None:
+    """Every tensor (or list of them) in ``tensors`` on the device of ``tensors[anchor]``. The fake
+    kernels also serve the meta device: one meta tensor among CPU ones routes a call to them, past
+    the native kernels' own checks, where it would return uninitialised memory."""
+    device = tensors[anchor].device
+    for name, value in tensors.items():
+        for t in value if isinstance(value, (list, tuple)) else [value]:
+            if t is not None:
+                torch._check(t.device == device,
+                             lambda name=name, t=t: f"{op}: {name} is on {t.device} but {anchor} is on {device}")
+
+
 @torch.library.register_fake("tsqlora_ext::varrank_lora")
 def _varrank_lora_fake(x, x_lora, weight, bias, lora_A, lora_E, lora_B, active, scaling):
+    _check_devices("varrank_lora", "x", {"x": x, "x_lora": x_lora, "weight": weight, "bias": bias,
+                                         "lora_A": lora_A, "lora_E": lora_E, "lora_B": lora_B,
+                                         "active": active})
     torch._check(x.shape[-1] == weight.shape[1], lambda: "varrank_lora: x's last dim != in_features")
     lead = tuple(x.shape[:-1])
     return x.new_empty(lead + (weight.shape[0],)), x.new_empty(lead + (active.shape[0],))
@@ -49,6 +64,9 @@ def _varrank_lora_fake(x, x_lora, weight, bias, lora_A, lora_E, lora_B, active, 
 @torch.library.register_fake("tsqlora_ext::varrank_lora_backward")
 def _varrank_lora_backward_fake(grad_y, x, x_lora, weight, lora_A, lora_E, lora_B, active,
                                 scaling, xa, need_dx, need_dx_lora):
+    _check_devices("varrank_lora_backward", "x", {
+        "grad_y": grad_y, "x": x, "x_lora": x_lora, "weight": weight, "lora_A": lora_A,
+        "lora_E": lora_E, "lora_B": lora_B, "active": active, "xa": xa})
     # The kernels return every gradient contiguous whatever its input's strides (empty_like would
     # copy them).
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
@@ -107,8 +125,8 @@ def realloc_bounds(sizes, r_min, r_max) -> torch.Tensor:
 
 
 def topk_realloc(scores: torch.Tensor, bounds: torch.Tensor, budget: int) -> torch.Tensor:
-    """Bool keep-mask [n]: the best min(budget, Σ r_max) components, r_min[l] <= kept in layer l
-    <= r_max[l], ties by lower flat index (see reference.topk_realloc); ``bounds`` from
+    """Bool keep-mask [n]: the best min(budget, Σ min(r_max, size)) components, r_min[l] <= kept
+    in layer l <= r_max[l], ties by lower flat index (see reference.topk_realloc); ``bounds`` from
     :func:`realloc_bounds`. No host sync on CUDA."""
     return torch.ops.tsqlora_ext.topk_realloc.default(scores, bounds, int(budget))
 
@@ -116,11 +134,16 @@ def topk_realloc(scores: torch.Tensor, bounds: torch.Tensor, budget: int) -> tor
 @torch.library.register_fake("tsqlora_ext::sensitivity_update")
 def _(lora_A, lora_E, lora_B, grad_A, grad_E, grad_B, ipt_avg, unc_avg, active_mask, scores,
       counters, beta1, beta2, check_finite=True):
+    _check_devices("sensitivity_update", "active_mask", {
+        "lora_A": lora_A, "lora_E": lora_E, "lora_B": lora_B, "grad_A": grad_A, "grad_E": grad_E,
+        "grad_B": grad_B, "ipt_avg": ipt_avg, "unc_avg": unc_avg, "active_mask": active_mask,
+        "scores": scores, "counters": counters})
     return None
 
 
 @torch.library.register_fake("tsqlora_ext::layer_sensitivity")
 def _(weight, x, grad_out):
+    _check_devices("layer_sensitivity", "weight", {"weight": weight, "x": x, "grad_out": grad_out})
     torch._check(x.shape[-1] == weight.shape[1], lambda: "layer_sensitivity: x must be [..., in]")
     torch._check(grad_out.shape[-1] == weight.shape[0],
                  lambda: "layer_sensitivity: grad_out must be [..., out]")
@@ -130,4 +153,6 @@ def _(weight, x, grad_out):
 
 @torch.library.register_fake("tsqlora_ext::topk_realloc")
 def _(scores, bounds, budget):
+    torch._check(bounds.device.type == "cpu",
+                 lambda: f"topk_realloc: bounds must be a CPU tensor (realloc_bounds), got {bounds.device}")
     return scores.new_empty(scores.shape, dtype=torch.bool)

@@ -54,9 +54,6 @@ class VarRankLoRA : public torch::autograd::Function<VarRankLoRA> {
                                const std::optional<at::Tensor>& bias, const at::Tensor& A,
                                const at::Tensor& E, const at::Tensor& B, const at::Tensor& active,
                                double scaling) {
-    TORCH_CHECK_VALUE(!weight.requires_grad() && !(bias.has_value() && bias->requires_grad()),
-                      "varrank_lora: weight and bias are the frozen base layer and get no "
-                      "gradient; call requires_grad_(False) on them");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, xa] = call_forward(x, x_lora, weight, bias, A, E, B, active, scaling);
     // An undefined tensor stands for "x_lora is x itself".
@@ -69,6 +66,10 @@ class VarRankLoRA : public torch::autograd::Function<VarRankLoRA> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // The backward op has no derivative of its own: a graph built through it (create_graph=True,
+    // a gradient penalty) would give wrong second derivatives without a word.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "varrank_lora: double backward (create_graph=True) is not supported");
     // One gradient slot per forward argument: x, x_lora, weight, bias, A, E, B, active, scaling.
     variable_list out(9);
     const at::Tensor& grad_y = grads[0];
@@ -93,6 +94,12 @@ std::tuple<at::Tensor, at::Tensor> varrank_lora_autograd(
     const at::Tensor& x, const std::optional<at::Tensor>& x_lora, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& E,
     const at::Tensor& B, const at::Tensor& active, double scaling) {
+  // Checked here, before apply runs forward with grad mode off: under no_grad (an evaluation
+  // pass of a model whose every parameter requires grad) no gradient can reach them.
+  TORCH_CHECK_VALUE(!at::GradMode::is_enabled() ||
+                        (!weight.requires_grad() && !(bias.has_value() && bias->requires_grad())),
+                    "varrank_lora: weight and bias are the frozen base layer and get no "
+                    "gradient; call requires_grad_(False) on them");
   auto outs = VarRankLoRA::apply(x, x_lora, weight, bias, A, E, B, active, scaling);
   return {outs[0], outs[1]};
 }

@@ -37,7 +37,9 @@ inline Bounds check_realloc_inputs(const at::Tensor& scores, const at::Tensor& b
   b.offset.reserve(L), b.lo.reserve(L), b.hi.reserve(L);
   int64_t n = 0, sum_lo = 0, sum_hi = 0;
   for (int64_t l = 0; l < L; ++l) {
-    TORCH_CHECK(sizes[l] >= 0, "topk_realloc: sizes[", l, "] = ", sizes[l], " is negative");
+    // Against what is left of scores, so that the running sums cannot overflow int64.
+    TORCH_CHECK(0 <= sizes[l] && sizes[l] <= scores.numel() - n, "topk_realloc: sizes[", l, "] = ",
+                sizes[l], " is negative or runs past the ", scores.numel(), " scores");
     TORCH_CHECK(0 <= r_min[l] && r_min[l] <= r_max[l] && r_min[l] <= sizes[l],
                 "topk_realloc: layer ", l, " needs 0 <= r_min <= r_max and r_min <= size, got "
                 "r_min=", r_min[l], ", r_max=", r_max[l], ", size=", sizes[l]);

@@ -314,7 +314,9 @@ at::Tensor layer_sensitivity_cpu(const at::Tensor& weight, const at::Tensor& x,
   });
   double total = 0.0;
   for (double p : partial) total += p;
-  return at::scalar_tensor(total, w.options());
+  // Through a float64 tensor: a sum past the float32 range becomes inf, as the reference's,
+  // where scalar_tensor's checked conversion would throw.
+  return at::scalar_tensor(total, w.options().dtype(at::kDouble)).to(w.scalar_type());
 }
 
 }  // namespace
