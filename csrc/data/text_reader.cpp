@@ -244,6 +244,13 @@ class JsonLine {
   const std::string& label_field_;
 };
 
+// An empty or all-blank label names no class (it would become a class of its own).
+bool blank_text(const std::string& s) {
+  for (char c : s)
+    if (!is_ascii_space(static_cast<unsigned char>(c))) return false;
+  return true;
+}
+
 std::string line_prefix(int64_t line, const std::string& source) {
   return "line " + std::to_string(line) + " of " + source + ": ";
 }
@@ -287,10 +294,11 @@ TextTable read_jsonl(const std::string& path, const ReadOptions& opts) {
     const void* nl = std::memchr(buf.data() + pos, '\n', n - pos);
     int64_t end = nl ? static_cast<const char*>(nl) - buf.data() : n;
     int64_t e = (end > pos && buf[end - 1] == '\r') ? end - 1 : end;
-    if (line == 1 && e < end) t.newline = "\r\n";
     bool blank = true;
     for (int64_t k = pos; k < e && blank; ++k) blank = is_ascii_space(buf[k]);
     if (!blank) {
+      // The records' terminator, from the first one (a blank line before it may differ).
+      if (begins.empty() && e < end) t.newline = "\r\n";
       begins.push_back(pos);
       ends.push_back(e);
       lines.push_back(line);
@@ -319,6 +327,10 @@ TextTable read_jsonl(const std::string& path, const ReadOptions& opts) {
       if (!text) { errors[i] = "field '" + opts.text_field + "' missing"; continue; }
       if (!opts.label_field.empty() && !label) {
         errors[i] = "field '" + opts.label_field + "' missing";
+        continue;
+      }
+      if (label && blank_text(*label)) {
+        errors[i] = "field '" + opts.label_field + "' is empty";
         continue;
       }
       texts[i] = std::move(*text);
@@ -352,6 +364,21 @@ struct CsvRecord {
   std::string error;           // non-empty: malformed
 };
 
+// Whether the quote at `open` starts a well-formed quoted field: its closing quote (the first one
+// not doubled) is followed by the delimiter, a line end or the end of the file. A tsv field that
+// merely begins with a quotation ("Best movie ever" said nobody) is not one and is read as text.
+bool closes_field(const std::string& buf, int64_t open, char delim) {
+  const int64_t n = static_cast<int64_t>(buf.size());
+  for (int64_t k = open + 1; k < n; ++k) {
+    if (buf[k] != '"') continue;
+    if (k + 1 < n && buf[k + 1] == '"') { ++k; continue; }
+    const int64_t after = k + 1;
+    return after == n || buf[after] == delim || buf[after] == '\n' ||
+           (buf[after] == '\r' && (after + 1 == n || buf[after + 1] == '\n'));
+  }
+  return false;
+}
+
 // Parses the record starting at `pos`; advances pos past its terminator and `line` past its lines.
 CsvRecord next_csv_record(const std::string& buf, int64_t& pos, int64_t& line, char delim) {
   CsvRecord r;
@@ -364,8 +391,17 @@ CsvRecord next_csv_record(const std::string& buf, int64_t& pos, int64_t& line, c
   bool after_quote = false;
   for (;;) {
     if (pos >= n) {
-      if (in_quotes && r.error.empty())
-        r.error = "unterminated quoted field (opened on line " + std::to_string(r.first_line) + ")";
+      if (in_quotes) {
+        // The quote swallowed the rest of the file: the bad record is its first line only, and
+        // reading goes on after it (with skip_bad; otherwise this is the error raised).
+        r.error = "unterminated quoted field (a quote opened on this line never closes)";
+        const void* nl = std::memchr(buf.data() + r.begin, '\n', n - r.begin);
+        const int64_t eol = nl ? static_cast<const char*>(nl) - buf.data() : n;
+        r.end = (eol > r.begin && buf[eol - 1] == '\r') ? eol - 1 : eol;
+        pos = eol < n ? eol + 1 : n;
+        line = r.first_line + 1;
+        return r;
+      }
       r.end = n;
       r.fields.push_back(std::move(field));
       return r;
@@ -408,7 +444,7 @@ CsvRecord next_csv_record(const std::string& buf, int64_t& pos, int64_t& line, c
       ++pos;
       continue;
     }
-    if (c == '"' && field.empty() && !quoted) {
+    if (c == '"' && field.empty() && !quoted && (delim != '\t' || closes_field(buf, pos, delim))) {
       quoted = in_quotes = true;
       ++pos;
       continue;
@@ -470,6 +506,10 @@ TextTable read_csv(const std::string& path, char delim, const ReadOptions& opts)
     if (r.fields.size() != width) {
       report_bad(t, opts, r.first_line,
                  std::to_string(r.fields.size()) + " fields, the header has " + std::to_string(width));
+      continue;
+    }
+    if (label_col >= 0 && blank_text(r.fields[label_col])) {
+      report_bad(t, opts, r.first_line, "field '" + opts.label_field + "' is empty");
       continue;
     }
     t.texts.push_back(std::move(r.fields[text_col]));

@@ -9,7 +9,10 @@
 //   fields and validates the rest. Blank lines are not records.
 // - csv/tsv: RFC 4180 (quoted fields, "" escapes, newlines inside quotes, \r\n or \n, and a lone \r
 //   ending the file); the first record is the header. Parsed in one sequential pass: where a record
-//   ends depends on every quote before it.
+//   ends depends on every quote before it. In tsv, where quoting is rare, a field is quoted only
+//   when its closing quote ends it; one that merely begins with a quotation is text. A quote that
+//   never closes makes its line the bad record, and reading goes on at the next line.
+// An empty or blank label is a malformed record, as a missing one is.
 // A UTF-8 byte-order mark at the start of the file is not part of the first line.
 //
 // A malformed record (bad JSON, a missing field, a wrong field count, invalid UTF-8, over
