@@ -174,3 +174,21 @@ def test_a_wrong_model_path_is_an_error_naming_it(tmp_path, command, capsys):
         assert rc == 2
         assert f"--model" in (err := capsys.readouterr().err) and str(model) in err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_select_fits_the_guard_to_the_rows_the_gate_keeps(tmp_path):
+    # As training fits it to its gated pool: `tsqlora score` scores every row, and the rows the
+    # gate drops entered the fit (here a fifth of the file, too short, at a high loss).
+    n = 400
+    texts = [f"review number {i} of the pool" if i % 5 else "too short" for i in range(n)]
+    data = _jsonl(tmp_path / "data.jsonl", texts, ["a", "b"] * (n // 2))
+    rng = np.random.default_rng(4)
+    loss = np.where(np.arange(n) % 5 == 0, rng.normal(2.5, 0.4, n), np.abs(rng.normal(0.1, 0.08, n)))
+    rc = cli.main(["select", "--input", str(data), "--text-field", "review", "--label-field", "y",
+                   "--scores", str(_scores_file(tmp_path / "s.jsonl", loss)), "--fraction", "0.3",
+                   "--out", str(tmp_path / "subset.jsonl"), "--report", str(tmp_path / "r.json")])
+    assert rc == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["reasons"]["too_short"] == n // 5 and r["mislabel_guard"]["scored"] == n - n // 5
+    want = flag_mislabeled(loss[np.arange(n) % 5 != 0])[1].sum()
+    assert r["reasons"]["likely_mislabeled"] == want

@@ -174,6 +174,14 @@ def _small(tmp_path, n=20):
     return data, scores
 
 
+def test_a_seed_beyond_64_bits_is_refused(tmp_path):
+    # 2**64 drew the rows 0 draws, and the report recorded 2**64.
+    data, _ = _small(tmp_path)
+    for seed in (2**64, -1):
+        with pytest.raises(ValueError, match=r"select: seed must be in \[0, 2\*\*64\)"):
+            tsqlora_ext.select(data, fraction=0.5, seed=seed, gate=False)
+
+
 def test_default_indices_and_report_are_named_after_the_whole_output_name(tmp_path):
     # o.jsonl and o.json once shared o.indices.txt and o.report.json: the second run's replaced
     # the first's, which then no longer described o.jsonl.

@@ -300,8 +300,8 @@ def test_labels_are_classes_by_value_numbered_in_order_of_value(tmp_path):
         return file_task(path, "text", "label", **kw)
 
     # A number is one class however it is spelled (it was "0" and "0.0", two classes).
-    t = task([0, 0.0, "0", 1, "1.0", 1e0, " 1 "] * 3, eval_fraction=0.2)
-    assert t.label_names == ["0", "1"]
+    t = task([0, 0.0, "0", 1, "1.0", 1e0, " 1 ", "+1", "1.", 0.5, ".5"] * 3, eval_fraction=0.2)
+    assert t.label_names == ["0", "0.5", "1"]
     # Twelve numbered classes keep their numbers as class ids ("10" sorted before "2").
     t = task(list(range(12)) * 2, eval_path=_write(tmp_path / "e.csv", ["a", "b"], ["10", "2.0"]))
     assert t.label_names == [str(i) for i in range(12)]

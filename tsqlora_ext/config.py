@@ -211,6 +211,8 @@ class TsqLoRAConfig:
         for name in ("t_init", "t_final", "calibration_batches", "score_warmup"):
             if getattr(self, name) < 0:
                 bad(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**63:  # (the native RNGs take 64 bits, and seed + 1 is drawn too)
+            bad(f"seed must be in [0, 2**63), got {self.seed}")
         if self.delta_t < 1:
             bad(f"delta_t must be >= 1, got {self.delta_t}")
         if self.total_steps is not None:

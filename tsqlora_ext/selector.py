@@ -335,7 +335,8 @@ def _score_report(scores: np.ndarray, kept: np.ndarray, bins: int = 20) -> dict[
 
 # ---- the selector ------------------------------------------------------------------------------
 
-_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+# A decimal number as pandas' csv reader takes one (+1, 1., .5, 007 and 1e3 included).
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 def label_key(value) -> str:
@@ -349,8 +350,8 @@ def label_key(value) -> str:
     if isinstance(value, str):
         text = value.strip()
         if not _NUMBER.fullmatch(text):
-            return text  # "007" too: JSON spells no number so, a code might
-        value = int(text) if text.lstrip("-").isdigit() else float(text)
+            return text
+        value = int(text) if text.lstrip("+-").isdigit() else float(text)
     if isinstance(value, numbers.Integral):
         return str(int(value))
     if isinstance(value, numbers.Real):
@@ -422,6 +423,8 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
     check_guard_settings(mislabel_threshold, mislabel_max_spread, "select", prefix="mislabel_")
     if num_threads is not None and int(num_threads) < 0:
         raise ValueError(f"select: num_threads must be >= 0 (0: all cores), got {num_threads}")
+    if not 0 <= int(seed) < 2**64:  # (the native RNG takes 64 bits: 2**64 would draw as 0 does)
+        raise ValueError(f"select: seed must be in [0, 2**64), got {seed}")
     threads = 0 if num_threads is None else int(num_threads)
     stratify = bool(label_field) if stratify is None else stratify
     if stratify and not label_field:
@@ -448,7 +451,12 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
         score_cols = read_scores(scores, n)
         q = score_cols["score"]
         if mislabel_guard:
-            flagged, guard_report = _mislabel_guard(score_cols, mislabel_threshold,
+            # Fitted to the rows the gate keeps, as training fits it to its pool: `tsqlora score`
+            # scores every row, and the gate's rejects (too short, duplicates) would shift the fit.
+            passed = np.array(GATE_REASONS, dtype=object)[codes] == "kept"
+            fit_cols = {k: np.where(passed, v, np.nan) if k == "loss" else v
+                        for k, v in score_cols.items()}
+            flagged, guard_report = _mislabel_guard(fit_cols, mislabel_threshold,
                                                     mislabel_max_spread)
             if flagged is not None:
                 extra["likely_mislabeled"] = flagged
@@ -484,7 +492,7 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
     labels = _label_ids(rows.labels) if (stratify and rows.labels is not None) else None
     q_pool = np.where(pool, q, 0.0)
     indices = np.asarray(_C.gumbel_top_k(n, k, q_pool, labels, pool.astype(np.uint8), float(temperature),
-                                         int(seed) & (2**64 - 1), bool(stratify), threads))
+                                         int(seed), bool(stratify), threads))
     kept = np.zeros(n, dtype=bool)
     kept[indices] = True
     reasons[pool & ~kept] = "not_selected"
