@@ -896,6 +896,12 @@ def write_summary(store: RunStore, out: Path, name: str, opts, title: str) -> No
          if opts.quality_preference != default_preference() and
          any(method_family(m)[0] == "quality" for m in opts.methods) else "")
     summary = summarize(runs, opts.lrs, opts.seeds, command)
+    # A method of the command without a finished run has no row: say so, or the table of a grid
+    # run with fewer methods would pass for the command's whole grid.
+    absent = [m for m in opts.methods if not any(r["method"] == m for r in runs)]
+    if absent:
+        summary["methods_without_runs"] = absent
+        title += f" — *no finished runs yet of {', '.join(LABELS[m] for m in absent)}*"
     write_json(summary, out / f"{name}.json")
     md = out / f"{name}.md"
     tmp = md.with_name(md.name + ".tmp")
