@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 
 import pytest
 
@@ -20,6 +22,16 @@ def test_json_round_trip(tmp_path):
     assert TsqLoRAConfig.from_json(cfg.to_json()) == cfg
     cfg.save(tmp_path / "c.json")
     assert TsqLoRAConfig.load(tmp_path / "c.json") == cfg
+
+
+def test_an_infinite_setting_survives_strict_json(tmp_path):
+    # mislabel_max_spread = inf (the rule off) became null in run.json, and --resume then refused
+    # the run's own settings.
+    from tsqlora_ext.report import write_json
+    cfg = TsqLoRAConfig(mislabel_max_spread=math.inf)
+    write_json(cfg.to_dict(), tmp_path / "c.json")
+    assert json.loads((tmp_path / "c.json").read_text())["mislabel_max_spread"] == "inf"
+    assert TsqLoRAConfig.from_dict(json.loads((tmp_path / "c.json").read_text())) == cfg
 
 
 def test_configs_of_earlier_versions_with_rescore_every_off_still_load():

@@ -68,8 +68,16 @@ def check_integers(obj, names, bad) -> None:
         setattr(obj, name, int(value))
 
 
+_INFINITIES = {math.inf: "inf", -math.inf: "-inf"}
+
+
 def dataclass_from_dict(cls, d: dict[str, Any], source: str):
-    """cls(**d), after check_fields."""
+    """cls(**d), after check_fields; "inf" / "-inf" for a float field (as to_dict writes an
+    infinite value) is that float."""
+    if isinstance(d, dict):
+        hints = typing.get_type_hints(cls)
+        d = {k: (float(v) if v in ("inf", "-inf") and _conforms(0.5, hints.get(k)) else v)
+             for k, v in d.items()}
     check_fields(cls, d, source)
     return cls(**d)
 
@@ -244,9 +252,12 @@ class TsqLoRAConfig:
 
     # ---- JSON round trip ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON values; an infinite one (mislabel_max_spread = inf: the rule off) as
+        "inf" / "-inf", which strict JSON writers would otherwise turn into null."""
         d = dataclasses.asdict(self)
         d["quality_weights"] = list(self.quality_weights)
-        return d
+        return {k: (_INFINITIES[v] if isinstance(v, float) and math.isinf(v) else v)
+                for k, v in d.items()}
 
     # Fields that configs of earlier versions hold, with the one value that meant "off". Re-scoring
     # during training (rescore_every) was accepted but never done, so the field is gone; a config
