@@ -100,6 +100,39 @@ def test_train_on_a_user_file_writes_the_report_and_a_loadable_adapter(tmp_path,
     assert m["labels"] == ["neg", "pos"] and model.config.id2label == {0: "neg", 1: "pos"}
 
 
+def test_a_schedule_the_run_cannot_hold_leaves_the_folder_free(tmp_path, model_dir, capsys):
+    # Refused only inside train(), after the scoring pass had written selection.json and
+    # scores.jsonl: a corrected run into the same --out was then refused as "an earlier run" whose
+    # --resume repeated the error.
+    torch.set_num_threads(1)
+    train_file, eval_file = _data(tmp_path, "jsonl")
+    out = tmp_path / "run"
+    base = ["train", "--model", str(model_dir), "--data", str(train_file), "--eval-data",
+            str(eval_file), "--out", str(out), *FLAGS[:FLAGS.index("--max-steps")],
+            *FLAGS[FLAGS.index("--max-steps") + 2:]]
+    for bad in (["--max-steps", "2"], ["--epochs", "0.1"]):  # before the gate / after selection
+        assert main([*base, *bad]) == 2
+        assert "t_init + t_final = 2 leaves no budget phase" in capsys.readouterr().err
+        assert not (out / "selection.json").exists() and not (out / "scores.jsonl").exists()
+    assert main([*base, "--max-steps", "4"]) == 0
+
+
+def test_three_classes_on_a_folder_with_a_two_class_head(tmp_path, model_dir, capsys):
+    # The saved 2-way head could not be loaded for 3 labels: an uncaught RuntimeError (exit 1).
+    torch.set_num_threads(1)
+    texts, labels = tw.tiny_texts(120, seed=3)
+    labels = [["neg", "pos", "mid"][i % 3] if y == "pos" else y for i, y in enumerate(labels)]
+    data = _write(tmp_path / "three.jsonl", texts, labels)
+    assert main(["train", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "r"),
+                 *FLAGS]) == 0
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert m["labels"] == ["mid", "neg", "pos"] and "macro_f1" in m["tsqlora"]["metrics"]
+    # A --data path that does not exist is named before anything is written.
+    assert main(["train", "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    assert f"--data {tmp_path / 'nope.jsonl'}: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_input_exits_2_naming_file_and_line(tmp_path, model_dir, capsys):
     train_file, _ = _data(tmp_path, "jsonl")
     lines = train_file.read_text().splitlines()

@@ -332,12 +332,16 @@ def _train(args: argparse.Namespace) -> int:
         if train_args.checkpoint_dir:
             CheckpointManager(train_args.checkpoint_dir).refuse_earlier_run(
                 earlier, label=f"--out {args.out}: ")
-        results = [name for name in results_written if (Path(out) / name).exists()]
+        # A run that wrote its selection but never got to train (stopped by an error) holds no
+        # results: a corrected run may replace it, where --resume would repeat the error.
+        results = [name for name in ("adapter", *REPORT_FILES) if (Path(out) / name).exists()]
         if results and (Path(out) / "run.json").is_file():
             raise ValueError(f"--out {args.out} holds the results of an earlier run "
                              f"({', '.join(results)}): {earlier}")
         for flag in ("data", "eval_data"):
             given = getattr(args, flag)
+            if given and not given.startswith("bundled:") and not os.path.isfile(given):
+                raise FileNotFoundError(f"--{flag.replace('_', '-')} {given}: no such file")
             if given and not given.startswith("bundled:") and os.path.realpath(given) in {
                     os.path.realpath(os.path.join(out, name)) for name in ("run.json", *results_written)}:
                 raise ValueError(f"--{flag.replace('_', '-')} {given} is a file this run writes "

@@ -31,7 +31,7 @@ import torch
 from .checkpoint import CheckpointManager
 from .config import TsqLoRAConfig
 from .report import fmt_seconds, format_ranks, write_json, write_report
-from .train import TokenizedData, TrainArgs, make_loader, pad_id_of, train
+from .train import TokenizedData, TrainArgs, dist_info, make_loader, pad_id_of, scheduled, train
 
 
 @dataclass
@@ -79,9 +79,12 @@ def _load_model(model_dir, label_names: Sequence[str], seed: int):
     torch.manual_seed(seed)
     # float32 master weights whatever the checkpoint's dtype (transformers' default "auto" would
     # train a half-precision checkpoint in half precision); bf16 is applied by autocast instead.
+    # ignore_mismatched_sizes: a folder holding a classifier for another number of classes gets a
+    # new head for these (its saved one cannot be loaded; transformers says so in its log).
     model = AutoModelForSequenceClassification.from_pretrained(
         **_where(model_dir), num_labels=len(label_names), dtype=torch.float32,
-        id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+        id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
+        ignore_mismatched_sizes=True)
     # A decoder classifies from the last token that is not padding: it must know the padding id.
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -197,6 +200,8 @@ def run_pipeline(model_dir, task: TextTask, out, config: TsqLoRAConfig, args: Tr
     if resuming and not selection_file.is_file():
         raise ValueError(f"run_pipeline: {selection_file} is missing, so the run whose checkpoints "
                          f"{ckpt.directory} holds cannot be resumed")
+    if args.max_steps:
+        scheduled(config, args, 1)  # an impossible schedule fails now, not after the scoring pass
     data = data_fingerprint(task)
     saved = json.loads(selection_file.read_text()) if resuming else None
     # selection.json names training rows by position: other data would train on other rows.
@@ -240,6 +245,13 @@ def run_pipeline(model_dir, task: TextTask, out, config: TsqLoRAConfig, args: Tr
         sel = _select(task, q, mislabeled, pool, config)
         phases["select_s"] = time.perf_counter() - t
         indices = np.sort(np.asarray(sel.indices, dtype=np.int64))
+        # Before selection.json and scores.jsonl are written: a run whose schedule cannot fit the
+        # selected set must leave nothing that makes its folder look like a run to resume.
+        rank, world = dist_info()
+        scheduled(config, args, len(make_loader(
+            train_all.subset(indices), batch_size=args.batch_size, max_length=args.max_length,
+            pad_id=pad_id_of(tokenizer, model), shuffle=True, seed=config.seed, rank=rank,
+            world_size=world, num_workers=0)))
         score_meta = scores.meta
         selection_info = {"rows": len(pool), "pool": int(pool.sum()), "kept": int(len(indices)),
                           "fraction_of_rows": len(indices) / len(pool),

@@ -212,6 +212,15 @@ def as_tokenized(data, tokenizer, max_length: int, what: str) -> TokenizedData:
         raise ValueError(f"{what}: {e}") from None
 
 
+def scheduled(config: TsqLoRAConfig, args: TrainArgs,
+              micro_per_epoch: int) -> tuple[TsqLoRAConfig, int]:
+    """(config with total_steps filled in when unset, the run's optimizer steps) for a loader of
+    ``micro_per_epoch`` micro-batches; raises, as the config does, when its schedule does not fit
+    the run (t_init + t_final leaving no budget phase)."""
+    total_steps = args.max_steps or max(1, round(args.epochs * math.ceil(micro_per_epoch / args.grad_accum)))
+    return (config.replace(total_steps=total_steps) if config.total_steps is None else config), total_steps
+
+
 def pad_id_of(tokenizer, model: nn.Module | None = None) -> int:
     """The tokenizer's padding id, else the model config's, else 0. Pre-tokenized data comes
     without a tokenizer, and a decoder classifier reads each row at its last token before the
@@ -451,10 +460,7 @@ def train(
     if micro_per_epoch == 0:
         raise ValueError(f"train_data: {len(train_tok)} examples make no batch of {args.batch_size} "
                          f"on each of {world} process(es)")
-    steps_per_epoch = math.ceil(micro_per_epoch / args.grad_accum)
-    total_steps = args.max_steps or max(1, round(args.epochs * steps_per_epoch))
-    if config.total_steps is None:
-        config = config.replace(total_steps=total_steps)
+    config, total_steps = scheduled(config, args, micro_per_epoch)
 
     torch.manual_seed(seed)
     model.train()
