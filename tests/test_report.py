@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tsqlora_ext.report import fmt_seconds
+from tsqlora_ext.report import _short, fmt_seconds, quality_title, step_edges
 
 
 @pytest.mark.parametrize("seconds, text", [
@@ -49,3 +49,26 @@ def test_report_without_matplotlib_keeps_metrics_and_warns(tmp_path, monkeypatch
                             runs={})
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"accuracy": 0.5}
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_rank_heatmap_spans_each_record_to_the_next():
+    # imshow spread unevenly spaced records evenly: step 8's ranks were drawn over steps 3.7-7.9
+    # and the axis stopped short of the run's last step.
+    assert step_edges([0, 8, 12, 16], end_step=24).tolist() == [0, 8, 12, 16, 24]
+    assert step_edges([0, 8, 12, 16]).tolist() == [0, 8, 12, 16, 20]
+    assert step_edges([0]).tolist() == [0, 1]
+
+
+def test_heatmap_labels_keep_layers_apart():
+    names = ["bert.encoder.layer.0.attention.output.dense", "bert.encoder.layer.0.output.dense",
+             "model.layers.11.self_attn.q_proj", "classifier.dense"]
+    assert [_short(n) for n in names] == ["L0.attention.output.dense", "L0.output.dense",
+                                          "L11.self_attn.q_proj", "classifier.dense"]
+
+
+def test_quality_histogram_title_tells_gate_drops_from_guard_drops():
+    # The guard's drops were listed as "dropped before scoring", though they were scored and
+    # counted in the histogram's dropped bars.
+    title = quality_title({"too_short": 3, "exact_duplicate": 2, "likely_mislabeled": 76})
+    assert title == ("quality score Q — not scored (gate): too_short 3, exact_duplicate 2; of the "
+                     "dropped, the wrong-label guard's 76")

@@ -72,13 +72,18 @@ def rank_matrix(rank_history: Sequence[dict[str, Any]], layer_names: Sequence[st
     return m, steps
 
 
-def plot_rank_heatmap(rank_history, layer_names, path: Path, title: str = "rank per layer") -> None:
+def plot_rank_heatmap(rank_history, layer_names, path: Path, title: str = "rank per layer",
+                      end_step: int | None = None) -> None:
+    """Each record's ranks drawn from its step to the next record's (the last one's to
+    ``end_step``, the run's final step; without it, one record spacing on): the records are not
+    evenly spaced (step 0, then every delta_t after t_init, then the end of the budget phase)."""
     plt = _pyplot()
     m, steps = rank_matrix(rank_history, layer_names)
     fig, ax = plt.subplots(figsize=(max(6, min(16, 0.08 * len(steps) + 5)), max(4, 0.22 * len(layer_names) + 1.5)))
     if m.size:
-        extent = (steps[0] - 0.5, steps[-1] + 0.5, len(layer_names) - 0.5, -0.5) if len(steps) > 1 else None
-        im = ax.imshow(m, aspect="auto", interpolation="nearest", cmap="viridis", extent=extent)
+        im = ax.pcolormesh(step_edges(steps, end_step), np.arange(len(layer_names) + 1) - 0.5, m,
+                           cmap="viridis")
+        ax.invert_yaxis()
         fig.colorbar(im, ax=ax, label="rank")
     ax.set_yticks(range(len(layer_names)))
     ax.set_yticklabels([_short(n) for n in layer_names], fontsize=6)
@@ -88,11 +93,21 @@ def plot_rank_heatmap(rank_history, layer_names, path: Path, title: str = "rank 
     plt.close(fig)
 
 
+def step_edges(steps: Sequence[int], end_step: int | None = None) -> np.ndarray:
+    """Where each record's span starts, and where the last one ends: ``end_step``, or one record
+    spacing (the median) after the last record."""
+    last = steps[-1] + (int(np.median(np.diff(steps))) if len(steps) > 1 else 1)
+    return np.array([*steps, max(end_step or last, steps[-1] + 1)], dtype=np.float64)
+
+
 def _short(name: str) -> str:
+    """'L<block>.<the name after the block index>' (attention.output.dense and output.dense stay
+    apart), or the last two parts of a name without one."""
     parts = name.split(".")
-    digits = [p for p in parts if p.isdigit()]
-    tail = ".".join(parts[-2:])
-    return f"L{digits[-1]}.{tail}" if digits else tail
+    blocks = [i for i, p in enumerate(parts) if p.isdigit()]
+    if not blocks:
+        return ".".join(parts[-2:])
+    return f"L{parts[blocks[-1]]}." + ".".join(parts[blocks[-1] + 1:])
 
 
 def _smooth(y: np.ndarray, window: int) -> np.ndarray:
@@ -128,6 +143,18 @@ def plot_losses(runs: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def quality_title(dropped_reasons: dict[str, int]) -> str:
+    """The gate's drops were never scored (not in the histogram); the wrong-label guard's were
+    (part of its dropped bars)."""
+    title = "quality score Q"
+    gate = {k: v for k, v in dropped_reasons.items() if k != "likely_mislabeled"}
+    if gate:
+        title += " — not scored (gate): " + ", ".join(f"{k} {v}" for k, v in gate.items())
+    if dropped_reasons.get("likely_mislabeled"):
+        title += f"; of the dropped, the wrong-label guard's {dropped_reasons['likely_mislabeled']}"
+    return title
+
+
 def plot_quality_hist(scores: np.ndarray, kept: np.ndarray, path: Path, dropped_reasons: dict[str, int] | None = None) -> None:
     """Histogram of quality scores of kept vs dropped examples (``kept``: boolean mask)."""
     plt = _pyplot()
@@ -139,10 +166,7 @@ def plot_quality_hist(scores: np.ndarray, kept: np.ndarray, path: Path, dropped_
         bins = np.linspace(scores[finite].min(), scores[finite].max(), 50) if np.ptp(scores[finite]) > 0 else 10
         ax.hist(scores[finite & ~kept], bins=bins, alpha=0.6, label=f"dropped ({int((finite & ~kept).sum())})")
         ax.hist(scores[finite & kept], bins=bins, alpha=0.6, label=f"kept ({int((finite & kept).sum())})")
-    title = "quality score Q"
-    if dropped_reasons:
-        title += " — dropped before scoring: " + ", ".join(f"{k} {v}" for k, v in dropped_reasons.items())
-    ax.set_title(title, fontsize=9)
+    ax.set_title(quality_title(dropped_reasons or {}), fontsize=9)
     ax.set_xlabel("Q")
     ax.set_ylabel("examples")
     ax.legend()
@@ -169,7 +193,8 @@ def write_report(out: str | os.PathLike, *, metrics: dict[str, Any], rank_histor
         warnings.warn("tsqlora report: matplotlib is not installed, so the plots are left out "
                       "(pip install tsqlora_ext[report])")
         return out
-    plot_rank_heatmap(rank_history, layer_names, out / "rank_heatmap.png")
+    plot_rank_heatmap(rank_history, layer_names, out / "rank_heatmap.png",
+                      end_step=(metrics.get("tsqlora") or {}).get("optimizer_steps"))
     plot_losses(runs, out / "loss.png")
     if scores is not None:
         plot_quality_hist(scores, kept, out / "quality_hist.png", dropped_reasons)
