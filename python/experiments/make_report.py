@@ -144,7 +144,9 @@ def plot_rank_heatmaps(summary: dict[str, Any], results: Path) -> list[tuple[str
         from tsqlora_ext.report import plot_rank_heatmap
         path = results / f"rank_heatmap_{task}.png"
         # plot_rank_heatmap writes atomically itself.
-        plot_rank_heatmap(hist, list(hist[-1]["ranks"]), path, title=f"TsqLoRA rank per layer, {task}")
+        steps = v["methods"].get("tsqlora", {}).get("optimizer_steps")
+        plot_rank_heatmap(hist, list(hist[-1]["ranks"]), path, title=f"TsqLoRA rank per layer, {task}",
+                          end_step=int(steps) if steps else None)
         out.append((task, path, v["rank_history_run"]))
     return out
 
