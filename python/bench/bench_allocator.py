@@ -71,9 +71,6 @@ def run_set(name: str, device: str, repeats: int) -> tuple[dict, dict]:
     A = [b.lora_A["default"].detach() for b in model.blocks]
     E = [b.lora_E["default"].detach().view(-1) for b in model.blocks]
     B = [b.lora_B["default"].detach() for b in model.blocks]
-    gA = [b.lora_A["default"].grad for b in model.blocks]
-    gE = [b.lora_E["default"].grad.view(-1) for b in model.blocks]
-    gB = [b.lora_B["default"].grad for b in model.blocks]
     ipt = [torch.zeros(a.numel() + e.numel() + b.numel(), device=device) for a, e, b in zip(A, E, B)]
     unc = [torch.zeros_like(t) for t in ipt]
     n_comp = R * len(shapes)
@@ -83,11 +80,27 @@ def run_set(name: str, device: str, repeats: int) -> tuple[dict, dict]:
     sizes = [R] * len(shapes)
     budget = 8 * len(shapes)
 
+    # Our layout of the same tensors (E one-dimensional), as RankAllocator holds its layers'
+    # parameters: one flat list, built once.
+    ours_params = []
+    for a, e, b, block in zip(A, E, B, model.blocks):
+        for t, g in ((a, block.lora_A["default"].grad), (e, block.lora_E["default"].grad.view(-1)),
+                     (b, block.lora_B["default"].grad)):
+            ours_params.append(nn.Parameter(t, requires_grad=True))
+            ours_params[-1].grad = g
+
+    def gradients():
+        # The host work RankAllocator.update_scores does every step, timed with the op (as PEFT's
+        # update_ipt walks its parameters in its timed call): one list of the parameters' current
+        # gradients, then one slice per kind.
+        grads = [p.grad for p in ours_params]
+        return grads[0::3], grads[1::3], grads[2::3]
+
     def ours_update():
-        ops.sensitivity_update(A, E, B, gA, gE, gB, ipt, unc, mask, scores, counters, 0.85, 0.85)
+        ops.sensitivity_update(A, E, B, *gradients(), ipt, unc, mask, scores, counters, 0.85, 0.85)
 
     def ours_update_in_loop():
-        ops.sensitivity_update(A, E, B, gA, gE, gB, ipt, unc, mask, scores, counters, 0.85, 0.85,
+        ops.sensitivity_update(A, E, B, *gradients(), ipt, unc, mask, scores, counters, 0.85, 0.85,
                                check_finite=False)
 
     def ours_realloc():

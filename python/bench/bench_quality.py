@@ -102,22 +102,16 @@ def main() -> None:
         def ours(lookahead):
             return score_pool(model, batches, mode=mode, lookahead=lookahead, weights=(0.5, 0.5, 0.0),
                               progress=False)
-        ours("first_order")  # warm up allocator / kernels
-        common.sync(dev)
-        t0 = time.perf_counter()
+        # Each side warmed up once and timed round-robin, the median of the repeats.
+        ms = common.round_robin_ms({
+            "first_order": lambda: ours("first_order"), "exact": lambda: ours("exact"),
+            "naive": lambda: naive_G(model, batches[:n_naive_batches], mode, dev),
+        }, dev, repeats=1 if args.quick else 3, warmup=1)
         s = ours("first_order")
-        common.sync(dev)
-        t_fo = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ours("exact")
-        common.sync(dev)
-        t_ex = time.perf_counter() - t0
-        t0 = time.perf_counter()
         G_naive = naive_G(model, batches[:n_naive_batches], mode, dev)
-        common.sync(dev)
-        t_nv = time.perf_counter() - t0
         rel = float(np.max(np.abs(s.G[:len(G_naive)] - G_naive) / G_naive))
-        ours_eps, exact_eps, naive_eps = n_pool / t_fo, n_pool / t_ex, len(G_naive) / t_nv
+        ours_eps, exact_eps, naive_eps = (n_pool * 1e3 / ms["first_order"], n_pool * 1e3 / ms["exact"],
+                                          len(G_naive) * 1e3 / ms["naive"])
         rows.append({"mode": mode, "pool": n_pool, "seq_len": 64, "batch": 32,
                      "ours_first_order_ex_per_s": round(ours_eps, 2),
                      "ours_exact_D_ex_per_s": round(exact_eps, 2),

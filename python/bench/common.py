@@ -162,7 +162,8 @@ def machine(device: str) -> str:
 
 def goal(name: str, measured: float, target: float, higher_is_better: bool, unit: str = "") -> dict:
     met = measured >= target if higher_is_better else measured <= target
-    return {"goal": name, "measured": round(measured, 4), "target": target,
+    # Four significant digits: a relative error of 2.4e-7 must not print as 0.
+    return {"goal": name, "measured": float(f"{measured:.4g}"), "target": target,
             "direction": ">=" if higher_is_better else "<=", "unit": unit, "met": bool(met)}
 
 

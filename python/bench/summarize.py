@@ -10,8 +10,10 @@ import json
 from pathlib import Path
 
 
-def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+def _fmt(v, unit: str = "") -> str:
+    if v is None:
+        return "not measured"
+    return (f"{v:.4g}" if isinstance(v, float) else str(v)) + unit
 
 
 def render(folder: Path, pattern: str = "*.json") -> str:
@@ -21,8 +23,8 @@ def render(folder: Path, pattern: str = "*.json") -> str:
     lines = ["| benchmark | device | goal | measured | target | met |", "|---|---|---|---|---|---|"]
     for r in results:
         for g in r["goals"]:
-            lines.append(f"| {r['bench']}{' (--quick)' if r.get('quick') else ''} | {r['machine']} | {g['goal']} | {_fmt(g['measured'])}{g['unit']} "
-                         f"| {g['direction']} {_fmt(g['target'])}{g['unit']} | {'yes' if g['met'] else 'NO'} |")
+            lines.append(f"| {r['bench']}{' (--quick)' if r.get('quick') else ''} | {r['machine']} | {g['goal']} | {_fmt(g['measured'], g['unit'])} "
+                         f"| {g['direction']} {_fmt(g['target'], g['unit'])} | {'yes' if g['met'] else 'NO'} |")
     for r in results:
         lines += ["", f"### {r['bench']} on {r['machine']} ({r['date']}, torch {r['torch']})"
                   + (" — smoke run (--quick), NOT a result" if r.get("quick") else ""), ""]
