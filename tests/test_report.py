@@ -61,9 +61,9 @@ def test_rank_heatmap_spans_each_record_to_the_next():
 
 def test_heatmap_labels_keep_layers_apart():
     names = ["bert.encoder.layer.0.attention.output.dense", "bert.encoder.layer.0.output.dense",
-             "model.layers.11.self_attn.q_proj", "classifier.dense"]
+             "model.layers.11.self_attn.q_proj", "classifier.dense", "head.net.2"]
     assert [_short(n) for n in names] == ["L0.attention.output.dense", "L0.output.dense",
-                                          "L11.self_attn.q_proj", "classifier.dense"]
+                                          "L11.self_attn.q_proj", "classifier.dense", "L2.net"]
 
 
 def test_quality_histogram_title_tells_gate_drops_from_guard_drops():

@@ -127,6 +127,16 @@ def test_three_classes_on_a_folder_with_a_two_class_head(tmp_path, model_dir, ca
                  *FLAGS]) == 0
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert m["labels"] == ["mid", "neg", "pos"] and "macro_f1" in m["tsqlora"]["metrics"]
+    # Only the head may be new: another weight that does not fit the config is refused, not
+    # silently re-initialised.
+    from tsqlora_ext.pipeline import _load_model
+    odd = tmp_path / "odd-model"
+    tw.tiny_model_dir(odd)
+    cfg = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**cfg, "vocab_size": cfg["vocab_size"] + 7}))
+    with pytest.raises(ValueError, match=r"weights whose shapes do not fit the model's config: "
+                                         r".*word_embeddings.weight"):
+        _load_model(odd, ["a", "b", "c"], seed=0)
     # A --data path that does not exist is named before anything is written.
     assert main(["train", "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")]) == 2
     assert f"--data {tmp_path / 'nope.jsonl'}: no such file" in capsys.readouterr().err
@@ -243,6 +253,18 @@ def test_what_a_new_run_would_overwrite_is_refused_before_anything_is_written(tm
     capsys.readouterr()
     assert (out / "run.json").read_text() == '{"earlier": true}'
 
+    # An earlier run whose checkpoints went to a --checkpoint-dir of its own, stopped during
+    # training (its selection written, no results yet): still resumable, so not replaced.
+    (out / "metrics.json").unlink()
+    elsewhere = tmp_path / "ckpts"
+    elsewhere.mkdir()
+    (elsewhere / "step-000000010.ckpt").write_bytes(b"an earlier run's")
+    (out / "run.json").write_text(json.dumps({"train": {"checkpoint_dir": str(elsewhere)}}))
+    (out / "selection.json").write_text("{}")
+    assert main(argv) == 2
+    assert f"{elsewhere} already holds checkpoints of an earlier run (up to step 10)" in capsys.readouterr().err
+    assert (out / "selection.json").read_text() == "{}"
+
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     (fresh / "scores.jsonl").write_text(data.read_text())
@@ -321,6 +343,25 @@ def test_resume_refuses_data_that_changed_since_the_run_started(tmp_path):
                                          r"training and 2 evaluation rows\)"):
         run_pipeline(tmp_path / "no-model", edited, out, TsqLoRAConfig(), args, resume=True,
                      verbose=False)
+
+
+def test_resuming_a_run_whose_classes_were_numbered_in_text_order_is_refused(tmp_path):
+    # selection.json of the previous version records no data: its classes 0..11 were numbered
+    # "0", "1", "10", "11", "2", ..., and resuming would train its head on other ids.
+    from tsqlora_ext.config import TsqLoRAConfig
+    from tsqlora_ext.pipeline import TextTask, run_pipeline
+    from tsqlora_ext.train import TrainArgs
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step-000000050.ckpt").write_bytes(b"the run's")
+    (out / "selection.json").write_text("{}")
+    names = [str(i) for i in range(12)]
+    task = TextTask("t", names, ["x y z"] * 12, list(range(12)), ["x y z"] * 12, list(range(12)))
+    args = TrainArgs(checkpoint_every=5, checkpoint_dir=str(out / "checkpoints"))
+    with pytest.raises(ValueError, match=r"started by an earlier version, which numbered its classes "
+                                         r"in text order \(0, 1, 10, 11, 2,"):
+        run_pipeline(tmp_path / "no-model", task, out, TsqLoRAConfig(), args, resume=True, verbose=False)
 
 
 def test_labels_are_classes_by_value_numbered_in_order_of_value(tmp_path):

@@ -195,6 +195,17 @@ def _model_flag(p: argparse.ArgumentParser) -> None:
                    "bundled MiniLM)")
 
 
+def _checkpoint_dir_of(run_file: Path) -> str | None:
+    """The checkpoint folder an earlier run's run.json names (None without a readable one)."""
+    import json
+
+    try:
+        folder = json.loads(run_file.read_text())["train"]["checkpoint_dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return folder if isinstance(folder, str) else None
+
+
 def _check_model(model: str | None) -> None:
     """--model must be a folder with config.json or a .gguf file (None: the bundled model), said
     here rather than as from_pretrained's traceback."""
@@ -329,9 +340,10 @@ def _train(args: argparse.Namespace) -> int:
         # Refused here, before run.json of an earlier run is overwritten: its checkpoints (whatever
         # this run's --checkpoint-every), its results, and input files that outputs would replace.
         earlier = f"continue it with --resume {args.out}, or choose another --out"
-        if train_args.checkpoint_dir:
-            CheckpointManager(train_args.checkpoint_dir).refuse_earlier_run(
-                earlier, label=f"--out {args.out}: ")
+        # The earlier run's checkpoints, wherever its run.json put them (--checkpoint-dir).
+        earlier_dirs = {train_args.checkpoint_dir, _checkpoint_dir_of(Path(out) / "run.json")}
+        for folder in sorted(d for d in earlier_dirs if d):
+            CheckpointManager(folder).refuse_earlier_run(earlier, label=f"--out {args.out}: ")
         # A run that wrote its selection but never got to train (stopped by an error) holds no
         # results: a corrected run may replace it, where --resume would repeat the error.
         results = [name for name in ("adapter", *REPORT_FILES) if (Path(out) / name).exists()]

@@ -65,10 +65,16 @@ def check_integers(obj, names, bad) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             bad(f"{name} must be an integer, got {value!r}")
-        setattr(obj, name, int(value))
+        else:
+            setattr(obj, name, int(value))
 
 
 _INFINITIES = {math.inf: "inf", -math.inf: "-inf"}
+
+
+def config_value(v: Any) -> Any:
+    """A field's value as to_dict writes it: an infinite float as "inf" / "-inf"."""
+    return _INFINITIES[v] if isinstance(v, float) and math.isinf(v) else v
 
 
 def dataclass_from_dict(cls, d: dict[str, Any], source: str):
@@ -118,7 +124,8 @@ class TsqLoRAConfig:
         None, "Module-name suffixes or a regex to leave out even when target_modules matches them.")
     modules_to_save: list[str] | None = _f(
         None, "Modules trained in full beside the adapters (the task head). None: the head of a "
-        "classification or question-answering model ('classifier' / 'score' / 'qa_outputs').")
+        "classification or question-answering model ('classifier' / 'score' / 'qa_outputs' / "
+        "'classification_head' / 'pre_classifier', and DeBERTa-v2's 'pooler').")
     # ---- ranks --------------------------------------------------------------------------------
     r_init: int = _f(12, "Initial average rank; the starting budget is B_0 = r_init * n_layers and "
                      "the fixed scaling is lora_alpha / r_init.")
@@ -219,8 +226,8 @@ class TsqLoRAConfig:
         for name in ("t_init", "t_final", "calibration_batches", "score_warmup"):
             if getattr(self, name) < 0:
                 bad(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.seed < 2**63:  # (the native RNGs take 64 bits, and seed + 1 is drawn too)
-            bad(f"seed must be in [0, 2**63), got {self.seed}")
+        if not -2**63 <= self.seed < 2**63 - 1:  # (the native RNGs take 64 bits; seed + 1 is drawn too)
+            bad(f"seed must be a signed 64-bit integer, got {self.seed}")
         if self.delta_t < 1:
             bad(f"delta_t must be >= 1, got {self.delta_t}")
         if self.total_steps is not None:
@@ -256,8 +263,7 @@ class TsqLoRAConfig:
         "inf" / "-inf", which strict JSON writers would otherwise turn into null."""
         d = dataclasses.asdict(self)
         d["quality_weights"] = list(self.quality_weights)
-        return {k: (_INFINITIES[v] if isinstance(v, float) and math.isinf(v) else v)
-                for k, v in d.items()}
+        return {k: config_value(v) for k, v in d.items()}
 
     # Fields that configs of earlier versions hold, with the one value that meant "off". Re-scoring
     # during training (rescore_every) was accepted but never done, so the field is gone; a config

@@ -31,7 +31,8 @@ import torch
 from .checkpoint import CheckpointManager
 from .config import TsqLoRAConfig
 from .report import fmt_seconds, format_ranks, write_json, write_report
-from .train import TokenizedData, TrainArgs, dist_info, make_loader, pad_id_of, scheduled, train
+from .train import (TokenizedData, TrainArgs, dist_info, init_distributed_from_env, make_loader,
+                    pad_id_of, scheduled, train)
 
 
 @dataclass
@@ -80,11 +81,17 @@ def _load_model(model_dir, label_names: Sequence[str], seed: int):
     # float32 master weights whatever the checkpoint's dtype (transformers' default "auto" would
     # train a half-precision checkpoint in half precision); bf16 is applied by autocast instead.
     # ignore_mismatched_sizes: a folder holding a classifier for another number of classes gets a
-    # new head for these (its saved one cannot be loaded; transformers says so in its log).
-    model = AutoModelForSequenceClassification.from_pretrained(
+    # new head for these (its saved one cannot be loaded); any other weight that does not fit is
+    # refused below rather than silently re-initialised.
+    model, info = AutoModelForSequenceClassification.from_pretrained(
         **_where(model_dir), num_labels=len(label_names), dtype=torch.float32,
         id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
-        ignore_mismatched_sizes=True)
+        ignore_mismatched_sizes=True, output_loading_info=True)
+    heads = ("classifier", "score")
+    other = [key for key, *_ in info.get("mismatched_keys", []) if key.split(".")[0] not in heads]
+    if other:
+        raise ValueError(f"{model_dir}: weights whose shapes do not fit the model's config: "
+                         f"{', '.join(other[:5])}")
     # A decoder classifies from the last token that is not padding: it must know the padding id.
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -205,6 +212,13 @@ def run_pipeline(model_dir, task: TextTask, out, config: TsqLoRAConfig, args: Tr
     data = data_fingerprint(task)
     saved = json.loads(selection_file.read_text()) if resuming else None
     # selection.json names training rows by position: other data would train on other rows.
+    if saved is not None and "data" not in saved and list(task.label_names) != sorted(task.label_names):
+        # Written before the data were recorded, by a version that numbered classes in text
+        # order ("10" before "2"): its checkpoints' head would go on training on other class ids.
+        raise ValueError(f"run_pipeline: the run in {out} was started by an earlier version, which "
+                         f"numbered its classes in text order ({', '.join(sorted(task.label_names)[:12])}); "
+                         f"this one numbers them by value ({', '.join(task.label_names[:12])}), so it "
+                         "cannot be resumed: start a new run in another folder")
     if saved is not None and "data" in saved and saved["data"] != data:
         changed = [k for k in data if saved["data"].get(k) != data[k]]
         raise ValueError(f"run_pipeline: the data differ from those the run in {out} started on "
@@ -247,6 +261,7 @@ def run_pipeline(model_dir, task: TextTask, out, config: TsqLoRAConfig, args: Tr
         indices = np.sort(np.asarray(sel.indices, dtype=np.int64))
         # Before selection.json and scores.jsonl are written: a run whose schedule cannot fit the
         # selected set must leave nothing that makes its folder look like a run to resume.
+        init_distributed_from_env()  # (train() joins the process group anyway; the count needs it)
         rank, world = dist_info()
         scheduled(config, args, len(make_loader(
             train_all.subset(indices), batch_size=args.batch_size, max_length=args.max_length,

@@ -107,7 +107,9 @@ def _short(name: str) -> str:
     blocks = [i for i, p in enumerate(parts) if p.isdigit()]
     if not blocks:
         return ".".join(parts[-2:])
-    return f"L{parts[blocks[-1]]}." + ".".join(parts[blocks[-1] + 1:])
+    # (A layer that is itself the numbered child, in an nn.Sequential, keeps its parent's name.)
+    after = parts[blocks[-1] + 1:] or parts[max(0, blocks[-1] - 1):blocks[-1]]
+    return f"L{parts[blocks[-1]]}." + ".".join(after)
 
 
 def _smooth(y: np.ndarray, window: int) -> np.ndarray:

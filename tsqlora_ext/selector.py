@@ -363,7 +363,7 @@ def label_key(value) -> str:
 def label_names(keys) -> list[str]:
     """The distinct label keys in class-id order: numbers by value first (labels 0..9, 10 give
     class ids 0..10, as the file means them), then names alphabetically."""
-    return sorted(set(keys), key=lambda k: (0, float(k), "") if _NUMBER.fullmatch(k) else (1, 0.0, k))
+    return sorted(set(keys), key=lambda k: (0, float(k), k) if _NUMBER.fullmatch(k) else (1, 0.0, k))
 
 
 def _label_ids(labels: list) -> np.ndarray:
@@ -423,8 +423,8 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
     check_guard_settings(mislabel_threshold, mislabel_max_spread, "select", prefix="mislabel_")
     if num_threads is not None and int(num_threads) < 0:
         raise ValueError(f"select: num_threads must be >= 0 (0: all cores), got {num_threads}")
-    if not 0 <= int(seed) < 2**64:  # (the native RNG takes 64 bits: 2**64 would draw as 0 does)
-        raise ValueError(f"select: seed must be in [0, 2**64), got {seed}")
+    if not -2**63 <= int(seed) < 2**63:  # (the native RNG takes 64 bits: 2**64 would draw as 0)
+        raise ValueError(f"select: seed must be a signed 64-bit integer, got {seed}")
     threads = 0 if num_threads is None else int(num_threads)
     stratify = bool(label_field) if stratify is None else stratify
     if stratify and not label_field:
@@ -492,7 +492,7 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
     labels = _label_ids(rows.labels) if (stratify and rows.labels is not None) else None
     q_pool = np.where(pool, q, 0.0)
     indices = np.asarray(_C.gumbel_top_k(n, k, q_pool, labels, pool.astype(np.uint8), float(temperature),
-                                         int(seed), bool(stratify), threads))
+                                         int(seed) & (2**64 - 1), bool(stratify), threads))
     kept = np.zeros(n, dtype=bool)
     kept[indices] = True
     reasons[pool & ~kept] = "not_selected"
