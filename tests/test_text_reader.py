@@ -148,8 +148,15 @@ def test_an_unclosed_quote_costs_its_line_only(tmp_path):
     rows[10] = '"Best movie ever, said nobody,1'
     t = _read(_write(tmp_path, "u.csv", ("text,label\n" + "\n".join(rows) + "\n").encode()), "csv",
               "label", skip_bad=True)
-    assert t.num_rows == 999 and [b[0] for b in t.bad] == [12] and "never closes" in t.bad[0][1]
+    assert t.num_rows == 999 and [b[0] for b in t.bad] == [12] and "quote opened on line 12 never" in t.bad[0][1]
     assert t.line_numbers[10] == 13 and t.texts[10] == "review 11 was fun"
+    # A record whose first field closes on its second line, where the second field opens a quote
+    # that never closes: bad up to that line, not its first line only (reading went on inside the
+    # closed field).
+    t = _read(_write(tmp_path, "m.csv", b'text,label\n"two\nlines","open\nfake,neg\nc d,1\n'),
+              "csv", "label", skip_bad=True)
+    assert t.texts == ["fake", "c d"] and [b[0] for b in t.bad] == [2]
+    assert "quote opened on line 3 never closes" in t.bad[0][1]
 
 
 def test_a_tsv_field_that_begins_with_a_quotation_is_text(tmp_path):

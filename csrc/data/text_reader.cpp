@@ -389,17 +389,19 @@ CsvRecord next_csv_record(const std::string& buf, int64_t& pos, int64_t& line, c
   bool quoted = false;     // the current field started with a quote
   bool in_quotes = false;  // inside its quotes
   bool after_quote = false;
+  int64_t quote_pos = 0, quote_line = 0;  // where the open quote is
   for (;;) {
     if (pos >= n) {
       if (in_quotes) {
-        // The quote swallowed the rest of the file: the bad record is its first line only, and
-        // reading goes on after it (with skip_bad; otherwise this is the error raised).
-        r.error = "unterminated quoted field (a quote opened on this line never closes)";
-        const void* nl = std::memchr(buf.data() + r.begin, '\n', n - r.begin);
+        // The quote swallowed the rest of the file: the bad record ends with the line the quote
+        // opened on, and reading goes on after it (with skip_bad; otherwise this is the error).
+        r.error = "unterminated quoted field (the quote opened on line " + std::to_string(quote_line) +
+                  " never closes)";
+        const void* nl = std::memchr(buf.data() + quote_pos, '\n', n - quote_pos);
         const int64_t eol = nl ? static_cast<const char*>(nl) - buf.data() : n;
         r.end = (eol > r.begin && buf[eol - 1] == '\r') ? eol - 1 : eol;
         pos = eol < n ? eol + 1 : n;
-        line = r.first_line + 1;
+        line = quote_line + 1;
         return r;
       }
       r.end = n;
@@ -446,6 +448,7 @@ CsvRecord next_csv_record(const std::string& buf, int64_t& pos, int64_t& line, c
     }
     if (c == '"' && field.empty() && !quoted && (delim != '\t' || closes_field(buf, pos, delim))) {
       quoted = in_quotes = true;
+      quote_pos = pos, quote_line = line;
       ++pos;
       continue;
     }
