@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 pytest.importorskip("transformers")
 
@@ -208,6 +209,17 @@ def test_pretokenized_data_pads_with_the_models_pad_id():
     assert evaluate(model, short, num_workers=1)["loss"] == pytest.approx(alone, rel=1e-5)
 
 
+def test_a_checkpoint_of_an_earlier_version_with_an_infinite_setting_resumes():
+    # Its config holds mislabel_max_spread as the float inf, today's to_dict writes "inf": resume
+    # refused it as another setting ("inf then, 'inf' now").
+    from tsqlora_ext.train import _changed_settings
+    config, args = tw.tiny_config(mislabel_max_spread=float("inf")), _args()
+    state = {"args": args.to_dict(), "config": {**config.to_dict(), "mislabel_max_spread": float("inf")}}
+    assert _changed_settings(state, config, args) == []
+    state["config"]["mislabel_max_spread"] = 0.5
+    assert _changed_settings(state, config, args) == ["TsqLoRAConfig.mislabel_max_spread 0.5 then, 'inf' now"]
+
+
 def test_classification_metrics_macro_f1():
     preds = np.array([0, 1, 2, 2, 1, 0])
     labels = np.array([0, 1, 2, 1, 1, 2])
@@ -230,7 +242,7 @@ def test_bad_inputs_name_the_problem():
     for kw, message in [({"batch_size": 2.5}, "batch_size must be an integer, got 2.5"),
                         ({"max_steps": True}, "max_steps must be an integer, got True"),
                         ({"num_workers": -1}, "num_workers must be >= 0"),
-                        ({"max_grad_norm": float("nan")}, "max_grad_norm must be a finite number >= 0"),
+                        ({"max_grad_norm": float("nan")}, "max_grad_norm must be a number >= 0"),
                         ({"weight_decay": -0.1}, "weight_decay must be a finite number >= 0")]:
         with pytest.raises(ValueError, match=f"TrainArgs: {message}"):
             TrainArgs(**kw)
@@ -351,3 +363,53 @@ def test_bf16_training_on_cpu_learns_and_moves_ranks():
     initial = result.rank_history[0]["ranks"]
     assert len({result.final_ranks[n] - initial[n] for n in initial}) > 1
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_a_compiled_model_trains_with_calibration_and_keeps_its_names():
+    # Calibration's hooked forward of a compiled transformers model returned no loss
+    # (AttributeError), and the result's layer names carried "_orig_mod.".
+    torch.set_num_threads(1)
+    train_data, _ = tw.tiny_task(n=64)
+    model = torch.compile(wrap(tw.tiny_bert(), tw.tiny_config(), verbose=False), backend="eager")
+    result = train(model, train_data, None, tw.tiny_config(), _args(max_steps=6, batch_size=16))
+    assert result.optimizer_steps == 6 and result.reallocations > 0
+    assert not any(n.startswith("_orig_mod") for n in result.final_ranks)
+    assert set(result.rank_history[-1]["ranks"]) == set(result.final_ranks)
+
+
+def test_a_decoder_without_a_pad_token_trains_padded_batches():
+    # LLaMA, Mistral and Qwen2 ship without one: transformers refused batches larger than 1.
+    import transformers as tf
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = tf.LlamaForSequenceClassification(tf.LlamaConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=40, max_position_embeddings=32, num_labels=2,
+        pad_token_id=None, eos_token_id=2))
+    train_data, _ = tw.tiny_task(n=32)
+    config = tw.tiny_config(sensitivity_init=False)
+    result = train(wrap(model, config, verbose=False), train_data, None, config,
+                   _args(max_steps=6, batch_size=8))
+    assert result.optimizer_steps == 6 and model.config.pad_token_id == 2
+
+
+def test_a_layer_the_model_never_calls_is_named():
+    # A model that reads an adapted layer's weight directly (Mamba's x_proj) bypasses its adapter.
+    import types
+    torch.set_num_threads(1)
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.used, self.read = nn.Embedding(64, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+            self.classifier = nn.Linear(8, 2)
+
+        def forward(self, input_ids, attention_mask, labels):
+            x = self.emb(input_ids).mean(1)
+            logits = self.classifier(self.used(x) + x @ self.read.weight.T)
+            return types.SimpleNamespace(logits=logits, loss=nn.functional.cross_entropy(logits, labels))
+
+    config = tw.tiny_config(target_modules=["used", "read"], sensitivity_init=False)
+    model = wrap(Odd(), config, verbose=False)
+    with pytest.warns(UserWarning, match=r"1 adapted layer\(s\) took no part in the forward pass.*: read;"):
+        train(model, tw.tiny_task(n=32)[0], None, config, _args(max_steps=6, batch_size=8))

@@ -383,3 +383,42 @@ def test_gradient_checkpointing_gives_the_same_gradients(family, use_reentrant, 
         assert grad is not None and ckpt[name] is not None, name
         torch.testing.assert_close(ckpt[name], grad, rtol=1e-5, atol=1e-6, msg=name)
     assert all(plain[n].abs().sum() > 0 for n in plain if n.endswith(("lora_A", "lora_E")))
+
+
+def test_heads_of_other_families_train_by_default():
+    # BART's and T5's classification_head and DistilBERT's pre_classifier start random too; they
+    # stayed frozen (BART's loss did not move), and DeBERTa-v2's QA head lost qa_outputs.
+    import transformers as tf
+    torch.manual_seed(0)
+    cases = [
+        (tf.BartForSequenceClassification(tf.BartConfig(
+            vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24,
+            max_position_embeddings=32)), ["q_proj", "v_proj"], {"classification_head"}),
+        (tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
+            vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=24, max_position_embeddings=32)),
+         ["q_lin", "v_lin"], {"pre_classifier", "classifier"}),
+        (tf.DebertaV2ForQuestionAnswering(tf.DebertaV2Config(
+            vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=24, max_position_embeddings=32)), None, {"qa_outputs"}),
+    ]
+    for model, targets, heads in cases:
+        model = tsqlora_ext.wrap(model, TsqLoRAConfig(target_modules=targets, r_init=2, r_max=4,
+                                                      target_r=2), verbose=False)
+        assert set(model.tsqlora_state.modules_to_save) >= heads, type(model).__name__
+        for head in heads:
+            assert all(p.requires_grad for p in model.get_submodule(head).parameters())
+
+
+def test_an_adapted_layer_shows_its_base_weight_and_bias():
+    # T5's feed-forward reads self.wo.weight.dtype: AttributeError at the first forward.
+    layer = VarRankLoRALinear(nn.Linear(6, 4), r_max=3, r_init=2, alpha=4.0)
+    assert layer.weight is layer.base_layer.weight and layer.bias is layer.base_layer.bias
+    import transformers as tf
+    t5 = tf.T5ForSequenceClassification(tf.T5Config(
+        vocab_size=50, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2, decoder_start_token_id=0))
+    t5 = tsqlora_ext.wrap(t5, TsqLoRAConfig(target_modules=["q", "v", "wi", "wo"], r_init=2, r_max=4,
+                                            target_r=2), verbose=False)
+    ids = torch.randint(2, 50, (2, 5))
+    ids[:, -1] = t5.config.eos_token_id  # (it classifies from the end-of-sequence token)
+    assert t5(input_ids=ids, labels=torch.tensor([0, 1])).loss.isfinite()

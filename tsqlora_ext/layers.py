@@ -94,6 +94,16 @@ class VarRankLoRALinear(nn.Module):
                 nn.init.zeros_(self.lora_E)
                 nn.init.normal_(self.lora_B, std=0.02)
 
+    # The base layer's weight and bias, read through the adapted layer as through the nn.Linear it
+    # replaced: some models read them directly (T5's feed-forward casts to self.wo.weight.dtype).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
     # ---- the active set ------------------------------------------------------------------------
     # Counts the active sets set_active replaced, over every layer: protect_inactive re-reads which
     # layers have inactive components only when it moved (a Python pass over every adapter

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
-from .config import TsqLoRAConfig, check_integers, dataclass_from_dict
+from .config import TsqLoRAConfig, check_integers, config_value, dataclass_from_dict
 from .layers import VarRankLoRALinear, protect_inactive
 from .loader import TokenBatchLoader
 
@@ -96,8 +96,8 @@ class TrainArgs:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             bad(f"num_workers must be >= 0, got {self.num_workers}")
-        if not 0 <= self.max_grad_norm < math.inf:  # (NaN would turn clipping off unnoticed)
-            bad(f"max_grad_norm must be a finite number >= 0 (0: no clipping), got {self.max_grad_norm}")
+        if not self.max_grad_norm >= 0:  # (NaN would turn clipping off unnoticed)
+            bad(f"max_grad_norm must be a number >= 0 (0 or inf: no clipping), got {self.max_grad_norm}")
         if not 0 <= self.weight_decay < math.inf:
             bad(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not 0 <= self.warmup_ratio < 1:
@@ -222,12 +222,16 @@ def scheduled(config: TsqLoRAConfig, args: TrainArgs,
 
 
 def pad_id_of(tokenizer, model: nn.Module | None = None) -> int:
-    """The tokenizer's padding id, else the model config's, else 0. Pre-tokenized data comes
-    without a tokenizer, and a decoder classifier reads each row at its last token before the
-    config's pad id: padding with another id would make it read a padding position."""
-    for source in (tokenizer, getattr(model, "config", None)):
-        if getattr(source, "pad_token_id", None) is not None:
-            return int(source.pad_token_id)
+    """The tokenizer's padding id, else the model config's, else their end-of-sequence id (a
+    decoder that ships without a pad token), else 0. Pre-tokenized data comes without a tokenizer,
+    and a decoder classifier reads each row at its last token before the config's pad id: padding
+    with another id would make it read a padding position."""
+    sources = (tokenizer, getattr(model, "config", None))
+    for attr in ("pad_token_id", "eos_token_id"):  # a decoder without a pad token pads with its eos
+        for source in sources:
+            value = getattr(source, attr, None)
+            if isinstance(value, int):
+                return value
     return 0
 
 
@@ -431,7 +435,7 @@ def train(
         TrainResult: final and per-epoch evaluation metrics, the loss and rank history, the
         final rank of every layer, step and reallocation counts, wall time and parameter counts.
     """
-    from .wrap import wrap
+    from .wrap import _uncompiled, wrap
 
     config = config or getattr(model, "tsqlora_config", None) or TsqLoRAConfig()
     args = args or TrainArgs()
@@ -445,8 +449,18 @@ def train(
 
     if not lora_layers(model):
         model = wrap(model, config, verbose=rank == 0)
-    layers = lora_layers(model)
+    # The bookkeeping (layer names, allocator, calibration, checkpoints) works on the model inside
+    # a torch.compile'd one: its own names, without "_orig_mod.", and calibration's hooked forward,
+    # which a compiled transformers model returned without its loss. The steps run `model`.
+    bare = _uncompiled(model)
+    layers = lora_layers(bare)
     pad_id = pad_id_of(tokenizer, model)
+    model_config = getattr(model, "config", None)
+    if model_config is not None and getattr(model_config, "pad_token_id", 0) is None:
+        # A decoder classifies from each row's last token that is not padding and refuses batches
+        # without a pad id (LLaMA, Mistral and Qwen2 ship without one): it is what the loader pads
+        # with.
+        model_config.pad_token_id = pad_id
     train_tok = as_tokenized(train_data, tokenizer, args.max_length, "train_data")
     eval_tok = None if eval_data is None else as_tokenized(eval_data, tokenizer, args.max_length, "eval_data")
     for tok, what in ((train_tok, "train_data"), (eval_tok, "eval_data")):
@@ -468,12 +482,12 @@ def train(
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    guard = protect_inactive(optimizer, model)
+    guard = protect_inactive(optimizer, bare)
     warmup = int(args.warmup_ratio * total_steps)
     scheduler = linear_schedule(optimizer, warmup, total_steps)
     if allocator is None and (config.dynamic or config.sensitivity_init):
         from .allocator import RankAllocator
-        allocator = RankAllocator(model, config)
+        allocator = RankAllocator(bare, config)
     if allocator is not None and allocator.config.total_steps is None:
         allocator.set_total_steps(total_steps)
     schedule = allocator.config if allocator is not None else None
@@ -515,7 +529,7 @@ def train(
             raise ValueError(f"resume: {path} was written with other settings: {'; '.join(changed)}. "
                              "Resume with the interrupted run's settings, or start a new run in "
                              "another checkpoint_dir")
-        load_trainable_state(model, state["model"])
+        load_trainable_state(bare, state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if allocator is not None and state["allocator"] is not None:
@@ -534,7 +548,7 @@ def train(
         # averages over processes, so N processes calibrate on what one process would.
         per_rank = max(1, math.ceil(config.calibration_batches / world))
         batches = [_to_device(b, device) for _, b in zip(range(per_rank), calib)]
-        allocator.calibrate(batches, model=model)
+        allocator.calibrate(batches, model=bare)
     # DDP wraps the model only now: calibration runs its own backward passes on the bare model.
     net = nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
@@ -548,7 +562,7 @@ def train(
         if rank == 0:
             ckpt.save(step, {
                 "step": step, "epoch": epoch, "position": position, "world_size": world,
-                "model": trainable_state(model), "optimizer": optimizer.state_dict(),
+                "model": trainable_state(bare), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "allocator": allocator.state_dict() if allocator is not None else None,
                 "loss_history": loss_history, "eval_history": eval_history,
@@ -585,6 +599,8 @@ def train(
                     loss_sum += loss.detach()
                     n_window += int(batch["input_ids"].shape[0]) * world
                 position += n_micro
+                if step == 0:
+                    _warn_unused(layers)
                 if ddp:  # log the global mean loss, as one process at the same global batch would
                     torch.distributed.all_reduce(loss_sum)
                     loss_sum /= world
@@ -662,7 +678,7 @@ def train(
         reallocations=reallocations,
         skipped_steps=skipped,
         wall_time_s=elapsed_before + time.perf_counter() - t_start,
-        params=count_trainable(model),
+        params=count_trainable(bare),
     )
 
 
@@ -676,13 +692,27 @@ _RESUME_MAY_CHANGE = frozenset({"checkpoint_dir", "checkpoint_every", "keep_chec
 def _changed_settings(state: dict[str, Any], config: TsqLoRAConfig, args: TrainArgs) -> list[str]:
     """'Class.field <checkpoint's> then, <this run's> now' for each setting that differs."""
     changed = []
+    # The saved config through to_dict again: a checkpoint of an earlier version holds an infinite
+    # field as the float, today's to_dict writes "inf".
+    saved_config = {k: (config_value(v) if isinstance(v, float) else v) for k, v in state["config"].items()}
     for cls, saved, now in ((TrainArgs, state["args"], args.to_dict()),
-                            (TsqLoRAConfig, state["config"], config.to_dict())):
+                            (TsqLoRAConfig, saved_config, config.to_dict())):
         # Only fields both know: a field added since the checkpoint was written has no old value.
         for name in saved.keys() & now.keys():
             if saved[name] != now[name] and not (cls is TrainArgs and name in _RESUME_MAY_CHANGE):
                 changed.append(f"{cls.__name__}.{name} {saved[name]!r} then, {now[name]!r} now")
     return sorted(changed)
+
+
+def _warn_unused(layers: list[tuple[str, VarRankLoRALinear]]) -> None:
+    """Warn of adapted layers the first step's backward gave no gradient: the model never called
+    them (it reads their weight directly, as Mamba's x_proj and dt_proj), so their adapters train
+    nothing."""
+    unused = [name for name, m in layers if m.lora_B.grad is None]
+    if unused:
+        warnings.warn(f"train: {len(unused)} adapted layer(s) took no part in the forward pass, so "
+                      f"their adapters get no gradient (the model reads their weight directly?): "
+                      f"{', '.join(unused[:5])}; leave them out of target_modules", stacklevel=3)
 
 
 def orthogonality_penalty(layers: list[tuple[str, VarRankLoRALinear]], weight: float) -> torch.Tensor:

@@ -58,10 +58,12 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 }
 
 # The task head (sequence or token classification, question answering) trains in full: it starts
-# random. DeBERTa-v2's ContextPooler belongs to the head: pretrained DeBERTa checkpoints ship without
-# it, so it starts random and must train.
-_HEAD_DEFAULT = ["classifier", "score", "qa_outputs"]
-DEFAULT_MODULES_TO_SAVE: dict[str, list[str]] = {"deberta-v2": ["pooler", "classifier"]}
+# random. Its names: classifier / score / qa_outputs, BART's and T5's classification_head, and
+# DistilBERT's pre_classifier (the layer before its classifier, also absent from pretrained
+# checkpoints). DeBERTa-v2's ContextPooler belongs to the head too: pretrained DeBERTa checkpoints
+# ship without it, so it starts random and must train.
+_HEAD_DEFAULT = ["classifier", "score", "qa_outputs", "classification_head", "pre_classifier"]
+DEFAULT_MODULES_TO_SAVE: dict[str, list[str]] = {"deberta-v2": ["pooler", *_HEAD_DEFAULT]}
 
 
 @dataclass
