@@ -400,16 +400,14 @@ def _read_labelled(path: Path, text_field: str, label_field: str) -> tuple[list[
     """(texts, label names in class-id order, label ids) of a user's file; at least two labels.
     Labels are told apart by selector.label_key (numbers by value) and numbered by
     selector.label_names (numbers in order of value, then names)."""
-    from .selector import label_key, label_names
+    from .selector import label_ids
 
     texts, labels, _ = _read_rows(path, text_field, label_field)
-    keys = [label_key(x) for x in labels]
-    names = label_names(keys)
+    names, ids = label_ids(labels)
     if len(names) < 2:
         raise ValueError(f"{path}: field {label_field!r} holds {len(names)} distinct label(s); "
                          "classification needs at least 2")
-    index = {name: i for i, name in enumerate(names)}
-    return texts, names, [index[k] for k in keys]
+    return texts, names, ids.tolist()
 
 
 def file_task(path, text_field: str, label_field: str, eval_path=None, eval_fraction: float = 0.1,

@@ -366,10 +366,12 @@ def label_names(keys) -> list[str]:
     return sorted(set(keys), key=lambda k: (0, float(k), k) if _NUMBER.fullmatch(k) else (1, 0.0, k))
 
 
-def _label_ids(labels: list) -> np.ndarray:
+def label_ids(labels: list) -> tuple[list[str], np.ndarray]:
+    """(the class names in id order, each label's class id)."""
     keys = [label_key(v) for v in labels]
-    index = {k: i for i, k in enumerate(label_names(keys))}
-    return np.array([index[k] for k in keys], dtype=np.int64)
+    names = label_names(keys)
+    index = {k: i for i, k in enumerate(names)}
+    return names, np.array([index[k] for k in keys], dtype=np.int64)
 
 
 def _mislabel_guard(cols: dict[str, np.ndarray], threshold: float,
@@ -489,7 +491,7 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
         if count > pool_size:
             raise ValueError(f"select: count {count} exceeds the {pool_size} rows left after the filters")
         k = count
-    labels = _label_ids(rows.labels) if (stratify and rows.labels is not None) else None
+    labels = label_ids(rows.labels)[1] if (stratify and rows.labels is not None) else None
     q_pool = np.where(pool, q, 0.0)
     indices = np.asarray(_C.gumbel_top_k(n, k, q_pool, labels, pool.astype(np.uint8), float(temperature),
                                          int(seed) & (2**64 - 1), bool(stratify), threads))
