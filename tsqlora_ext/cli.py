@@ -352,9 +352,11 @@ def _train(args: argparse.Namespace) -> int:
                              f"({', '.join(results)}): {earlier}")
         for flag in ("data", "eval_data"):
             given = getattr(args, flag)
-            if given and not given.startswith("bundled:") and not os.path.isfile(given):
+            if not given or given.startswith("bundled:"):
+                continue
+            if not os.path.isfile(given):
                 raise FileNotFoundError(f"--{flag.replace('_', '-')} {given}: no such file")
-            if given and not given.startswith("bundled:") and os.path.realpath(given) in {
+            if os.path.realpath(given) in {
                     os.path.realpath(os.path.join(out, name)) for name in ("run.json", *results_written)}:
                 raise ValueError(f"--{flag.replace('_', '-')} {given} is a file this run writes "
                                  f"into --out {args.out}: choose another --out")

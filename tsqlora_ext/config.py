@@ -69,6 +69,15 @@ def check_integers(obj, names, bad) -> None:
             setattr(obj, name, int(value))
 
 
+def native_seed(seed: int, where: str, draws: int = 1) -> int:
+    """``seed`` as the native RNGs take it, 64 bits (a negative one as its two's complement);
+    outside the signed 64-bit range two seeds would draw alike (2**64 as 0), so it is refused,
+    naming ``where``. ``draws``: how many consecutive seeds from it the caller uses."""
+    if not -2**63 <= seed <= 2**63 - draws:
+        raise ValueError(f"{where}: seed must be a signed 64-bit integer, got {seed}")
+    return seed & (2**64 - 1)
+
+
 _INFINITIES = {math.inf: "inf", -math.inf: "-inf"}
 
 
@@ -226,8 +235,7 @@ class TsqLoRAConfig:
         for name in ("t_init", "t_final", "calibration_batches", "score_warmup"):
             if getattr(self, name) < 0:
                 bad(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not -2**63 <= self.seed < 2**63 - 1:  # (the native RNGs take 64 bits; seed + 1 is drawn too)
-            bad(f"seed must be a signed 64-bit integer, got {self.seed}")
+        native_seed(self.seed, "TsqLoRAConfig", draws=2)  # (training draws seed and seed + 1)
         if self.delta_t < 1:
             bad(f"delta_t must be >= 1, got {self.delta_t}")
         if self.total_steps is not None:

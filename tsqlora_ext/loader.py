@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import _C
+from .config import native_seed
 
 
 class TokenBatchLoader:
@@ -42,8 +43,7 @@ class TokenBatchLoader:
         flat = np.fromiter((i for t in token_ids for i in t), dtype=np.int64, count=int(offsets[-1]))
         lab = None if labels is None else np.asarray(labels, dtype=np.int64)
         self._seed = int(seed)
-        if not -2**63 <= self._seed < 2**63:  # (the native RNG takes 64 bits: 2**64 would draw as 0)
-            raise ValueError(f"TokenBatchLoader: seed must be a signed 64-bit integer, got {seed}")
+        native = native_seed(self._seed, "TokenBatchLoader")
         self._config = dict(num_rows=len(lengths), batch_size=batch_size, rank=rank, world_size=world_size)
         # Also change the batches; checked only when the state has them (states saved before
         # they were recorded lack them).
@@ -52,7 +52,7 @@ class TokenBatchLoader:
                               pad_to_multiple_of=int(pad_to_multiple_of), pad_id=int(pad_id))
         self.return_index = return_index
         self._native = _C.BatchLoader(flat, offsets, lab, batch_size, pad_id, max_length or 0, pad_to_multiple_of,
-                                      bucket_multiplier, shuffle, drop_last, self._seed & (2**64 - 1), rank,
+                                      bucket_multiplier, shuffle, drop_last, native, rank,
                                       world_size, num_workers, prefetch)
 
     @classmethod

@@ -75,6 +75,8 @@ def _load_model(model_dir, label_names: Sequence[str], seed: int):
     records) so that a prediction can be read back as the file's label."""
     from transformers import AutoModelForSequenceClassification
 
+    from .wrap import HEAD_MODULES
+
     tokenizer = load_tokenizer(model_dir)
     # The head is newly initialised from the torch RNG: seed it so runs repeat.
     torch.manual_seed(seed)
@@ -87,8 +89,8 @@ def _load_model(model_dir, label_names: Sequence[str], seed: int):
         **_where(model_dir), num_labels=len(label_names), dtype=torch.float32,
         id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
         ignore_mismatched_sizes=True, output_loading_info=True)
-    heads = ("classifier", "score")
-    other = [key for key, *_ in info.get("mismatched_keys", []) if key.split(".")[0] not in heads]
+    other = [key for key, *_ in info.get("mismatched_keys", [])
+             if key.split(".")[0] not in HEAD_MODULES]
     if other:
         raise ValueError(f"{model_dir}: weights whose shapes do not fit the model's config: "
                          f"{', '.join(other[:5])}")

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from . import _C
+from .config import native_seed
 from .mislabel import check_guard_settings, flag_losses, guard_abstains
 from .report import strict_json
 
@@ -425,8 +426,7 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
     check_guard_settings(mislabel_threshold, mislabel_max_spread, "select", prefix="mislabel_")
     if num_threads is not None and int(num_threads) < 0:
         raise ValueError(f"select: num_threads must be >= 0 (0: all cores), got {num_threads}")
-    if not -2**63 <= int(seed) < 2**63:  # (the native RNG takes 64 bits: 2**64 would draw as 0)
-        raise ValueError(f"select: seed must be a signed 64-bit integer, got {seed}")
+    native = native_seed(int(seed), "select")
     threads = 0 if num_threads is None else int(num_threads)
     stratify = bool(label_field) if stratify is None else stratify
     if stratify and not label_field:
@@ -494,7 +494,7 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
     labels = label_ids(rows.labels)[1] if (stratify and rows.labels is not None) else None
     q_pool = np.where(pool, q, 0.0)
     indices = np.asarray(_C.gumbel_top_k(n, k, q_pool, labels, pool.astype(np.uint8), float(temperature),
-                                         int(seed) & (2**64 - 1), bool(stratify), threads))
+                                         native, bool(stratify), threads))
     kept = np.zeros(n, dtype=bool)
     kept[indices] = True
     reasons[pool & ~kept] = "not_selected"

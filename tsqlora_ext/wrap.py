@@ -62,8 +62,8 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 # DistilBERT's pre_classifier (the layer before its classifier, also absent from pretrained
 # checkpoints). DeBERTa-v2's ContextPooler belongs to the head too: pretrained DeBERTa checkpoints
 # ship without it, so it starts random and must train.
-_HEAD_DEFAULT = ["classifier", "score", "qa_outputs", "classification_head", "pre_classifier"]
-DEFAULT_MODULES_TO_SAVE: dict[str, list[str]] = {"deberta-v2": ["pooler", *_HEAD_DEFAULT]}
+HEAD_MODULES = ["classifier", "score", "qa_outputs", "classification_head", "pre_classifier"]
+DEFAULT_MODULES_TO_SAVE: dict[str, list[str]] = {"deberta-v2": ["pooler", *HEAD_MODULES]}
 
 
 @dataclass
@@ -131,7 +131,7 @@ def _top_level_matches(model: nn.Module, pattern: list[str]) -> list[str]:
 
 def _resolve_modules_to_save(model: nn.Module, config: TsqLoRAConfig) -> list[str]:
     if config.modules_to_save is None:
-        wanted = DEFAULT_MODULES_TO_SAVE.get(_model_type(model), _HEAD_DEFAULT)
+        wanted = DEFAULT_MODULES_TO_SAVE.get(_model_type(model), HEAD_MODULES)
         return _top_level_matches(model, wanted)  # a model without a head simply has none
     found = _top_level_matches(model, list(config.modules_to_save))
     missing = [s for s in config.modules_to_save if not _top_level_matches(model, [s])]
