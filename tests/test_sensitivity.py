@@ -13,8 +13,9 @@ from tsqlora_ext import ops, reference
 
 # (r, in, out) per layer. (8, 300, 600) spans several B tiles on both backends (CPU: 2048 rows
 # each at r 8, CUDA: 512); r 300 is above the CUDA block size (a thread's column moves as it
-# strides) and its A rows are short; (4, 8, 2000) has many B tiles of a narrow layer.
-SHAPES = [(6, 5, 7), (4, 33, 3), (8, 300, 2600), (300, 4, 20), (4, 8, 2000)]
+# strides) and its A rows are short; (4, 8, 2000) has many B tiles of a narrow layer; (6, 70, 37)
+# leaves a remainder after the CPU's whole blocks of summing lanes (64 per A row, 96 per B tile).
+SHAPES = [(6, 5, 7), (4, 33, 3), (8, 300, 2600), (300, 4, 20), (4, 8, 2000), (6, 70, 37)]
 
 
 def make_state(device, dtype=torch.float32, shapes=SHAPES, seed=0):
@@ -43,6 +44,13 @@ def grads_like(A, E, B, seed):
         return torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device, t.dtype)
 
     return [like(a) for a in A], [like(e) for e in E], [like(b) for b in B]
+
+
+def per_component(state, r, n_in, n_out):
+    """A layer's state buffer (the elements of A [r, in], E [r], B [out, r] in that order) as one
+    row per component: its row of A, its E and its column of B."""
+    a, e, b = state.split([r * n_in, r, n_out * r])
+    return torch.cat([a.view(r, n_in), e.view(r, 1), b.view(n_out, r).t()], dim=1)
 
 
 def clone_all(xs):
@@ -79,16 +87,22 @@ def test_update_gives_the_same_bits_on_every_run(device):
 
 def test_update_leaves_inactive_components_alone(device):
     A, E, B, ipt, unc, mask, scores, counters = make_state(device)
-    before_ipt, before_scores = clone_all(ipt), scores.clone()
+    before = clone_all(ipt) + clone_all(unc)
+    before_scores = scores.clone()
     gA, gE, gB = grads_like(A, E, B, seed=5)
     ops.sensitivity_update(A, E, B, gA, gE, gB, ipt, unc, mask, scores, counters, 0.85, 0.85)
     assert torch.equal(scores[~mask], before_scores[~mask])
     assert not torch.equal(scores[mask], before_scores[mask])
-    r, n_in, _ = SHAPES[0]
-    inactive_rows = ~mask[:r]
-    a_state = ipt[0][: r * n_in].view(r, n_in)
-    assert torch.equal(a_state[inactive_rows], before_ipt[0][: r * n_in].view(r, n_in)[inactive_rows])
-
+    # In every layer, an inactive component's row of A, its E and its column of B keep the bits
+    # of both EMAs; an active one's all change.
+    offset = 0
+    for l, (r, n_in, n_out) in enumerate(SHAPES):
+        active = mask[offset:offset + r]
+        offset += r
+        for now, was in ((ipt[l], before[l]), (unc[l], before[len(SHAPES) + l])):
+            now, was = per_component(now, r, n_in, n_out), per_component(was, r, n_in, n_out)
+            assert torch.equal(now[~active], was[~active])
+            assert (now[active] != was[active]).all()
 
 @pytest.mark.parametrize("where", ["A", "E", "B"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -145,12 +159,18 @@ def test_caller_vouching_for_finite_gradients_gets_the_same_update(device):
     assert u_counters.tolist() == r_counters.tolist() == [2, 0]
 
 
-def test_nan_in_an_inactive_component_is_not_read(device):
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_nan_in_an_inactive_component_is_not_read(device, check_finite):
     A, E, B, ipt, unc, mask, scores, counters = make_state(device)
-    mask[0] = False
+    mask[0] = False  # component 0 of layer 0
+    offset_of_layer_2 = SHAPES[0][0] + SHAPES[1][0]
+    mask[offset_of_layer_2 + 3] = False  # a column of B in the middle of a wide layer's rows
     gA, gE, gB = grads_like(A, E, B, seed=11)
     gA[0][0, 0] = float("nan")
-    ops.sensitivity_update(A, E, B, gA, gE, gB, ipt, unc, mask, scores, counters, 0.85, 0.85)
+    gB[0][4, 0] = float("inf")
+    gB[2][1500, 3] = float("nan")
+    ops.sensitivity_update(A, E, B, gA, gE, gB, ipt, unc, mask, scores, counters, 0.85, 0.85,
+                           check_finite=check_finite)
     assert counters.tolist() == [1, 0]
     assert all(torch.isfinite(t).all() for t in ipt + unc + [scores])
 

@@ -5,7 +5,7 @@
 //     I = |p * dp|,  Ibar <- b1 Ibar + (1-b1) I,  Ubar <- b2 Ubar + (1-b2) |I - Ibar_new|,
 //     s = Ibar * Ubar
 //   and per component k:  S_k = s(E_k) + mean_j s(A_kj) + mean_j s(B_jk).
-//   Inactive components are not read and keep their EMAs and last score, so they can compete
+//   Inactive components keep their EMAs and last score (their values never enter), so they compete
 //   (and grow back) at the next reallocation. A step whose consumed gradients hold NaN/inf leaves
 //   every EMA and score untouched and counts itself in counters[1]; counters[0] counts applied
 //   updates.
@@ -16,9 +16,9 @@
 //   data is read once in memory order; a final per-layer loop adds the parts into the scores.
 //   The finite check is a first read of the active gradients only (a NaN must not half-apply);
 //   a caller that already knows them finite (check_finite=false) saves that read.
-//   The inner loops are branch-free elementwise spans (vectorized for float); a layer with
-//   inactive components updates its B tiles into temporaries and commits the active columns with a
-//   blend. Parallel tasks get ~kTaskElems elements each, so a small adapter set runs serially.
+//   The inner loops are branch-free elementwise spans (vectorized for float) that sum the scores as
+//   they go; a layer with inactive components blends its B rows (inactive columns keep their EMAs
+//   and add 0). Parallel tasks get ~kTaskElems elements each, so a small adapter set runs serially.
 //
 // layer_sensitivity — S = sum |W ⊙ (δᵀX)| with W [out, in], X [N, in], δ [N, out]. Output rows are
 //   cut into tiles of ~kTileElems elements; each tile's δ_tileᵀX is one small GEMM into a
@@ -35,6 +35,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 
 #include "sensitivity/sensitivity_checks.h"
 
@@ -93,47 +94,71 @@ bool any_nonfinite(const T* __restrict__ g, const uint8_t* __restrict__ m, int64
   return bad != 0;
 }
 
-// The EMA update of n elements in place; s[i] receives each element's score Ibar * Ubar.
-template <typename T>
-void update_span(const T* __restrict__ p, const T* __restrict__ g, float* __restrict__ ipt,
-                 float* __restrict__ unc, float* __restrict__ s, int64_t n, float b1, float b2) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float I = std::fabs(static_cast<float>(p[i]) * static_cast<float>(g[i]));
-    const float ib = b1 * ipt[i] + (1.f - b1) * I;
-    const float ub = b2 * unc[i] + (1.f - b2) * std::fabs(I - ib);
-    ipt[i] = ib;
-    unc[i] = ub;
-    s[i] = ib * ub;
+// a where mask is all ones, b where it is 0, bit for bit. Integer ops, because GCC does not
+// vectorize the same choice written as a ? : over floats (a branch per element: the masked
+// update ran at half the speed of the unmasked one).
+inline float select_bits(float a, float b, uint32_t mask) {
+  uint32_t ua, ub;
+  std::memcpy(&ua, &a, sizeof ua);
+  std::memcpy(&ub, &b, sizeof ub);
+  const uint32_t u = (ua & mask) | (ub & ~mask);
+  float r;
+  std::memcpy(&r, &u, sizeof r);
+  return r;
+}
+
+// The EMA update of n elements in place (n a multiple of w), adding each element's score
+// Ibar * Ubar to acc[t % w]. The scores are summed as the data streams by rather than stored and
+// read back in a second loop: at r = 12 that second loop over B's [rows, r] scores (a short
+// column-sum chain per row) cost ~40% of B's update, which is otherwise bound by memory bandwidth.
+// w lanes of independent sums keep the adds off one serial chain. With Masked, an element whose
+// keep[t % w] is 0 (not ~0) keeps its EMAs and adds 0.
+template <typename T, bool Masked>
+void update_sum(const T* __restrict__ p, const T* __restrict__ g, float* __restrict__ ipt,
+                float* __restrict__ unc, float* __restrict__ acc, const uint32_t* __restrict__ keep,
+                int64_t n, int64_t w, float b1, float b2) {
+  for (int64_t t = 0; t < n; t += w) {
+    const T* pt = p + t;
+    const T* gt = g + t;
+    float* it = ipt + t;
+    float* ut = unc + t;
+    for (int64_t q = 0; q < w; ++q) {
+      const float I = std::fabs(static_cast<float>(pt[q]) * static_cast<float>(gt[q]));
+      const float ib = b1 * it[q] + (1.f - b1) * I;
+      const float ub = b2 * ut[q] + (1.f - b2) * std::fabs(I - ib);
+      if constexpr (Masked) {
+        it[q] = select_bits(ib, it[q], keep[q]);
+        ut[q] = select_bits(ub, ut[q], keep[q]);
+        acc[q] += select_bits(ib * ub, 0.f, keep[q]);
+      } else {
+        it[q] = ib;
+        ut[q] = ub;
+        acc[q] += ib * ub;
+      }
+    }
   }
 }
 
-// The same update, written to new buffers (for a later masked commit).
-template <typename T>
-void update_span_to(const T* __restrict__ p, const T* __restrict__ g,
-                    const float* __restrict__ ipt, const float* __restrict__ unc,
-                    float* __restrict__ ipt_new, float* __restrict__ unc_new,
-                    float* __restrict__ s, int64_t n, float b1, float b2) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float I = std::fabs(static_cast<float>(p[i]) * static_cast<float>(g[i]));
-    const float ib = b1 * ipt[i] + (1.f - b1) * I;
-    const float ub = b2 * unc[i] + (1.f - b2) * std::fabs(I - ib);
-    ipt_new[i] = ib;
-    unc_new[i] = ub;
-    s[i] = ib * ub;
-  }
+// update_sum over any n: whole blocks of w lanes, then the remainder (n % w elements, a multiple
+// of the period of keep) as one block of its own.
+template <typename T, bool Masked>
+void update_sum_any(const T* p, const T* g, float* ipt, float* unc, float* acc, const uint32_t* keep,
+                    int64_t n, int64_t w, float b1, float b2) {
+  const int64_t whole = n / w * w;
+  update_sum<T, Masked>(p, g, ipt, unc, acc, keep, whole, w, b1, b2);
+  if (n > whole)
+    update_sum<T, Masked>(p + whole, g + whole, ipt + whole, unc + whole, acc, keep, n - whole,
+                          n - whole, b1, b2);
 }
 
-// Sum with 8 independent accumulators (vectorizable; no serial add chain).
-inline float sum_span(const float* __restrict__ s, int64_t n) {
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int q = 0; q < 8; ++q) acc[q] += s[i + q];
-  float total = 0.f;
-  for (; i < n; ++i) total += s[i];
-  for (float a : acc) total += a;
-  return total;
+// Lanes for summing a B item's [rows, r] scores by column: a multiple of r (so lane q always
+// holds column q % r) and of 8 floats where possible, at least 64 wide.
+int64_t column_lanes(int64_t r) {
+  int64_t w = r * (8 / std::gcd<int64_t>(r, 8));
+  while (w < 64) w *= 2;
+  return w;
 }
+constexpr int64_t kRowLanes = 64;  // lanes for summing an A row
 
 // Grain (in items) giving each parallel task ~kTaskElems elements, so small adapter sets run on
 // one thread instead of paying for a parallel region.
@@ -203,8 +228,8 @@ void update_cpu(at::TensorList A, at::TensorList E, at::TensorList B, at::Tensor
   std::vector<float> row_part(s.n_components, 0.f);
   std::vector<float> col_part(plan.col_part_size, 0.f);
   at::parallel_for(0, n_items, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> sbuf, tmp_ipt, tmp_unc;
-    std::vector<uint8_t> pat;
+    std::vector<float> acc;
+    std::vector<uint32_t> keep;
     for (int64_t i = begin; i < end; ++i) {
       const Item& it = plan.items[i];
       const int64_t l = it.layer, r = s.r[l], in = s.in[l];
@@ -217,14 +242,18 @@ void update_cpu(at::TensorList A, at::TensorList E, at::TensorList B, at::Tensor
         const T* e = E[l].const_data_ptr<T>();
         const T* ge = gE[l].const_data_ptr<T>();
         const int64_t e_base = r * in;  // E's elements follow A's in the state buffers
-        sbuf.resize(in);
         for (int64_t k = it.row_begin; k < it.row_end; ++k) {
           if (!act[k]) continue;
           const int64_t x = k * in;
-          update_span(a + x, ga + x, ipt_l + x, unc_l + x, sbuf.data(), in, b1, b2);
-          float se;
-          update_span(e + k, ge + k, ipt_l + e_base + k, unc_l + e_base + k, &se, 1, b1, b2);
-          row_part[s.comp_offset[l] + k] = se + sum_span(sbuf.data(), in) / static_cast<float>(in);
+          acc.assign(std::min(kRowLanes, in), 0.f);  // (no wider than the row: less to add up)
+          update_sum_any<T, false>(a + x, ga + x, ipt_l + x, unc_l + x, acc.data(), nullptr, in,
+                                   (int64_t)acc.size(), b1, b2);
+          float se = 0.f;
+          update_sum<T, false>(e + k, ge + k, ipt_l + e_base + k, unc_l + e_base + k, &se, nullptr,
+                               1, 1, b1, b2);
+          float row = 0.f;
+          for (float v : acc) row += v;
+          row_part[s.comp_offset[l] + k] = se + row / static_cast<float>(in);
         }
       } else {
         const int64_t x0 = it.row_begin * r, len = (it.row_end - it.row_begin) * r;
@@ -232,25 +261,17 @@ void update_cpu(at::TensorList A, at::TensorList E, at::TensorList B, at::Tensor
         const T* gb = gB[l].const_data_ptr<T>() + x0;
         float* ib = ipt_l + r * in + r + x0;  // B's elements follow A's and E's
         float* ub = unc_l + r * in + r + x0;
-        sbuf.resize(len);
+        const int64_t w = std::min(column_lanes(r), len);  // (both multiples of r)
+        acc.assign(w, 0.f);
         if (all_active[l]) {
-          update_span(b, gb, ib, ub, sbuf.data(), len, b1, b2);
+          update_sum_any<T, false>(b, gb, ib, ub, acc.data(), nullptr, len, w, b1, b2);
         } else {
-          // Update into temporaries, then commit active columns only (a vectorizable blend
-          // instead of a branch per element); inactive elements score 0 in the sums below.
-          tmp_ipt.resize(len);
-          tmp_unc.resize(len);
-          b_pattern(it, pat);
-          update_span_to(b, gb, ib, ub, tmp_ipt.data(), tmp_unc.data(), sbuf.data(), len, b1, b2);
-          for (int64_t t = 0; t < len; ++t) {
-            ib[t] = pat[t] ? tmp_ipt[t] : ib[t];
-            ub[t] = pat[t] ? tmp_unc[t] : ub[t];
-            sbuf[t] = pat[t] ? sbuf[t] : 0.f;
-          }
+          keep.resize(w);
+          for (int64_t q = 0; q < w; ++q) keep[q] = act[q % r] ? ~0u : 0u;
+          update_sum_any<T, true>(b, gb, ib, ub, acc.data(), keep.data(), len, w, b1, b2);
         }
         float* part = col_part.data() + it.col_part_offset;
-        for (int64_t t = 0; t < len; t += r)
-          for (int64_t k = 0; k < r; ++k) part[k] += sbuf[t + k];
+        for (int64_t q = 0; q < w; ++q) part[q % r] += acc[q];
       }
     }
   });
