@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from tsqlora_ext import reference
 from tsqlora_ext.layers import VarRankLoRALinear, protect_inactive
@@ -138,6 +139,12 @@ def test_state_dict_roundtrip_with_another_rank():
     assert b.inactive.tolist() == [1, 2, 3, 4, 7]
     x = torch.randn(3, 24)
     torch.testing.assert_close(b(x), a(x))
+    # The ids are saved and required like a buffer's (they are not one: see the compile test).
+    without_ids = {k: v for k, v in a.state_dict().items() if k != "active"}
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "active"'):
+        b.load_state_dict(without_ids)
+    b.load_state_dict(without_ids, strict=False)
+    assert b.active_indices().tolist() == [0, 5, 6]
 
 
 def test_assign_load_adopts_the_saved_active_set_and_its_device():
@@ -215,12 +222,16 @@ def test_state_dict_of_another_r_max_named():
     assert b.active_indices().tolist() == [0, 1, 2, 3]  # kept through the failed loads
 
 
-def test_torch_compile_fullgraph():
-    layer = make_layer("cpu", n_in=16, n_out=12, r_max=6)
-    compiled = torch.compile(layer, fullgraph=True)
-    x = torch.randn(5, 16, requires_grad=True)
-    for ids in ([0, 2, 5], [1, 3]):
-        layer.set_active(ids)
+def test_torch_compile_fullgraph_one_graph_for_every_rank(device):
+    # The rank is a runtime argument under torch.compile too: one graph serves every active set,
+    # ranks 0 and 1 included (each new rank used to recompile it, up to Dynamo's limit).
+    layer = make_layer("cpu", n_in=16, n_out=12, r_max=6).to(device)  # (ids moved by .to keep
+    counter = CompileCounterWithBackend("inductor")                   # their mark on CUDA)
+    compiled = torch.compile(layer, fullgraph=True, backend=counter)
+    x = torch.randn(5, 16, device=device, requires_grad=True)
+    for ids in (None, [0, 2, 5], [1, 3], [], [4], list(range(6))):
+        if ids is not None:
+            layer.set_active(ids)
         y = compiled(x)
         torch.testing.assert_close(y, ref_forward(layer, x))
         g = torch.randn_like(y)
@@ -228,6 +239,7 @@ def test_torch_compile_fullgraph():
         want = torch.autograd.grad(ref_forward(layer, x), (x, layer.lora_A, layer.lora_E, layer.lora_B), g)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b)
+    assert counter.frame_count == 1
 
 
 @pytest.mark.parametrize("foreach", [False, True])

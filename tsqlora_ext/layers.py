@@ -74,9 +74,11 @@ class VarRankLoRALinear(nn.Module):
         self.lora_E = nn.Parameter(torch.empty(r_max, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r_max, **factory))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # Sorted ids of the active components. A buffer so it follows .to() and lands in
-        # state_dict; its length is the rank.
-        self.register_buffer("active", torch.arange(r_init, device=w.device, dtype=torch.long))
+        # Sorted ids of the active components; its length is the rank. Not a registered buffer,
+        # though it follows .to() (_apply) and lands in state_dict as one: Dynamo gives a module
+        # buffer's shape a static guard, so each new rank recompiled a torch.compile'd model (and
+        # past the recompile limit ran it eagerly). See _adopt_active.
+        self._adopt_active(torch.arange(r_init, device=w.device, dtype=torch.long))
         # Its complement, kept beside it so protect_inactive() needs no host sync per step.
         self.register_buffer("inactive", torch.arange(r_init, r_max, device=w.device, dtype=torch.long),
                              persistent=False)
@@ -110,6 +112,22 @@ class VarRankLoRALinear(nn.Module):
     # parameter each step was most of its cost when every component is active: 1.1 ms per step
     # for 210 layers on these CPUs).
     active_sets_version = 0
+
+    def _adopt_active(self, ids: torch.Tensor) -> None:
+        # The length is marked unbacked, so a compiled graph takes every rank, 0 and 1 included
+        # (a dynamic size would still be specialised at 0 and 1); the op's fake kernel never
+        # branches on it.
+        torch._dynamo.decorators.mark_unbacked(ids, 0)
+        self.active = ids
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._adopt_active(fn(self.active))
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "active"] = self.active if keep_vars else self.active.detach()
 
     @property
     def rank(self) -> int:
@@ -148,7 +166,7 @@ class VarRankLoRALinear(nn.Module):
             return
         keep = torch.ones(self.r_max, dtype=torch.bool)
         keep[idx] = False
-        self.active = idx.to(device)
+        self._adopt_active(idx.to(device))
         self.inactive = torch.nonzero(keep).flatten().to(device)
         VarRankLoRALinear.active_sets_version += 1
 
@@ -191,7 +209,9 @@ class VarRankLoRALinear(nn.Module):
                 # model built on the meta device is filled so); otherwise the buffers stay put.
                 assign = local_metadata.get("assign_to_params_buffers", False)
                 self._set_active(saved, saved.device if assign else self.active.device)
-            state_dict[key] = self.active
+            del state_dict[key]  # (taken here: the default loader knows no such buffer)
+        elif strict:
+            missing_keys.append(key)
         # State dicts written before the flag was saved are of unmerged layers.
         state_dict.setdefault(prefix + "_extra_state", torch.tensor(False))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
