@@ -175,6 +175,41 @@ def test_nan_in_an_inactive_component_is_not_read(device, check_finite):
     assert all(torch.isfinite(t).all() for t in ipt + unc + [scores])
 
 
+def test_a_mask_byte_other_than_one_is_active_in_the_check_too(device):
+    # A bool tensor viewed from uint8 can hold 2: torch reads it as True, and the update applied
+    # that component while the finite check, reading one bit, missed a NaN in its B column.
+    A, E, B, ipt, unc, mask, scores, counters = make_state(device)
+    raw = mask.to(torch.uint8)
+    raw[0] = 2
+    mask = raw.view(torch.bool)
+    before = clone_all(ipt) + clone_all(unc)
+    gA, gE, gB = grads_like(A, E, B, seed=12)
+    gB[0][2, 0] = float("nan")
+    ops.sensitivity_update(A, E, B, gA, gE, gB, ipt, unc, mask, scores, counters, 0.85, 0.85)
+    assert counters.tolist() == [0, 1]
+    assert all(torch.equal(a, b) for a, b in zip(ipt + unc, before))
+
+
+def test_ema_weights_are_rounded_as_the_reference_rounds_them(device):
+    # 1 - beta rounded from double, as the reference (and PEFT) weigh the new value; 1.f -
+    # float(beta) is an ulp off, which beta2 = 0 (Ubar = |I - Ibar|, a cancellation) turned into a
+    # nonzero Ubar where the reference gives 0. Ibar starts at I, so every cancellation is exact.
+    n = 512
+    g = torch.Generator().manual_seed(6)
+    A, E, B = (torch.randn(n, 1, generator=g).to(device), torch.randn(n, generator=g).to(device),
+               torch.randn(1, n, generator=g).to(device))
+    gA, gE, gB = (torch.randn(t.shape, generator=g).to(device) for t in (A, E, B))
+    I = torch.cat([(A * gA).flatten(), E * gE, (B * gB).flatten()]).abs()
+    states = []
+    for update in (ops.sensitivity_update, reference.sensitivity_update):
+        ipt, unc = [I.clone()], [torch.zeros(3 * n, device=device)]
+        update([A], [E], [B], [gA], [gE], [gB], ipt, unc, torch.ones(n, dtype=torch.bool, device=device),
+               torch.zeros(n, device=device), torch.zeros(2, dtype=torch.long, device=device), 0.85, 0.0)
+        states.append((ipt[0], unc[0]))
+    (ipt_op, unc_op), (ipt_ref, unc_ref) = states
+    assert torch.equal(ipt_op, ipt_ref) and torch.equal(unc_op, unc_ref)
+
+
 def test_update_rejects_bad_input():
     A, E, B, ipt, unc, mask, scores, counters = make_state("cpu")
     gA, gE, gB = grads_like(A, E, B, seed=1)
@@ -188,6 +223,12 @@ def test_update_rejects_bad_input():
         ops.sensitivity_update(A, E, B, gA, gE, gB, ipt, unc, mask[:-1], scores, counters, 0.85, 0.85)
     with pytest.raises(RuntimeError, match="beta1 and beta2 must lie in"):
         ops.sensitivity_update(A, E, B, gA, gE, gB, ipt, unc, mask, scores, counters, 1.0, 0.85)
+    with pytest.raises(RuntimeError, match=r"lora_E\[0\] must be a contiguous .* got non-contiguous"):
+        E_strided = [torch.randn(2 * E[0].numel())[::2]] + E[1:]
+        ops.sensitivity_update(A, E_strided, B, gA, gE, gB, ipt, unc, mask, scores, counters, 0.85, 0.85)
+    with pytest.raises(RuntimeError, match="lora_A must be float32, float64, bfloat16 or float16"):
+        f8 = [[t.to(torch.float8_e4m3fn) for t in ts] for ts in (A, E, B, gA, gE, gB)]
+        ops.sensitivity_update(*f8, ipt, unc, mask, scores, counters, 0.85, 0.85)
 
 
 def test_update_opcheck(device):

@@ -14,6 +14,24 @@
 
 namespace tsq::sensitivity {
 
+// The EMA weights in float32 as the reference (and PEFT's update_ipt) apply them: beta and
+// 1 - beta each rounded from double. 1.f - float(beta) differs by an ulp, which beta2 = 0 turns
+// into a nonzero Ubar (|I - Ibar| cancels) where the reference has 0.
+struct EmaWeights {
+  float b1, c1, b2, c2;  // beta1, 1 - beta1, beta2, 1 - beta2
+};
+inline EmaWeights ema_weights(double beta1, double beta2) {
+  return {static_cast<float>(beta1), static_cast<float>(1.0 - beta1), static_cast<float>(beta2),
+          static_cast<float>(1.0 - beta2)};
+}
+
+// The active mask's bytes, read as "nonzero = active": a bool tensor viewed from uint8 can hold 2,
+// where code reading it as C++ bool may test one bit (a NaN in an active component's gradient
+// then went unseen by the finite check while the update applied it).
+inline const uint8_t* mask_bytes(const at::Tensor& active_mask) {
+  return reinterpret_cast<const uint8_t*>(active_mask.const_data_ptr<bool>());
+}
+
 // Per-layer sizes, gathered while checking; comp_offset[l] = sum_{m<l} r_m.
 struct LayerShapes {
   std::vector<int64_t> in, out, r, comp_offset;
@@ -46,7 +64,9 @@ inline LayerShapes check_update_inputs(
               "sensitivity_update: beta1 and beta2 must lie in [0, 1), got ", beta1, ", ", beta2);
   const auto dtype = A[0].scalar_type();
   const auto device = A[0].device();
-  TORCH_CHECK(at::isFloatingType(dtype), "sensitivity_update: lora_A must be floating point, got ",
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+                  dtype == at::kHalf,
+              "sensitivity_update: lora_A must be float32, float64, bfloat16 or float16, got ",
               dtype);
   LayerShapes s;
   for (size_t l = 0; l < L; ++l) {
@@ -66,7 +86,8 @@ inline LayerShapes check_update_inputs(
     for (const auto& [t, what] : {std::pair{E[l], "lora_E"}, std::pair{B[l], "lora_B"}}) {
       TORCH_CHECK(t.scalar_type() == dtype && t.device() == device && t.is_contiguous(),
                   "sensitivity_update: ", what, "[", l, "] must be a contiguous ", dtype,
-                  " tensor on ", device, ", got ", t.scalar_type(), " on ", t.device());
+                  " tensor on ", device, ", got ", t.is_contiguous() ? "" : "non-contiguous ",
+                  t.scalar_type(), " on ", t.device());
     }
     check_same(gA[l], A[l], "grad_A", l);
     check_same(gE[l], E[l], "grad_E", l);
@@ -78,7 +99,8 @@ inline LayerShapes check_update_inputs(
                       t.numel() == numel,
                   "sensitivity_update: ", what, "[", l, "] must be a contiguous float32 tensor of ",
                   numel, " elements (A, E, B of layer ", l, ") on ", device, ", got ",
-                  t.scalar_type(), " ", t.sizes(), " on ", t.device());
+                  t.is_contiguous() ? "" : "non-contiguous ", t.scalar_type(), " ", t.sizes(),
+                  " on ", t.device());
     }
     s.in.push_back(in);
     s.out.push_back(out);
@@ -90,17 +112,18 @@ inline LayerShapes check_update_inputs(
                   active_mask.is_contiguous() && active_mask.numel() == s.n_components,
               "sensitivity_update: active_mask must be a contiguous bool tensor of ",
               s.n_components, " elements (sum of ranks) on ", device, ", got ",
-              active_mask.scalar_type(), " ", active_mask.sizes(), " on ", active_mask.device());
+              active_mask.is_contiguous() ? "" : "non-contiguous ", active_mask.scalar_type(), " ",
+              active_mask.sizes(), " on ", active_mask.device());
   TORCH_CHECK(scores.scalar_type() == at::kFloat && scores.device() == device &&
                   scores.is_contiguous() && scores.numel() == s.n_components,
               "sensitivity_update: scores must be a contiguous float32 tensor of ", s.n_components,
-              " elements on ", device, ", got ", scores.scalar_type(), " ", scores.sizes(), " on ",
-              scores.device());
+              " elements on ", device, ", got ", scores.is_contiguous() ? "" : "non-contiguous ",
+              scores.scalar_type(), " ", scores.sizes(), " on ", scores.device());
   TORCH_CHECK(counters.scalar_type() == at::kLong && counters.device() == device &&
                   counters.is_contiguous() && counters.numel() == 2,
               "sensitivity_update: counters must be a contiguous int64 tensor of 2 elements on ",
-              device, ", got ", counters.scalar_type(), " ", counters.sizes(), " on ",
-              counters.device());
+              device, ", got ", counters.is_contiguous() ? "" : "non-contiguous ",
+              counters.scalar_type(), " ", counters.sizes(), " on ", counters.device());
   return s;
 }
 

@@ -116,7 +116,7 @@ inline float select_bits(float a, float b, uint32_t mask) {
 template <typename T, bool Masked>
 void update_sum(const T* __restrict__ p, const T* __restrict__ g, float* __restrict__ ipt,
                 float* __restrict__ unc, float* __restrict__ acc, const uint32_t* __restrict__ keep,
-                int64_t n, int64_t w, float b1, float b2) {
+                int64_t n, int64_t w, EmaWeights ew) {
   for (int64_t t = 0; t < n; t += w) {
     const T* pt = p + t;
     const T* gt = g + t;
@@ -124,8 +124,8 @@ void update_sum(const T* __restrict__ p, const T* __restrict__ g, float* __restr
     float* ut = unc + t;
     for (int64_t q = 0; q < w; ++q) {
       const float I = std::fabs(static_cast<float>(pt[q]) * static_cast<float>(gt[q]));
-      const float ib = b1 * it[q] + (1.f - b1) * I;
-      const float ub = b2 * ut[q] + (1.f - b2) * std::fabs(I - ib);
+      const float ib = ew.b1 * it[q] + ew.c1 * I;
+      const float ub = ew.b2 * ut[q] + ew.c2 * std::fabs(I - ib);
       if constexpr (Masked) {
         it[q] = select_bits(ib, it[q], keep[q]);
         ut[q] = select_bits(ub, ut[q], keep[q]);
@@ -143,12 +143,12 @@ void update_sum(const T* __restrict__ p, const T* __restrict__ g, float* __restr
 // of the period of keep) as one block of its own.
 template <typename T, bool Masked>
 void update_sum_any(const T* p, const T* g, float* ipt, float* unc, float* acc, const uint32_t* keep,
-                    int64_t n, int64_t w, float b1, float b2) {
+                    int64_t n, int64_t w, EmaWeights ew) {
   const int64_t whole = n / w * w;
-  update_sum<T, Masked>(p, g, ipt, unc, acc, keep, whole, w, b1, b2);
+  update_sum<T, Masked>(p, g, ipt, unc, acc, keep, whole, w, ew);
   if (n > whole)
     update_sum<T, Masked>(p + whole, g + whole, ipt + whole, unc + whole, acc, keep, n - whole,
-                          n - whole, b1, b2);
+                          n - whole, ew);
 }
 
 // Lanes for summing a B item's [rows, r] scores by column: a multiple of r (so lane q always
@@ -171,7 +171,7 @@ int64_t item_grain(int64_t n_items, int64_t total_elems) {
 template <typename T>
 void update_cpu(at::TensorList A, at::TensorList E, at::TensorList B, at::TensorList gA,
                 at::TensorList gE, at::TensorList gB, at::TensorList ipt, at::TensorList unc,
-                const bool* active, float* scores, int64_t* counters, float b1, float b2,
+                const uint8_t* active, float* scores, int64_t* counters, EmaWeights ew,
                 bool check_finite, const LayerShapes& s) {
   const Plan plan = make_plan(s);
   const int64_t n_items = (int64_t)plan.items.size();
@@ -180,15 +180,15 @@ void update_cpu(at::TensorList A, at::TensorList E, at::TensorList B, at::Tensor
   for (size_t l = 0; l < s.r.size(); ++l) {
     total_elems += s.r[l] * (s.in[l] + 1 + s.out[l]);
     all_active[l] = std::all_of(active + s.comp_offset[l], active + s.comp_offset[l] + s.r[l],
-                                [](bool a) { return a; });
+                                [](uint8_t a) { return a != 0; });
   }
   const int64_t grain = item_grain(n_items, total_elems);
   // mask pattern of a B item: pattern[j * r + k] = active[k] for the item's rows
   auto b_pattern = [&](const Item& it, std::vector<uint8_t>& pat) {
     const int64_t r = s.r[it.layer];
-    const bool* act = active + s.comp_offset[it.layer];
+    const uint8_t* act = active + s.comp_offset[it.layer];
     pat.resize((it.row_end - it.row_begin) * r);
-    for (size_t t = 0; t < pat.size(); ++t) pat[t] = act[t % r];
+    for (size_t t = 0; t < pat.size(); ++t) pat[t] = act[t % r] ? 1 : 0;
   };
 
   // Pass 1: is every gradient the update would consume finite?
@@ -198,7 +198,7 @@ void update_cpu(at::TensorList A, at::TensorList E, at::TensorList B, at::Tensor
     for (int64_t i = begin; i < end && !bad.load(std::memory_order_relaxed); ++i) {
       const Item& it = plan.items[i];
       const int64_t l = it.layer, r = s.r[l], in = s.in[l];
-      const bool* act = active + s.comp_offset[l];
+      const uint8_t* act = active + s.comp_offset[l];
       bool found = false;
       if (it.kind == Kind::A) {
         const T* ga = gA[l].const_data_ptr<T>();
@@ -233,7 +233,7 @@ void update_cpu(at::TensorList A, at::TensorList E, at::TensorList B, at::Tensor
     for (int64_t i = begin; i < end; ++i) {
       const Item& it = plan.items[i];
       const int64_t l = it.layer, r = s.r[l], in = s.in[l];
-      const bool* act = active + s.comp_offset[l];
+      const uint8_t* act = active + s.comp_offset[l];
       float* ipt_l = ipt[l].data_ptr<float>();
       float* unc_l = unc[l].data_ptr<float>();
       if (it.kind == Kind::A) {
@@ -247,10 +247,10 @@ void update_cpu(at::TensorList A, at::TensorList E, at::TensorList B, at::Tensor
           const int64_t x = k * in;
           acc.assign(std::min(kRowLanes, in), 0.f);  // (no wider than the row: less to add up)
           update_sum_any<T, false>(a + x, ga + x, ipt_l + x, unc_l + x, acc.data(), nullptr, in,
-                                   (int64_t)acc.size(), b1, b2);
+                                   (int64_t)acc.size(), ew);
           float se = 0.f;
           update_sum<T, false>(e + k, ge + k, ipt_l + e_base + k, unc_l + e_base + k, &se, nullptr,
-                               1, 1, b1, b2);
+                               1, 1, ew);
           float row = 0.f;
           for (float v : acc) row += v;
           row_part[s.comp_offset[l] + k] = se + row / static_cast<float>(in);
@@ -264,11 +264,11 @@ void update_cpu(at::TensorList A, at::TensorList E, at::TensorList B, at::Tensor
         const int64_t w = std::min(column_lanes(r), len);  // (both multiples of r)
         acc.assign(w, 0.f);
         if (all_active[l]) {
-          update_sum_any<T, false>(b, gb, ib, ub, acc.data(), nullptr, len, w, b1, b2);
+          update_sum_any<T, false>(b, gb, ib, ub, acc.data(), nullptr, len, w, ew);
         } else {
           keep.resize(w);
           for (int64_t q = 0; q < w; ++q) keep[q] = act[q % r] ? ~0u : 0u;
-          update_sum_any<T, true>(b, gb, ib, ub, acc.data(), keep.data(), len, w, b1, b2);
+          update_sum_any<T, true>(b, gb, ib, ub, acc.data(), keep.data(), len, w, ew);
         }
         float* part = col_part.data() + it.col_part_offset;
         for (int64_t q = 0; q < w; ++q) part[q % r] += acc[q];
@@ -305,9 +305,9 @@ void sensitivity_update_cpu(at::TensorList A, at::TensorList E, at::TensorList B
                                             counters, beta1, beta2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A[0].scalar_type(),
                                   "sensitivity_update_cpu", [&] {
-    update_cpu<scalar_t>(A, E, B, gA, gE, gB, ipt, unc, active_mask.const_data_ptr<bool>(),
+    update_cpu<scalar_t>(A, E, B, gA, gE, gB, ipt, unc, mask_bytes(active_mask),
                          scores.data_ptr<float>(), counters.data_ptr<int64_t>(),
-                         static_cast<float>(beta1), static_cast<float>(beta2), check_finite, s);
+                         ema_weights(beta1, beta2), check_finite, s);
   });
 }
 

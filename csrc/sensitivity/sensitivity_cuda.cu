@@ -95,7 +95,7 @@ constexpr int kBatch = 4;
 template <typename T>
 __device__ __forceinline__ float update_strided(const T* p, const T* g, float* ipt, float* unc,
                                                 int64_t first, int64_t end, int64_t stride,
-                                                float b1, float b2) {
+                                                EmaWeights ew) {
   float sum = 0.f;
   for (int64_t x = first; x < end; x += kBatch * stride) {
     float pv[kBatch], gv[kBatch], iv[kBatch], uv[kBatch];
@@ -114,8 +114,8 @@ __device__ __forceinline__ float update_strided(const T* p, const T* g, float* i
       const int64_t y = x + u * stride;
       if (y < end) {
         const float I = fabsf(pv[u] * gv[u]);
-        const float ib = b1 * iv[u] + (1.f - b1) * I;
-        const float ub = b2 * uv[u] + (1.f - b2) * fabsf(I - ib);
+        const float ib = ew.b1 * iv[u] + ew.c1 * I;
+        const float ub = ew.b2 * uv[u] + ew.c2 * fabsf(I - ib);
         ipt[y] = ib;
         unc[y] = ub;
         sum += ib * ub;
@@ -142,11 +142,11 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) nonfinite_check_kernel(
     const LayerMeta* __restrict__ layers,  // [L]
     const WorkItem* __restrict__ items,    // [gridDim.x]
-    const bool* __restrict__ active,       // [n_comp]
+    const uint8_t* __restrict__ active,    // [n_comp], nonzero = active
     unsigned* __restrict__ flag) {         // [1], raised on a NaN/inf gradient
   const WorkItem it = items[blockIdx.x];
   const LayerMeta m = layers[it.layer];
-  const bool* act = active + m.comp_offset;
+  const uint8_t* act = active + m.comp_offset;
   bool ok = true;
   if (it.kind == 0) {
     const int64_t k = it.row_begin;
@@ -177,8 +177,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) sensitivity_update_kernel(
     const LayerMeta* __restrict__ layers,  // [L]
     const WorkItem* __restrict__ items,    // [gridDim.x]
-    const bool* __restrict__ active,       // [n_comp]
-    float b1, float b2,
+    const uint8_t* __restrict__ active,    // [n_comp], nonzero = active
+    EmaWeights ew,
     float* __restrict__ acc,               // [n_comp]: s(E_k) + mean_j s(A_kj)
     float* __restrict__ part,              // [slots]: column sums of s(B) per B item
     const unsigned* __restrict__ flag,     // [1], set by nonfinite_check_kernel
@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(kThreads) sensitivity_update_kernel(
   __shared__ bool is_last;
   const WorkItem it = items[blockIdx.x];
   const LayerMeta m = layers[it.layer];
-  const bool* act = active + m.comp_offset;
+  const uint8_t* act = active + m.comp_offset;
   if (it.kind == 0) {
     const int64_t k = it.row_begin;
     if (act[k]) {  // uniform over the block, so block_sum's barriers are safe
@@ -203,12 +203,12 @@ __global__ void __launch_bounds__(kThreads) sensitivity_update_kernel(
       const T* ga = static_cast<const T*>(m.gA) + k * m.in;
       float* ia = m.ipt + k * m.in;
       float* ua = m.unc + k * m.in;
-      float sum = update_strided(a, ga, ia, ua, threadIdx.x, m.in, blockDim.x, b1, b2);
+      float sum = update_strided(a, ga, ia, ua, threadIdx.x, m.in, blockDim.x, ew);
       sum = block_sum(sum, warp_sums);
       if (threadIdx.x == 0) {
         // E's states follow A's in the state buffers.
         const float se = update_strided(static_cast<const T*>(m.E), static_cast<const T*>(m.gE),
-                                        m.ipt + m.r * m.in, m.unc + m.r * m.in, k, k + 1, 1, b1, b2);
+                                        m.ipt + m.r * m.in, m.unc + m.r * m.in, k, k + 1, 1, ew);
         acc[m.comp_offset + k] = se + sum / static_cast<float>(m.in);
       }
     }
@@ -224,7 +224,7 @@ __global__ void __launch_bounds__(kThreads) sensitivity_update_kernel(
       float own = 0.f;
       if (threadIdx.x < stride && act[threadIdx.x % m.r])
         own = update_strided(b, gb, ib, ub, it.row_begin * m.r + threadIdx.x, it.row_end * m.r,
-                             stride, b1, b2);
+                             stride, ew);
       thread_part[threadIdx.x] = own;
       __syncthreads();
       if (threadIdx.x < m.r) {
@@ -235,7 +235,7 @@ __global__ void __launch_bounds__(kThreads) sensitivity_update_kernel(
     } else {
       for (int64_t c = threadIdx.x; c < m.r; c += blockDim.x)
         sums[c] = act[c] ? update_strided(b, gb, ib, ub, it.row_begin * m.r + c,
-                                          it.row_end * m.r, m.r, b1, b2)
+                                          it.row_end * m.r, m.r, ew)
                          : 0.f;
     }
   }
@@ -309,13 +309,12 @@ void sensitivity_update_cuda(at::TensorList A, at::TensorList E, at::TensorList 
                                   "sensitivity_update_cuda", [&] {
     if (check_finite) {
       nonfinite_check_kernel<scalar_t><<<n_blocks, kThreads, 0, stream>>>(
-          d_layers, d_items, active_mask.const_data_ptr<bool>(), flag);
+          d_layers, d_items, mask_bytes(active_mask), flag);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     sensitivity_update_kernel<scalar_t><<<n_blocks, kThreads, 0, stream>>>(
-        d_layers, d_items, active_mask.const_data_ptr<bool>(), static_cast<float>(beta1),
-        static_cast<float>(beta2), acc, part, flag, done, scores.data_ptr<float>(),
-        counters.data_ptr<int64_t>());
+        d_layers, d_items, mask_bytes(active_mask), ema_weights(beta1, beta2), acc, part, flag,
+        done, scores.data_ptr<float>(), counters.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
