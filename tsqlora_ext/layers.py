@@ -4,7 +4,7 @@
 active set take part in compute and receive gradients. The Parameters are allocated once at r_max
 and never re-created, so optimizer state stays attached to them when the active set changes; the
 rank is a runtime argument of the op (the length of the active-index tensor), never a compile-time
-constant. scaling = alpha / r_init is fixed, so moving rank does not rescale the layer.
+constant, and under torch.compile one graph serves every rank. scaling = alpha / r_init is fixed, so moving rank does not rescale the layer.
 
 Inactive components get exactly zero gradient, but an optimizer with weight decay or momentum
 (AdamW) would still move them; `protect_inactive(optimizer, model)` keeps them (and their optimizer
@@ -146,7 +146,7 @@ class VarRankLoRALinear(nn.Module):
 
     @torch.inference_mode(False)
     def _set_active(self, indices, device: torch.device) -> None:
-        """set_active, with the id buffers placed on ``device``."""
+        """set_active, with the id tensors placed on ``device``."""
         if self.merged:
             raise RuntimeError("unmerge() the layer before changing its active set")
         idx = indices if torch.is_tensor(indices) else torch.as_tensor(list(indices))
@@ -161,8 +161,8 @@ class VarRankLoRALinear(nn.Module):
                              f"got {bad.tolist()}")
         idx = torch.unique(idx)  # sorted, duplicates removed
         if self.active.device == device and device.type == "cpu" and torch.equal(idx, self.active):
-            # The same buffers keep protect_inactive's masks, which are cached on them. (Not
-            # compared on a GPU, where reading the buffer would cost a host sync per layer.)
+            # The same tensors keep protect_inactive's masks, which are cached on them. (Not
+            # compared on a GPU, where reading the ids would cost a host sync per layer.)
             return
         keep = torch.ones(self.r_max, dtype=torch.bool)
         keep[idx] = False
@@ -189,8 +189,8 @@ class VarRankLoRALinear(nn.Module):
         else:
             self.unmerge()
         state_dict = dict(state_dict)
-        # The saved active set may have another length than the current one, which the default
-        # in-place copy into the buffer would reject: adopt it through set_active instead.
+        # The ids are no registered buffer (see __init__), so the default loader knows nothing of
+        # them: the saved set, of any length, is adopted here through set_active.
         key = prefix + "active"
         if key in state_dict:
             saved = state_dict[key]
@@ -206,10 +206,10 @@ class VarRankLoRALinear(nn.Module):
                                   f"r_max={self.r_max}: wrap the model with the saved r_max")
             else:
                 # load_state_dict(assign=True) adopts the saved tensors and their device (a
-                # model built on the meta device is filled so); otherwise the buffers stay put.
+                # model built on the meta device is filled so); otherwise the ids stay put.
                 assign = local_metadata.get("assign_to_params_buffers", False)
                 self._set_active(saved, saved.device if assign else self.active.device)
-            del state_dict[key]  # (taken here: the default loader knows no such buffer)
+            del state_dict[key]
         elif strict:
             missing_keys.append(key)
         # State dicts written before the flag was saved are of unmerged layers.

@@ -7,7 +7,10 @@ every layer + head; 'head': head + last block's adapters) it times
   look-ahead, one more forward),
 - the peer: one forward + backward per example, gradient norm from the materialised gradients
   (what a per-example-gradient loop costs; the way G is computed without ghost norms),
-and checks on the same examples that both give the same G. Figures are examples per second.
+and checks on the same examples that both give the same G. Beside them, a plain batched forward +
+backward of the summed loss (no scores): the least any gradient-based pass does, so its speed over
+the naive loop bounds what batching can gain here (on a CPU both are bound by the same FLOPs; a
+GPU's per-example loop is bound by launches instead). Figures are examples per second.
 
     python python/bench/bench_quality.py [--quick] [--device cuda]
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
-import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +58,10 @@ def adapt(model: nn.Module) -> nn.Module:
     return model
 
 
-def naive_G(model, batches, mode, device) -> np.ndarray:
-    """One forward + backward per example; ‖g_i‖ from the materialised gradient."""
+@contextmanager
+def scored_gradients_only(model, mode):
+    """The scored parameters (as score_pool scores them), with every other parameter's gradient
+    off while inside, and the model in eval mode."""
     params = []
     for _, m in scored_modules(model, mode):
         params += ([m.lora_A, m.lora_E, m.lora_B] if isinstance(m, VarRankLoRALinear)
@@ -66,18 +71,35 @@ def naive_G(model, batches, mode, device) -> np.ndarray:
     for p in others:
         p.requires_grad_(False)
     model.eval()
-    out = []
     try:
+        yield params
+    finally:
+        for p in others:
+            p.requires_grad_(True)
+
+
+def naive_G(model, batches, mode, device) -> np.ndarray:
+    """One forward + backward per example; ‖g_i‖ from the materialised gradient."""
+    out = []
+    with scored_gradients_only(model, mode) as params:
         for b in batches:
             for i in range(b["labels"].shape[0]):
                 one = {k: v[i:i + 1].to(device) for k, v in b.items() if k != "index"}
                 loss = sequence_classification_loss(model, one).sum()
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 out.append(float(torch.sqrt(sum(g.double().square().sum() for g in grads if g is not None))))
-    finally:
-        for p in others:
-            p.requires_grad_(True)
     return np.array(out)
+
+
+def batched_backward(model, batches, mode, device) -> None:
+    """One forward + backward per batch of the summed loss, nothing else: the work any scoring
+    pass that needs gradients does at least, so its speed over the naive loop is the most such a
+    pass can gain from batching on this machine."""
+    with scored_gradients_only(model, mode) as params:
+        for b in batches:
+            batch = {k: v.to(device) for k, v in b.items() if k != "index"}
+            torch.autograd.grad(sequence_classification_loss(model, batch).sum(), params,
+                                allow_unused=True)
 
 
 def main() -> None:
@@ -106,17 +128,22 @@ def main() -> None:
         ms = common.round_robin_ms({
             "first_order": lambda: ours("first_order"), "exact": lambda: ours("exact"),
             "naive": lambda: naive_G(model, batches[:n_naive_batches], mode, dev),
+            "batched_backward": lambda: batched_backward(model, batches, mode, dev),
         }, dev, repeats=1 if args.quick else 3, warmup=1)
         s = ours("first_order")
         G_naive = naive_G(model, batches[:n_naive_batches], mode, dev)
         rel = float(np.max(np.abs(s.G[:len(G_naive)] - G_naive) / G_naive))
         ours_eps, exact_eps, naive_eps = (n_pool * 1e3 / ms["first_order"], n_pool * 1e3 / ms["exact"],
                                           len(G_naive) * 1e3 / ms["naive"])
+        ceiling_eps = n_pool * 1e3 / ms["batched_backward"]
         rows.append({"mode": mode, "pool": n_pool, "seq_len": 64, "batch": 32,
                      "ours_first_order_ex_per_s": round(ours_eps, 2),
                      "ours_exact_D_ex_per_s": round(exact_eps, 2),
                      "naive_loop_ex_per_s": round(naive_eps, 2),
                      "speedup_vs_naive": round(ours_eps / naive_eps, 2),
+                     "batched_fwd_bwd_ex_per_s": round(ceiling_eps, 2),
+                     "ceiling_vs_naive": round(ceiling_eps / naive_eps, 2),
+                     "ours_of_ceiling": round(ours_eps / ceiling_eps, 3),
                      "max_rel_diff_G_vs_naive": rel,
                      "scored_parameters": s.meta["scored_parameters"]})
         print(rows[-1])
