@@ -147,6 +147,23 @@ def test_state_dict_roundtrip_with_another_rank():
     assert b.active_indices().tolist() == [0, 5, 6]
 
 
+def test_ids_written_through_the_buffer_are_the_ones_computed_with():
+    # The ids are a buffer, which tools that mirror a model write in place (AveragedModel copies
+    # buffers() after each update), and the op reads them through an alias: a deep copy, an
+    # in-place write and an assignment must all reach the alias.
+    src = make_layer("cpu", seed=0)
+    dst = copy.deepcopy(src)
+    assert dst.active_ids is dst.active
+    src.set_active([0, 1, 2, 5])
+    for b_dst, b_src in zip(dst.buffers(), src.buffers()):
+        b_dst.detach().copy_(b_src)
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+    dst.active = torch.tensor([1, 3])
+    torch.testing.assert_close(dst(x), ref_forward(dst, x))
+    assert dst.rank == 2 and dst.active_ids is dst.active
+
+
 def test_assign_load_adopts_the_saved_active_set_and_its_device():
     # A layer built on the meta device (how large models are instantiated) and filled with
     # load_state_dict(assign=True) kept its id buffers on meta: NaN outputs, no error.

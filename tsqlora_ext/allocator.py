@@ -93,12 +93,14 @@ def orthogonality_penalty(layers: Iterable[VarRankLoRALinear], weight: float) ->
     components (differentiable; 0 for an empty set of layers or weight 0)."""
     total = None
     for layer in layers:
-        idx = layer.active
-        if idx.numel() == 0:
-            continue
-        a = layer.lora_A.index_select(0, idx)
-        b = layer.lora_B.index_select(1, idx)
-        eye = torch.eye(idx.numel(), device=a.device, dtype=a.dtype)
+        # Over all r_max components with the inactive ones zeroed: the same norms as over the
+        # active rows alone, in shapes that do not change with the rank. (Under torch.compile the
+        # rank is unknown, and autograd cannot trace an r x r product of unknown r.)
+        slots = torch.arange(layer.r_max, device=layer.lora_A.device)
+        keep = (layer.active_ids[:, None] == slots).any(0).to(layer.lora_A.dtype)
+        a = layer.lora_A * keep[:, None]
+        b = layer.lora_B * keep
+        eye = torch.diag(keep)
         term = torch.linalg.matrix_norm(a @ a.T - eye) + torch.linalg.matrix_norm(b.T @ b - eye)
         total = term if total is None else total + term
     if total is None or weight == 0:

@@ -74,10 +74,10 @@ class VarRankLoRALinear(nn.Module):
         self.lora_E = nn.Parameter(torch.empty(r_max, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r_max, **factory))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # Sorted ids of the active components; its length is the rank. Not a registered buffer,
-        # though it follows .to() (_apply) and lands in state_dict as one: Dynamo gives a module
-        # buffer's shape a static guard, so each new rank recompiled a torch.compile'd model (and
-        # past the recompile limit ran it eagerly). See _adopt_active.
+        # Sorted ids of the active components; its length is the rank. A buffer, so it follows
+        # .to(), lands in state_dict and is seen by tools that copy buffers (an AveragedModel).
+        # Computation reads it through the alias active_ids (see _adopt_active).
+        self.register_buffer("active", torch.empty(0, device=w.device, dtype=torch.long))
         self._adopt_active(torch.arange(r_init, device=w.device, dtype=torch.long))
         # Its complement, kept beside it so protect_inactive() needs no host sync per step.
         self.register_buffer("inactive", torch.arange(r_init, r_max, device=w.device, dtype=torch.long),
@@ -114,20 +114,24 @@ class VarRankLoRALinear(nn.Module):
     active_sets_version = 0
 
     def _adopt_active(self, ids: torch.Tensor) -> None:
-        # The length is marked unbacked, so a compiled graph takes every rank, 0 and 1 included
-        # (a dynamic size would still be specialised at 0 and 1); the op's fake kernel never
-        # branches on it.
-        torch._dynamo.decorators.mark_unbacked(ids, 0)
-        self.active = ids
+        # The buffer and a plain attribute hold the same tensor. Code that may be compiled reads
+        # the attribute: Dynamo guards a module buffer's shape statically (whatever its marks),
+        # so through the buffer each new rank recompiled a torch.compile'd model and, past the
+        # recompile limit, ran it eagerly. The length is marked unbacked, so one graph takes every
+        # rank, 0 and 1 included (a dynamic size is still specialised at 0 and 1); nothing that
+        # reads it branches on its value.
+        self.active = ids  # (__setattr__ sets the alias and the mark)
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name == "active":
+            torch._dynamo.decorators.mark_unbacked(value, 0)
+            super().__setattr__("active_ids", value)
 
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self._adopt_active(fn(self.active))
+        super()._apply(fn, recurse)  # (replaces the buffer)
+        self._adopt_active(self.active)
         return self
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "active"] = self.active if keep_vars else self.active.detach()
 
     @property
     def rank(self) -> int:
@@ -189,8 +193,8 @@ class VarRankLoRALinear(nn.Module):
         else:
             self.unmerge()
         state_dict = dict(state_dict)
-        # The ids are no registered buffer (see __init__), so the default loader knows nothing of
-        # them: the saved set, of any length, is adopted here through set_active.
+        # The saved active set may have another length than the current one, which the default
+        # in-place copy into the buffer would reject: adopt it through set_active instead.
         key = prefix + "active"
         if key in state_dict:
             saved = state_dict[key]
@@ -209,9 +213,7 @@ class VarRankLoRALinear(nn.Module):
                 # model built on the meta device is filled so); otherwise the ids stay put.
                 assign = local_metadata.get("assign_to_params_buffers", False)
                 self._set_active(saved, saved.device if assign else self.active.device)
-            del state_dict[key]
-        elif strict:
-            missing_keys.append(key)
+            state_dict[key] = self.active
         # State dicts written before the flag was saved are of unmerged layers.
         state_dict.setdefault(prefix + "_extra_state", torch.tensor(False))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
@@ -228,7 +230,7 @@ class VarRankLoRALinear(nn.Module):
         x_lora = self.lora_dropout(x) if self.training and not isinstance(self.lora_dropout, nn.Identity) else None
         return ops.varrank_lora(
             x, x_lora, self.base_layer.weight, self.base_layer.bias,
-            self.lora_A, self.lora_E, self.lora_B, self.active, self.scaling,
+            self.lora_A, self.lora_E, self.lora_B, self.active_ids, self.scaling,
         )
 
     def delta_weight(self) -> torch.Tensor:
