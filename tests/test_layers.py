@@ -147,21 +147,46 @@ def test_state_dict_roundtrip_with_another_rank():
     assert b.active_indices().tolist() == [0, 5, 6]
 
 
-def test_ids_written_through_the_buffer_are_the_ones_computed_with():
-    # The ids are a buffer, which tools that mirror a model write in place (AveragedModel copies
-    # buffers() after each update), and the op reads them through an alias: a deep copy, an
-    # in-place write and an assignment must all reach the alias.
+def test_ids_written_or_swapped_into_the_buffer_are_the_ones_computed_with():
+    # The ids are a buffer, which tools write in place (AveragedModel copies buffers()), swap
+    # (torch.func.functional_call; accelerate's loaders write _buffers directly) or assign.
+    # Compiled code reads an alias of it that writes and assignments keep current.
     src = make_layer("cpu", seed=0)
     dst = copy.deepcopy(src)
-    assert dst.active_ids is dst.active
+    compiled = torch.compile(dst, backend="eager", fullgraph=True)
+    x = torch.randn(3, 24)
+
+    def with_ids(ids):
+        return reference.varrank_lora(x, None, dst.base_layer.weight, dst.base_layer.bias,
+                                      dst.lora_A, dst.lora_E, dst.lora_B, torch.tensor(ids),
+                                      dst.scaling)
+
     src.set_active([0, 1, 2, 5])
     for b_dst, b_src in zip(dst.buffers(), src.buffers()):
         b_dst.detach().copy_(b_src)
-    x = torch.randn(3, 24)
     torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
-    dst.active = torch.tensor([1, 3])
-    torch.testing.assert_close(dst(x), ref_forward(dst, x))
-    assert dst.rank == 2 and dst.active_ids is dst.active
+    torch.testing.assert_close(compiled(x), src(x), rtol=0, atol=0)
+    torch.testing.assert_close(torch.func.functional_call(dst, {"active": torch.tensor([1, 5])}, (x,)),
+                               with_ids([1, 5]))
+    torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)  # (restored after the call)
+    dst._buffers["active"] = torch.tensor([2, 4, 6])
+    torch.testing.assert_close(dst(x), with_ids([2, 4, 6]))
+    dst.active = torch.tensor([0, 7])
+    torch.testing.assert_close(compiled(x), with_ids([0, 7]))
+
+
+def test_a_placeholder_for_a_missing_merged_flag_is_not_a_merge():
+    # torch.distributed.checkpoint (and accelerate's load_checkpoint_in_model through it) passes
+    # a placeholder object to set_extra_state for a state dict without the flag; its truth is
+    # True, so the layer called itself merged and returned the base output alone.
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    src = make_layer("cpu", seed=0)
+    older = {k: v for k, v in src.state_dict().items() if k != "_extra_state"}
+    dst = make_layer("cpu", seed=1)
+    set_model_state_dict(dst, older, options=StateDictOptions(full_state_dict=True))
+    x = torch.randn(3, 24)
+    assert not dst.merged
+    torch.testing.assert_close(dst(x), src(x))
 
 
 def test_assign_load_adopts_the_saved_active_set_and_its_device():

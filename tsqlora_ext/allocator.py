@@ -96,11 +96,12 @@ def orthogonality_penalty(layers: Iterable[VarRankLoRALinear], weight: float) ->
         # Over all r_max components with the inactive ones zeroed: the same norms as over the
         # active rows alone, in shapes that do not change with the rank. (Under torch.compile the
         # rank is unknown, and autograd cannot trace an r x r product of unknown r.)
+        # (Selected, not multiplied: an inactive inf or NaN times 0 would be NaN.)
         slots = torch.arange(layer.r_max, device=layer.lora_A.device)
-        keep = (layer.active_ids[:, None] == slots).any(0).to(layer.lora_A.dtype)
-        a = layer.lora_A * keep[:, None]
-        b = layer.lora_B * keep
-        eye = torch.diag(keep)
+        keep = (layer.compute_ids()[:, None] == slots).any(0)
+        a = torch.where(keep[:, None], layer.lora_A, 0.0)
+        b = torch.where(keep, layer.lora_B, 0.0)
+        eye = torch.diag(keep.to(a.dtype))
         term = torch.linalg.matrix_norm(a @ a.T - eye) + torch.linalg.matrix_norm(b.T @ b - eye)
         total = term if total is None else total + term
     if total is None or weight == 0:

@@ -75,8 +75,8 @@ class VarRankLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r_max, **factory))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # Sorted ids of the active components; its length is the rank. A buffer, so it follows
-        # .to(), lands in state_dict and is seen by tools that copy buffers (an AveragedModel).
-        # Computation reads it through the alias active_ids (see _adopt_active).
+        # .to(), lands in state_dict and is seen by tools that copy or swap buffers
+        # (functional_call, accelerate's loaders); compiled code reads an alias (see compute_ids).
         self.register_buffer("active", torch.empty(0, device=w.device, dtype=torch.long))
         self._adopt_active(torch.arange(r_init, device=w.device, dtype=torch.long))
         # Its complement, kept beside it so protect_inactive() needs no host sync per step.
@@ -114,19 +114,22 @@ class VarRankLoRALinear(nn.Module):
     active_sets_version = 0
 
     def _adopt_active(self, ids: torch.Tensor) -> None:
-        # The buffer and a plain attribute hold the same tensor. Code that may be compiled reads
-        # the attribute: Dynamo guards a module buffer's shape statically (whatever its marks),
-        # so through the buffer each new rank recompiled a torch.compile'd model and, past the
-        # recompile limit, ran it eagerly. The length is marked unbacked, so one graph takes every
-        # rank, 0 and 1 included (a dynamic size is still specialised at 0 and 1); nothing that
-        # reads it branches on its value.
         self.active = ids  # (__setattr__ sets the alias and the mark)
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
         if name == "active":
             torch._dynamo.decorators.mark_unbacked(value, 0)
-            super().__setattr__("active_ids", value)
+            super().__setattr__("_compiled_ids", value)
+
+    def compute_ids(self) -> torch.Tensor:
+        """The active ids that computation uses. Eagerly the buffer itself, whatever swapped it in.
+        Under torch.compile a plain-attribute alias of it, which every assignment, set_active,
+        .to() and load_state_dict keep current: Dynamo guards a module buffer's shape statically
+        (whatever its marks), so through the buffer each new rank recompiled a compiled model
+        and, past the recompile limit, ran it eagerly. The alias's length is marked unbacked, so
+        one graph takes every rank, 0 and 1 included; nothing that reads it branches on it."""
+        return self._compiled_ids if torch.compiler.is_compiling() else self.active
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)  # (replaces the buffer)
@@ -180,7 +183,11 @@ class VarRankLoRALinear(nn.Module):
         return torch.tensor(self.merged)
 
     def set_extra_state(self, state: torch.Tensor) -> None:
-        self.merged = bool(state)
+        # Anything but a saved flag (torch.distributed.checkpoint passes a placeholder object for
+        # a state dict without one, and its truth is True) leaves the flag _load_from_state_dict
+        # set: a merge nobody saved would silently drop the adapter from the output.
+        if torch.is_tensor(state) or isinstance(state, bool):
+            self.merged = bool(state)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -230,7 +237,7 @@ class VarRankLoRALinear(nn.Module):
         x_lora = self.lora_dropout(x) if self.training and not isinstance(self.lora_dropout, nn.Identity) else None
         return ops.varrank_lora(
             x, x_lora, self.base_layer.weight, self.base_layer.bias,
-            self.lora_A, self.lora_E, self.lora_B, self.active_ids, self.scaling,
+            self.lora_A, self.lora_E, self.lora_B, self.compute_ids(), self.scaling,
         )
 
     def delta_weight(self) -> torch.Tensor:
