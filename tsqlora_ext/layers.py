@@ -183,7 +183,7 @@ class VarRankLoRALinear(nn.Module):
         return torch.tensor(self.merged)
 
     def set_extra_state(self, state: torch.Tensor) -> None:
-        # Anything but a saved flag (torch.distributed.checkpoint passes a placeholder object for
+        # Anything but a saved flag (torch.distributed.checkpoint passes a stand-in object for
         # a state dict without one, and its truth is True) leaves the flag _load_from_state_dict
         # set: a merge nobody saved would silently drop the adapter from the output.
         if torch.is_tensor(state) or isinstance(state, bool):
