@@ -93,10 +93,10 @@ def orthogonality_penalty(layers: Iterable[VarRankLoRALinear], weight: float) ->
     components (differentiable; 0 for an empty set of layers or weight 0)."""
     total = None
     for layer in layers:
-        # Over all r_max components with the inactive ones zeroed: the same norms as over the
-        # active rows alone, in shapes that do not change with the rank. (Under torch.compile the
-        # rank is unknown, and autograd cannot trace an r x r product of unknown r.)
-        # (Selected, not multiplied: an inactive inf or NaN times 0 would be NaN.)
+        # Over all r_max components with the inactive ones selected out (not multiplied by 0,
+        # which makes an inactive inf NaN): the same norms as over the active rows alone, in
+        # shapes that do not change with the rank (under torch.compile the rank is unknown, and
+        # autograd cannot trace an r x r product of unknown r).
         slots = torch.arange(layer.r_max, device=layer.lora_A.device)
         keep = (layer.compute_ids()[:, None] == slots).any(0)
         a = torch.where(keep[:, None], layer.lora_A, 0.0)

@@ -4,7 +4,8 @@
 active set take part in compute and receive gradients. The Parameters are allocated once at r_max
 and never re-created, so optimizer state stays attached to them when the active set changes; the
 rank is a runtime argument of the op (the length of the active-index tensor), never a compile-time
-constant, and under torch.compile one graph serves every rank. scaling = alpha / r_init is fixed, so moving rank does not rescale the layer.
+constant, and under torch.compile one graph serves every rank. scaling = alpha / r_init is fixed,
+so moving rank does not rescale the layer.
 
 Inactive components get exactly zero gradient, but an optimizer with weight decay or momentum
 (AdamW) would still move them; `protect_inactive(optimizer, model)` keeps them (and their optimizer
@@ -78,7 +79,7 @@ class VarRankLoRALinear(nn.Module):
         # .to(), lands in state_dict and is seen by tools that copy or swap buffers
         # (functional_call, accelerate's loaders); compiled code reads an alias (see compute_ids).
         self.register_buffer("active", torch.empty(0, device=w.device, dtype=torch.long))
-        self._adopt_active(torch.arange(r_init, device=w.device, dtype=torch.long))
+        self.active = torch.arange(r_init, device=w.device, dtype=torch.long)  # (sets the alias)
         # Its complement, kept beside it so protect_inactive() needs no host sync per step.
         self.register_buffer("inactive", torch.arange(r_init, r_max, device=w.device, dtype=torch.long),
                              persistent=False)
@@ -113,9 +114,6 @@ class VarRankLoRALinear(nn.Module):
     # for 210 layers on these CPUs).
     active_sets_version = 0
 
-    def _adopt_active(self, ids: torch.Tensor) -> None:
-        self.active = ids  # (__setattr__ sets the alias and the mark)
-
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
         if name == "active":
@@ -132,8 +130,8 @@ class VarRankLoRALinear(nn.Module):
         return self._compiled_ids if torch.compiler.is_compiling() else self.active
 
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)  # (replaces the buffer)
-        self._adopt_active(self.active)
+        super()._apply(fn, recurse)
+        self.active = self.active  # the moved buffer: the alias follows it
         return self
 
     @property
@@ -173,7 +171,7 @@ class VarRankLoRALinear(nn.Module):
             return
         keep = torch.ones(self.r_max, dtype=torch.bool)
         keep[idx] = False
-        self._adopt_active(idx.to(device))
+        self.active = idx.to(device)
         self.inactive = torch.nonzero(keep).flatten().to(device)
         VarRankLoRALinear.active_sets_version += 1
 
