@@ -113,12 +113,15 @@ __device__ __forceinline__ float update_strided(const T* p, const T* g, float* i
     for (int u = 0; u < kBatch; ++u) {
       const int64_t y = x + u * stride;
       if (y < end) {
-        const float I = fabsf(pv[u] * gv[u]);
-        const float ib = ew.b1 * iv[u] + ew.c1 * I;
-        const float ub = ew.b2 * uv[u] + ew.c2 * fabsf(I - ib);
+        // Explicitly rounded products and sums: nvcc would otherwise contract b·x + c·y into
+        // an FMA (one rounding fewer), and the EMAs would differ from the reference's (and the
+        // CPU backend's) separately rounded bits in the last place.
+        const float I = fabsf(__fmul_rn(pv[u], gv[u]));
+        const float ib = __fadd_rn(__fmul_rn(ew.b1, iv[u]), __fmul_rn(ew.c1, I));
+        const float ub = __fadd_rn(__fmul_rn(ew.b2, uv[u]), __fmul_rn(ew.c2, fabsf(I - ib)));
         ipt[y] = ib;
         unc[y] = ub;
-        sum += ib * ub;
+        sum = __fadd_rn(sum, __fmul_rn(ib, ub));
       }
     }
   }
