@@ -24,6 +24,17 @@ def test_json_round_trip(tmp_path):
     assert TsqLoRAConfig.load(tmp_path / "c.json") == cfg
 
 
+def test_name_lists_given_as_sets_or_tuples_round_trip_through_json():
+    # PEFT's LoraConfig keeps target_modules as a set: JSON could not write one (save_adapter
+    # failed after training), and a tuple came back as a list, so the allocator refused the
+    # re-read config as another one.
+    cfg = TsqLoRAConfig(target_modules={"value", "query"}, exclude_modules=("key",),
+                        modules_to_save=("classifier",))
+    assert (cfg.target_modules, cfg.exclude_modules, cfg.modules_to_save) == (
+        ["query", "value"], ["key"], ["classifier"])
+    assert TsqLoRAConfig.from_json(cfg.to_json()) == cfg
+
+
 def test_an_infinite_setting_survives_strict_json(tmp_path):
     # mislabel_max_spread = inf (the rule off) became null in run.json, and --resume then refused
     # the run's own settings.
@@ -58,6 +69,9 @@ def test_configs_of_earlier_versions_with_rescore_every_off_still_load():
     (dict(lora_alpha=float("nan")), r"lora_alpha must be a finite number, got nan"),
     (dict(lora_alpha=float("inf")), r"lora_alpha must be a finite number, got inf"),
     (dict(temperature=float("nan")), "temperature"),
+    (dict(modules_to_save="classifier"), "modules_to_save must be None, a list of module names"),
+    (dict(target_modules=["query", 3]), "target_modules must be None, a list of module names or one regex"),
+    (dict(exclude_modules=[""]), "exclude_modules must be"),
     (dict(temperature=float("inf")), "temperature"),
     (dict(orth_reg_weight=float("nan")), "orth_reg_weight"),
     (dict(orth_reg_weight=float("inf")), "orth_reg_weight"),

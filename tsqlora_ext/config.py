@@ -26,6 +26,9 @@ from .mislabel import check_guard_settings
 LAYER_FIELDS = ("target_modules", "exclude_modules", "modules_to_save", "r_init", "r_max",
                 "lora_alpha", "lora_dropout", "init")
 
+# The fields that name modules: None, a list of names, or (not modules_to_save) one regex.
+NAME_LIST_FIELDS = ("target_modules", "exclude_modules", "modules_to_save")
+
 # The choices of the string fields, checked here and by the functions that take them directly.
 MODES = ("full", "head")
 PREFERENCES = ("high", "moderate", "uniform")
@@ -204,12 +207,28 @@ class TsqLoRAConfig:
     def __post_init__(self) -> None:
         if isinstance(self.quality_weights, list):
             self.quality_weights = tuple(self.quality_weights)
+        # Name lists are stored as lists, the form JSON gives back, so a config equals itself
+        # re-read from JSON (RankAllocator compares them with the wrapped model's); a set, as PEFT's
+        # LoraConfig stores target_modules, is sorted so that its order is fixed.
+        for name in NAME_LIST_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, (set, frozenset)):
+                setattr(self, name, sorted(value))
+            elif isinstance(value, tuple):
+                setattr(self, name, list(value))
         self.validate()
 
     def validate(self) -> None:
         def bad(msg: str):
             raise ValueError(f"TsqLoRAConfig: {msg}")
 
+        for name in NAME_LIST_FIELDS:
+            value = getattr(self, name)
+            if value is None or (isinstance(value, str) and name != "modules_to_save"):
+                continue
+            if not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
+                one = "" if name == "modules_to_save" else " or one regex string"
+                bad(f"{name} must be None, a list of module names{one}, got {value!r}")
         check_integers(self, ("r_init", "r_min", "r_max", "t_init", "t_final", "delta_t",
                               "total_steps", "calibration_batches", "score_warmup", "seed"), bad)
         # NaN passes every comparison below, and inf makes the adapter or the selection NaN.
