@@ -301,9 +301,13 @@ def test_a_schedule_longer_or_shorter_than_the_run_warns_and_another_wrap_config
     assert sum(result.final_ranks.values()) > config.target_r * len(result.final_ranks)
     # The layers were built from r_init 4 (scaling 8 / 4): a budget of r_init 2 would not fit them.
     model = wrap(tw.tiny_bert(), config, verbose=False)
-    with pytest.raises(ValueError, match=r"RankAllocator: the config differs from the one the model "
+    with pytest.raises(ValueError, match=r"train: the config differs from the one the model "
                                          r"was wrapped with .*: r_init 4 there, 2 here"):
         train(model, train_data, None, config.replace(r_init=2, target_r=1), _args(max_steps=6))
+    # Also when no allocator is built, which used to be the only place that checked.
+    fixed = config.replace(dynamic=False, sensitivity_init=False)
+    with pytest.raises(ValueError, match=r"train: .*: r_max 6 there, 16 here; lora_alpha 8.0 there, 64"):
+        train(model, train_data, None, fixed.replace(r_max=16, lora_alpha=64.0), _args(max_steps=6))
     # Fields that do not shape the layers may differ.
     train(model, train_data, None, config.replace(target_r=1, delta_t=1), _args(max_steps=6))
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
-from .config import LAYER_FIELDS, TsqLoRAConfig
+from .config import TsqLoRAConfig, check_layer_fields
 from .layers import VarRankLoRALinear
 
 
@@ -141,15 +141,7 @@ class RankAllocator:
         }
         if not self.layers:
             raise ValueError("RankAllocator: the model holds no VarRankLoRALinear layer to allocate")
-        wrapped = getattr(model, "tsqlora_config", None)
-        changed = [f"{k} {getattr(wrapped, k)!r} there, {getattr(config, k)!r} here"
-                   for k in LAYER_FIELDS if wrapped is not None and getattr(wrapped, k) != getattr(config, k)]
-        if changed:
-            raise ValueError(f"RankAllocator: the config differs from the one the model was wrapped "
-                             f"with (tsqlora_ext.wrap) in fields that shape its layers: "
-                             f"{'; '.join(changed)}. The layers keep what wrap gave them (B_0 = "
-                             f"r_init x layers and the scaling lora_alpha / r_init would not match "
-                             f"them): change only other fields, e.g. model.tsqlora_config.replace(...)")
+        check_layer_fields(model, config, "RankAllocator")
         self.names = list(self.layers)
         mods = list(self.layers.values())
         # A, E, B of every layer in order, and zero stand-ins for missing gradients (update_scores).

@@ -26,6 +26,21 @@ from .mislabel import check_guard_settings
 LAYER_FIELDS = ("target_modules", "exclude_modules", "modules_to_save", "r_init", "r_max",
                 "lora_alpha", "lora_dropout", "init")
 
+def check_layer_fields(model, config, who: str) -> None:
+    """Refuse a config that differs from the one ``model`` was wrapped with in a LAYER_FIELDS
+    field: the layers keep what wrap gave them (B_0 = r_init x layers and the scaling
+    lora_alpha / r_init would not match them)."""
+    wrapped = getattr(model, "tsqlora_config", None)
+    changed = [f"{k} {getattr(wrapped, k)!r} there, {getattr(config, k)!r} here"
+               for k in LAYER_FIELDS if wrapped is not None and getattr(wrapped, k) != getattr(config, k)]
+    if changed:
+        raise ValueError(f"{who}: the config differs from the one the model was wrapped with "
+                         f"(tsqlora_ext.wrap) in fields that shape its layers: {'; '.join(changed)}. "
+                         "The layers keep what wrap gave them (B_0 = r_init x layers and the "
+                         "scaling lora_alpha / r_init would not match them): change only other "
+                         "fields, e.g. model.tsqlora_config.replace(...)")
+
+
 # The fields that name modules: None, a list of names, or (not modules_to_save) one regex.
 NAME_LIST_FIELDS = ("target_modules", "exclude_modules", "modules_to_save")
 

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
-from .config import TsqLoRAConfig, check_integers, config_value, dataclass_from_dict
+from .config import TsqLoRAConfig, check_integers, check_layer_fields, config_value, dataclass_from_dict
 from .layers import VarRankLoRALinear, protect_inactive
 from .loader import TokenBatchLoader
 
@@ -453,6 +453,8 @@ def train(
     # a torch.compile'd one: its own names, without "_orig_mod.", and calibration's hooked forward,
     # which a compiled transformers model returned without its loss. The steps run `model`.
     bare = _uncompiled(model)
+    # Also without an allocator (dynamic and sensitivity_init off), which checks it too.
+    check_layer_fields(bare, config, "train")
     layers = lora_layers(bare)
     pad_id = pad_id_of(tokenizer, model)
     model_config = getattr(model, "config", None)
