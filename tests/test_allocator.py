@@ -231,7 +231,29 @@ def test_a_reallocation_due_on_a_skipped_step_waits_for_the_next_good_one(device
     assert alloc.step(grads_finite=False) is None
     assert alloc.step(grads_finite=False) is None  # step 12: frozen phase, still deferred
     assert sum(alloc.step(grads_finite=True).values()) == 8  # step 13: b_T
-    assert alloc.step(grads_finite=True) is None
+    assert alloc.step(grads_finite=False) is None  # step 14: frozen, and counted as skipped
+    assert alloc.skipped_steps == 4  # steps 4, 11, 12 and 14
+
+
+def test_a_due_step_whose_gradients_the_op_finds_non_finite_waits_too(device):
+    # The Trainer callback does not know whether the gradients are finite (grads_finite=None):
+    # the op found the NaN and skipped the update, but the reallocation due then still ran.
+    model = Tiny(CFG).to(device)
+    alloc = RankAllocator(model, CFG)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    batches = data(5, device=device)
+    for t in range(1, 4):
+        train_step(model, opt, batches[t - 1])
+        alloc.step()
+        opt.zero_grad()
+    ranks = alloc.ranks()
+    train_step(model, opt, batches[3])
+    model.layers[1].lora_B.grad[0, 0] = float("nan")
+    assert alloc.step() is None and alloc.ranks() == ranks and alloc.deferred  # step 4 was due
+    assert alloc.skipped_steps == 1
+    opt.zero_grad()
+    train_step(model, opt, batches[4])
+    assert alloc.step() is not None and alloc.history[-1]["step"] == 5 and not alloc.deferred
 
 
 def test_calibration_shares_b0_by_layer_sensitivity(monkeypatch):

@@ -347,9 +347,18 @@ class RankAllocator:
             self.deferred |= due
             return None
         if t > end and not (self.deferred and grads_finite is not False):
+            if grads_finite is False:
+                self.counters[1] += 1  # no update is due after the budget phase, but it is skipped
             return None  # ranks frozen for the final t_final steps
         if t <= end:
+            skipped = self.counters[1].clone() if due and grads_finite is None else None
             self.update_scores(grads_finite)
+            # The op found a NaN/inf gradient and skipped the update: the reallocation waits, as
+            # on a step the caller reports skipped. Only a due step asks (one host sync; the
+            # reallocation syncs anyway).
+            if skipped is not None and bool(self.counters[1] != skipped):
+                self.deferred = True
+                return None
         if due or self.deferred:
             self.deferred = False
             return self.reallocate(self.budget(t))
