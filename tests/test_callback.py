@@ -176,3 +176,56 @@ def test_unwrapped_model_is_refused(tmp_path):
                                    data_collator=_collate, callbacks=[TsqLoRACallback()])
     with pytest.raises(ValueError, match="wrap it"):
         trainer.train()
+
+
+def test_a_second_train_from_step_0_runs_a_new_schedule(tmp_path):
+    # The finished allocator was kept: its schedule ran on past total_steps, ranks never moved
+    # again, and the callback warned that no reallocation had happened.
+    torch.set_num_threads(1)
+    config = tw.tiny_config(t_init=1, t_final=1, delta_t=2)
+    callback = TsqLoRACallback()
+    _, trainer = _trainer(tmp_path, config, callback, max_steps=8)
+    trainer.train()
+    first = callback.allocator
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        trainer.train()
+    assert callback.allocator is not first
+    assert callback.allocator.global_step == 8 and callback.reallocations > 0
+    # An allocator the user gave is not replaced behind their back.
+    given = TsqLoRACallback(allocator=callback.allocator)
+    trainer.callback_handler.callbacks = [c for c in trainer.callback_handler.callbacks
+                                          if c is not callback] + [given]
+    with pytest.raises(ValueError, match="the allocator it was given has run 8 optimizer steps, "
+                                         "but the Trainer starts at step 0"):
+        trainer.train()
+
+
+def test_the_orthogonality_regularizer_is_added_to_the_loss_the_trainer_minimises(tmp_path):
+    # It was ignored under the Trainer: orth_reg_weight 0 and 10 trained identically.
+    from tsqlora_ext.allocator import orthogonality_penalty
+
+    torch.set_num_threads(1)
+    losses = {}
+    for weight in (0.0, 0.5):
+        # Fixed ranks: one step leaves no room for a rank schedule, and the test needs none.
+        config = tw.tiny_config(orth_reg_weight=weight, dynamic=False)
+        model, trainer = _trainer(tmp_path / str(weight), config, TsqLoRACallback(), max_steps=1)
+        layers = [m for m in model.modules() if m.__class__.__name__ == "VarRankLoRALinear"]
+        penalty = orthogonality_penalty(layers, 0.5).item()
+        with pytest.warns(UserWarning, match="config.dynamic is False"):
+            losses[weight] = trainer.train().training_loss
+    # One optimizer step: both micro-batches see the initial adapters, so each forward's loss
+    # carries the same penalty. The Trainer sums the 2 micro-batch losses and divides by 2 unless
+    # the model takes num_items_in_batch (then it leaves the scaling to the model, as it does for
+    # the model's own loss).
+    assert penalty > 0.1
+    micro = 2 if trainer.model_accepts_loss_kwargs else 1
+    assert losses[0.5] - losses[0.0] == pytest.approx(micro * penalty, rel=1e-4)
+    # Label smoothing makes the Trainer compute the loss outside the model: refused, not ignored.
+    _, trainer = _trainer(tmp_path / "smooth", config, TsqLoRACallback(), max_steps=1)
+    trainer.args.label_smoothing_factor = 0.1
+    trainer.label_smoother = transformers.trainer_pt_utils.LabelSmoother(epsilon=0.1)
+    with pytest.raises(RuntimeError, match="orth_reg_weight is 0.5 but the model's output holds no loss"), \
+            pytest.warns(UserWarning, match="config.dynamic is False"):
+        trainer.train()

@@ -15,6 +15,8 @@ callback does the work at the one correct moment and refuses to be silent about 
   folder the Trainer has just written, and ``on_train_begin`` of a run resumed from that
   checkpoint loads it back, so the rank schedule continues where it stopped instead of
   restarting at step 0;
+- with ``orth_reg_weight`` > 0, a forward hook adds the orthogonality regularizer to the loss
+  the model returns in training, as PEFT's ``AdaLoraModel.forward`` does;
 - ``on_step_end`` checks that ``on_optimizer_step`` really ran for that step (a Trainer too old to
   emit the event fails loudly instead of training at fixed rank), and when the budget phase has
   ended without a single reallocation it warns once, saying why.
@@ -79,6 +81,7 @@ class TsqLoRACallback(TrainerCallback):
         self.allocator_steps = 0
         self.reallocations = 0
         self._guard = None
+        self._penalty_hook = None
         self._warned = False
 
     # ---- helpers -------------------------------------------------------------------------------
@@ -136,6 +139,14 @@ class TsqLoRACallback(TrainerCallback):
             # This callback trained another model before (a second Trainer, or
             # hyperparameter_search's model_init): that model's allocator must not drive this one.
             self.allocator, self.config = None, self._given_config
+        if self.allocator is not None and state.global_step == 0 and self.allocator.global_step > 0:
+            # A second trainer.train() from step 0: the finished schedule would not restart.
+            if self._given_allocator is not None:
+                raise ValueError(f"TsqLoRACallback: the allocator it was given has run "
+                                 f"{self.allocator.global_step} optimizer steps, but the Trainer "
+                                 "starts at step 0: give it a new RankAllocator, or resume the "
+                                 "Trainer from its checkpoint")
+            self.allocator, self.config = None, self._given_config
         if self.allocator is None:
             config = self.config or getattr(model, "tsqlora_config", None) or TsqLoRAConfig()
             if config.total_steps is None:
@@ -169,7 +180,23 @@ class TsqLoRACallback(TrainerCallback):
             while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
                 optimizer = optimizer.optimizer
             self._guard = protect_inactive(optimizer, model)
+        if cfg.orth_reg_weight > 0:
+            self._penalty_hook = model.register_forward_hook(self._add_penalty)
         self._seen_step = state.global_step
+
+    def _add_penalty(self, module, args, output):
+        if not (module.training and torch.is_grad_enabled()):
+            return None
+        loss = output.get("loss") if isinstance(output, dict) else None
+        if not isinstance(loss, torch.Tensor):
+            raise RuntimeError(
+                f"TsqLoRACallback: orth_reg_weight is {self.config.orth_reg_weight} but the "
+                "model's output holds no loss (the Trainer computes it outside the model: label "
+                "smoothing, compute_loss_func, or a batch without labels), so the orthogonality "
+                "regularizer cannot be added to it; add callback.allocator.orthogonality_penalty() "
+                "to that loss, or set orth_reg_weight=0")
+        output["loss"] = loss + self.allocator.orthogonality_penalty().to(loss.device)
+        return output
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.config.dynamic:
@@ -203,6 +230,7 @@ class TsqLoRACallback(TrainerCallback):
             self._warned = True
             warnings.warn(f"TsqLoRACallback: training ended after {state.global_step} steps "
                           "without a single reallocation; ranks never moved", stacklevel=2)
-        if self._guard is not None:
-            self._guard.remove()
-            self._guard = None
+        for handle in (self._guard, self._penalty_hook):
+            if handle is not None:
+                handle.remove()
+        self._guard = self._penalty_hook = None
