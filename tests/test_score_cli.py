@@ -79,6 +79,18 @@ def test_score_refuses_bad_input(tmp_path, model_dir, capsys):
                    "--text-field", "review", "--label-field", "y", "--out", str(tmp_path / "s.jsonl"),
                    *FLAGS])
     assert rc == 2 and "1 distinct label" in capsys.readouterr().err
+    # An --out that cannot be written is refused before the warm-up and scoring pass, not after.
+    (tmp_path / "taken").mkdir()
+    rc = cli.main(["score", "--model", str(model_dir), "--input", str(data), "--text-field", "review",
+                   "--label-field", "y", "--out", str(tmp_path / "taken"), *FLAGS,
+                   "--score-warmup", "1000000"])
+    assert rc == 2 and f"--out {tmp_path / 'taken'}: {tmp_path / 'taken'} is a folder" in capsys.readouterr().err
+    # A warm-up that diverges is named as one, with the rate to lower.
+    rc = cli.main(["score", "--model", str(model_dir), "--input", str(data), "--text-field", "review",
+                   "--label-field", "y", "--out", str(tmp_path / "s.jsonl"), *FLAGS, "--lr", "1e30"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "have a NaN/inf loss" in err and "3 warm-up steps at lr 1e+30: lower the learning rate" in err
+    assert not list(tmp_path.glob("s.jsonl*"))
 
 
 def _scores_file(path: Path, loss: np.ndarray) -> Path:

@@ -211,8 +211,14 @@ def test_resume_finds_the_run_from_any_directory_and_refuses_other_flags(tmp_pat
     n = len(calls)
     assert main(["train", "--resume", "moved", "--epochs", "5", "--out", "other", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "--resume continues" in err and "--epochs, --out, --progress" in err
+    assert "--resume continues" in err and "got --epochs, --out (to train" in err
     assert len(calls) == n
+    # What changes nothing the remaining steps compute may be given, as the error of a run stopped
+    # by non-finite steps suggests, and the next --resume keeps it.
+    assert main(["train", "--resume", "moved", "--max-nonfinite-steps", "50", "--no-progress"]) == 0
+    assert (calls[-1]["args"].max_nonfinite_steps, calls[-1]["args"].progress) == (50, False)
+    assert main(["train", "--resume", "moved"]) == 0
+    assert calls[-1]["args"].max_nonfinite_steps == 50
 
 
 def test_a_new_run_into_an_earlier_runs_folder_is_refused(tmp_path, monkeypatch, capsys):
@@ -265,6 +271,15 @@ def test_what_a_new_run_would_overwrite_is_refused_before_anything_is_written(tm
     assert f"{elsewhere} already holds checkpoints of an earlier run (up to step 10)" in capsys.readouterr().err
     assert (out / "selection.json").read_text() == "{}"
 
+    # A tsqlora demo folder: results without a run.json are still someone's.
+    demo = tmp_path / "demo"
+    (demo / "adapter").mkdir(parents=True)
+    (demo / "metrics.json").write_text('{"task": "rotten_tomatoes"}')
+    assert main(["train", "--data", str(data), "--out", str(demo)]) == 2
+    assert f"--out {demo} holds the results of an earlier run (adapter, metrics.json): choose " \
+        "another --out" in capsys.readouterr().err
+    assert (demo / "metrics.json").read_text() == '{"task": "rotten_tomatoes"}'
+
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     (fresh / "scores.jsonl").write_text(data.read_text())
@@ -274,6 +289,40 @@ def test_what_a_new_run_would_overwrite_is_refused_before_anything_is_written(tm
                  "--out", str(fresh)]) == 2
     assert "--eval-data" in capsys.readouterr().err
     assert not (fresh / "run.json").exists() and not calls
+
+
+def test_a_checkpoint_dir_that_cannot_be_one_and_refused_data_leave_no_run(tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "w1 w2 w3", "label": 0}\n{"text": "w4 w5 w6", "label": 1}\n')
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "run"
+    for argv, want in (
+            (["--checkpoint-dir", str(tmp_path / "notes.txt")],
+             f"--checkpoint-dir {tmp_path / 'notes.txt'}: a file is there, not a folder"),
+            (["--checkpoint-dir", ""], "--checkpoint-dir: empty"),
+            # Read before run.json is written: a demo or a corrected run may then use the folder.
+            (["--data", "bundled:rotten_tomato"], "unknown bundled data set 'rotten_tomato'"),
+            ([], "holding 1 distinct label(s); training needs at least 2")):
+        assert main(["train", "--data", str(data), "--out", str(out), *argv]) == 2
+        assert want in capsys.readouterr().err
+        assert not out.exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_module_flags_take_one_regex_or_name_suffixes(tmp_path, monkeypatch):
+    # nargs="+" made every value a list, which wrap reads as suffixes: a regex never matched.
+    from tsqlora_ext import pipeline
+
+    configs = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda model, task, out, config, args, **kw:
+                        configs.append(config))
+    monkeypatch.setattr(pipeline, "bundled_task", lambda name: name)
+    for i, (flags, want) in enumerate(((["query", "value"], ["query", "value"]),
+                                       (["attention.self.query"], ["attention.self.query"]),
+                                       ([r".*self\.(query|value)"], r".*self\.(query|value)"))):
+        assert main(["train", "--data", "bundled:bbc_news", "--out", str(tmp_path / str(i)),
+                     "--target-modules", *flags, "--exclude-modules", *flags]) == 0
+        assert configs[-1].target_modules == want == configs[-1].exclude_modules
 
 
 def test_resume_of_a_damaged_run_json_and_an_out_that_is_a_file_exit_2(tmp_path, capsys):

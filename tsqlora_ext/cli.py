@@ -50,9 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (ValueError, OSError, TypeError) as e:  # OSError: a path that is a folder, unwritable, ...
+    # OSError: a path that is a folder, unwritable, ...; ArithmeticError: training or a warm-up
+    # that diverged (FloatingPointError), whose message says what to change.
+    except (ValueError, OSError, TypeError, ArithmeticError) as e:
         print(f"tsqlora {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"tsqlora {args.command}: interrupted" + (
+            f" (continue with --resume {args.resume or args.out})" if args.command == "train" else ""),
+            file=sys.stderr)
+        return 130
 
 
 # ---- tsqlora select ----------------------------------------------------------------------------
@@ -146,6 +153,8 @@ def _dataclass_flags(p: argparse.ArgumentParser, cls, title: str, only=None) -> 
         flag = "--" + f.name.replace("_", "-")
         # argparse %-formats help texts; the fields' texts quote percentages.
         help_text = f.metadata.get("help", "").replace("%", "%%")
+        if f.name in REGEX_OR_NAMES:
+            help_text += " On the command line one value holding a regex character is the regex."
         kw: dict = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         # The declared type, not the default's: target_r is a float whose default is the int 8.
@@ -184,10 +193,21 @@ def _settings(args: argparse.Namespace, other_flags: tuple[str, ...]) -> tuple[d
         check_fields(TrainArgs, training, args.config)
     flags = {k: v for k, v in vars(args).items()
              if not k.startswith("_") and k not in ("command", "config", *other_flags)}
+    for name in REGEX_OR_NAMES & flags.keys():
+        # nargs="+" always gives a list, which wrap reads as name suffixes: one value that can
+        # only be a regex (module names hold no such characters) is the regex the field allows.
+        if len(flags[name]) == 1 and REGEX_CHARS & set(flags[name][0]):
+            flags[name] = flags[name][0]
     m_flags, t_flags = _split_settings(flags, "flags")
     method.update(m_flags)
     training.update(t_flags)
     return method, training
+
+
+# The config fields that take module-name suffixes or one regex, and the characters that mark a
+# --flag's single value as the regex.
+REGEX_OR_NAMES = frozenset({"target_modules", "exclude_modules"})
+REGEX_CHARS = frozenset("*+?()[]{}|^$\\")
 
 
 def _model_flag(p: argparse.ArgumentParser) -> None:
@@ -204,6 +224,18 @@ def _checkpoint_dir_of(run_file: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return folder if isinstance(folder, str) else None
+
+
+def _checkpoint_dir(folder: str) -> str:
+    """--checkpoint-dir as an absolute path, refused before anything runs when it cannot be one."""
+    import os
+
+    if not folder:
+        raise ValueError("--checkpoint-dir: empty (give a folder; --checkpoint-every 0 writes no "
+                         "checkpoints)")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"--checkpoint-dir {folder}: a file is there, not a folder")
+    return os.path.abspath(folder)
 
 
 def _check_model(model: str | None) -> None:
@@ -287,18 +319,21 @@ def _train(args: argparse.Namespace) -> int:
     from .config import TsqLoRAConfig
     from .pipeline import bundled_task, file_task, run_pipeline
     from .report import REPORT_FILES, write_json
-    from .train import TrainArgs
+    from .train import _RESUME_MAY_CHANGE, TrainArgs
 
     # What a run writes into --out besides run.json (pipeline.run_pipeline, report.py).
     results_written = ("selection.json", "scores.jsonl", "adapter", *REPORT_FILES)
     if args.resume:
-        typed = sorted("--" + k.replace("_", "-") for k, v in vars(args).items()
-                       if not k.startswith("_") and k not in ("command", "resume")
-                       and v != args._parser.get_default(k))
-        if typed:
+        typed = {k: v for k, v in vars(args).items()
+                 if not k.startswith("_") and k not in ("command", "resume")
+                 and v != args._parser.get_default(k)}
+        refused = sorted("--" + k.replace("_", "-") for k in typed.keys() - _RESUME_MAY_CHANGE)
+        if refused:
+            allowed = ", ".join(sorted("--" + k.replace("_", "-") for k in _RESUME_MAY_CHANGE))
             raise ValueError(f"--resume continues the run in {args.resume} with the settings of its "
-                             f"run.json and takes no other flag, got {', '.join(typed)} (to train "
-                             "with other settings, start a new run with another --out)")
+                             f"run.json and takes no other flag than {allowed}, got "
+                             f"{', '.join(refused)} (to train with other settings, start a new run "
+                             "with another --out)")
         folder = Path(os.path.abspath(args.resume))
         run_file = folder / "run.json"
         if not run_file.is_file():
@@ -318,6 +353,11 @@ def _train(args: argparse.Namespace) -> int:
         if run["train"]["checkpoint_dir"] == str(Path(run["out"]) / "checkpoints"):
             run["train"]["checkpoint_dir"] = str(folder / "checkpoints")
         run["out"] = str(folder)
+        if "checkpoint_dir" in typed:
+            typed["checkpoint_dir"] = _checkpoint_dir(typed["checkpoint_dir"])
+        # Settings that change nothing the remaining steps compute (a diverged run's error
+        # suggests raising max_nonfinite_steps); run.json keeps them for the next --resume.
+        run["train"].update(typed)
     else:
         if not args.data or not args.out:
             raise ValueError("--data and --out are required (or --resume DIR)")
@@ -335,7 +375,7 @@ def _train(args: argparse.Namespace) -> int:
         training.setdefault("checkpoint_every", 50)
         training.setdefault("checkpoint_dir", str(Path(out) / "checkpoints"))
         if training["checkpoint_dir"] is not None:
-            training["checkpoint_dir"] = os.path.abspath(training["checkpoint_dir"])
+            training["checkpoint_dir"] = _checkpoint_dir(training["checkpoint_dir"])
         train_args = TrainArgs.from_dict(training, "train args")
         # Refused here, before run.json of an earlier run is overwritten: its checkpoints (whatever
         # this run's --checkpoint-every), its results, and input files that outputs would replace.
@@ -345,11 +385,13 @@ def _train(args: argparse.Namespace) -> int:
         for folder in sorted(d for d in earlier_dirs if d):
             CheckpointManager(folder).refuse_earlier_run(earlier, label=f"--out {args.out}: ")
         # A run that wrote its selection but never got to train (stopped by an error) holds no
-        # results: a corrected run may replace it, where --resume would repeat the error.
+        # results: a corrected run may replace it, where --resume would repeat the error. Results
+        # without a run.json (a tsqlora demo folder) are no less someone's.
         results = [name for name in ("adapter", *REPORT_FILES) if (Path(out) / name).exists()]
-        if results and (Path(out) / "run.json").is_file():
+        if results:
             raise ValueError(f"--out {args.out} holds the results of an earlier run "
-                             f"({', '.join(results)}): {earlier}")
+                             f"({', '.join(results)}): " + (
+                                 earlier if (Path(out) / "run.json").is_file() else "choose another --out"))
         for flag in ("data", "eval_data"):
             given = getattr(args, flag)
             if not given or given.startswith("bundled:"):
@@ -368,15 +410,16 @@ def _train(args: argparse.Namespace) -> int:
                "baseline": args.baseline,
                "tsqlora": TsqLoRAConfig.from_dict(method, "tsqlora config").to_dict(),
                "train": train_args.to_dict()}
-        Path(out).mkdir(parents=True, exist_ok=True)
-        write_json(run, Path(out) / "run.json")
     config = TsqLoRAConfig.from_dict(run["tsqlora"], "run.json")
     train_args = TrainArgs.from_dict(run["train"], "run.json")
+    # The data is read before run.json is written: data it refuses leaves no run behind.
     if run["data"].startswith("bundled:"):
         task = bundled_task(run["data"].split(":", 1)[1])
     else:
         task = file_task(run["data"], run["text_field"], run["label_field"], run["eval_data"],
                          seed=config.seed)
+    Path(run["out"]).mkdir(parents=True, exist_ok=True)
+    write_json(run, Path(run["out"]) / "run.json")
     run_pipeline(run["model"], task, run["out"], config, train_args, baseline=run["baseline"],
                  resume=bool(args.resume))
     return 0

@@ -180,8 +180,14 @@ def _score(model, tokenizer, pool_tok: TokenizedData, config: TsqLoRAConfig, arg
     batches = make_loader(pool_tok, batch_size=args.eval_batch_size, max_length=args.max_length,
                           pad_id=pad_id_of(tokenizer), shuffle=False, seed=0,
                           num_workers=args.num_workers)
-    scores = quality.score_pool_from_config(model, list(batches), config, eta=args.lr,
-                                            progress=args.progress)
+    try:
+        scores = quality.score_pool_from_config(model, list(batches), config, eta=args.lr,
+                                                progress=args.progress)
+    except FloatingPointError as e:
+        if not warm:
+            raise
+        raise FloatingPointError(f"{e}; it ran {warm['steps']} warm-up steps at lr {args.lr:g}: "
+                                 "lower the learning rate") from None
     return warm, scores
 
 
@@ -459,12 +465,18 @@ def score_file(model_dir, path, text_field: str, label_field: str, out, config: 
     path, out = Path(path), Path(out)
     if out.exists() and path.exists() and os.path.samefile(out, path):
         raise ValueError(f"--out {out}: refusing to overwrite the input")
+    # Before the warm-up and the scoring pass, which the error would otherwise throw away.
+    for target in (out, out.with_name(out.name + ".meta.json")):
+        if target.is_dir():
+            raise IsADirectoryError(f"--out {out}: {target} is a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK):
+        raise PermissionError(f"--out {out}: cannot write into {out.parent}")
     texts, names, ids = _read_labelled(path, text_field, label_field)
     model, tokenizer = _load_model(model_dir, names, config.seed)
     model = wrap(model, config, verbose=False)
     data = TokenizedData.from_texts(tokenizer, texts, ids, args.max_length)
     warm, scores = _score(model, tokenizer, data, config, args)
-    out.parent.mkdir(parents=True, exist_ok=True)
     quality.write_scores(out, scores)
     meta = {**scores.meta, "warmup": warm, "input": str(path), "labels": names}
     write_json(meta, out.with_name(out.name + ".meta.json"))

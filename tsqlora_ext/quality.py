@@ -595,6 +595,12 @@ def score_pool(
     if np.unique(index).size != index.size:
         raise ValueError("quality score: batch 'index' values repeat; each example needs a unique id")
     loss = torch.cat(loss_l).numpy()
+    bad = ~np.isfinite(loss)
+    if bad.any():
+        # Said here: the wrong-label guard's mixture fit would refuse them naming neither.
+        raise FloatingPointError(f"quality score: {int(bad.sum())} of {seen} examples have a NaN/inf "
+                                 f"loss (the first: index {int(index[bad][0])}): the model's outputs "
+                                 "are not finite (a warm-up that diverged?)")
     G = torch.cat(sq_l).clamp_min(0).sqrt().numpy()
     D = torch.cat(d_l).numpy() if lookahead == "exact" else eta * G ** 2
     C = np.full(seen, np.nan)
