@@ -345,8 +345,9 @@ def test_a_config_file_that_is_not_an_object_of_fields_exits_2(tmp_path, capsys)
     argv = ["train", "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"), "--config", str(cfg)]
     for text, want in (("null", "settings must be a JSON object, got NoneType"),
                        ('{"tsqlora": 5}', '"tsqlora" must be a JSON object of fields, got int'),
-                       ('{"lr": "abc"}', "TrainArgs.lr must be float, got 'abc'")):
-        cfg.write_text(text)
+                       ('{"lr": "abc"}', "TrainArgs.lr must be float, got 'abc'"),
+                       ('{"seed": "caf\xe9"}'.encode("latin-1"), "not UTF-8 text (invalid continuation byte at byte 13)")):
+        cfg.write_bytes(text.encode() if isinstance(text, str) else text)
         assert main(argv) == 2
         assert f"{cfg}: {want}" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

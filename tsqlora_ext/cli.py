@@ -184,9 +184,11 @@ def _settings(args: argparse.Namespace, other_flags: tuple[str, ...]) -> tuple[d
     method, training = {}, {}
     if args.config:
         try:
-            values = json.loads(Path(args.config).read_text())
+            values = json.loads(Path(args.config).read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{args.config}: not valid JSON ({e})") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{args.config}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         method, training = _split_settings(values, args.config)
         # Checked here, while the file can still be named (flags override its values below).
         check_fields(TsqLoRAConfig, method, args.config)

@@ -343,7 +343,11 @@ class TsqLoRAConfig:
     @classmethod
     def load(cls, path: str | os.PathLike) -> TsqLoRAConfig:
         path = Path(path)
-        return cls.from_json(path.read_text(), source=str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        return cls.from_json(text, source=str(path))
 
     def replace(self, **changes) -> TsqLoRAConfig:
         return dataclasses.replace(self, **changes)
