@@ -121,3 +121,49 @@ def test_invalid_utf8_at_the_end_stays_within_the_text():
     codes, feats, _ = _C.gate_buffer(text + text + b"Q", offsets, GateConfig(near_dup=False).native(), 1)
     assert [_C.GATE_REASONS[c] for c in codes] == ["kept", "exact_duplicate"]
     np.testing.assert_array_equal(feats[0], feats[1])
+
+
+@pytest.mark.parametrize("name,value,message", [
+    # NaN fails every comparison: the rule never fired.
+    ("max_symbol_ratio", float("nan"), "a finite number >= 0"),
+    ("max_symbol_ratio", float("inf"), "a finite number >= 0"),
+    ("max_symbol_ratio", -1.0, "a finite number >= 0"),  # dropped every row
+    ("max_non_alpha_ratio", 1.5, r"in \[0, 1\]"),
+    ("max_non_alpha_ratio", float("nan"), r"in \[0, 1\]"),
+    ("max_dup_line_frac", -0.1, r"in \[0, 1\]"),
+    ("near_dup_threshold", 2.0, r"in \[0, 1\]"),  # no pair ever agreed on enough min-hashes
+    ("near_dup_threshold", float("nan"), r"in \[0, 1\]"),
+    ("min_words", -1, ">= 0"),
+    ("min_words", 2.5, "an integer"),
+    ("max_words", 0, ">= 1 and >= min_words=3, got 0"),
+    ("max_words", 2, ">= 1 and >= min_words=3, got 2"),  # every text too short or too long
+    ("ngram_min_words", -1, ">= 0"),
+    ("shingle_size", 0, ">= 1"),
+    ("bands", 0, ">= 1"),
+    ("rows", -1, ">= 1"),
+    ("minhash_seed", -1, r"in \[0, 2\*\*64\)"),
+    ("minhash_seed", 2**64, r"in \[0, 2\*\*64\)"),
+    ("top_ngram", [(0, 0.2)], r"\(n >= 1, share in \[0, 1\]\) pairs"),
+    ("top_ngram", [(2, float("nan"))], r"\(n >= 1, share in \[0, 1\]\) pairs"),
+    ("dup_ngram", [(5, 1.5)], r"\(n >= 1, share in \[0, 1\]\) pairs"),
+    ("dup_ngram", [5, 0.15], r"\(n >= 1, share in \[0, 1\]\) pairs"),
+    ("near_dup", "no", "True or False"),
+])
+def test_gate_config_refuses_values_that_silently_change_a_rule(name, value, message):
+    with pytest.raises(ValueError, match=rf"GateConfig: {name} must be.*{message}"):
+        GateConfig(**{name: value})
+
+
+def test_gate_config_is_checked_again_when_changed_after_construction():
+    cfg = GateConfig()
+    cfg.near_dup_threshold = float("nan")
+    with pytest.raises(ValueError, match=r"GateConfig: near_dup_threshold must be in \[0, 1\], got nan"):
+        cfg.native()
+
+
+def test_gate_config_takes_the_bounds_themselves():
+    cfg = GateConfig(min_words=0, max_words=1, max_symbol_ratio=0.0, max_non_alpha_ratio=1.0,
+                     max_dup_line_frac=0.0, ngram_min_words=0, near_dup_threshold=1.0,
+                     top_ngram=[(1, 0.0)], dup_ngram=[], minhash_seed=2**64 - 1)
+    codes, _, _ = _C.gate_texts(["one", "two words"], cfg.native(), 1)
+    assert [_C.GATE_REASONS[c] for c in codes] == ["kept", "too_long"]

@@ -88,6 +88,10 @@ def test_parquet_nulls_are_refused_naming_the_file_row_and_field(tmp_path):
     ("--mislabel-max-spread", "-1", r"mislabel_max_spread must be > 0, got -1"),
     ("--mislabel-max-spread", "nan", r"mislabel_max_spread must be > 0, got nan"),
     ("--threads", "-1", r"num_threads must be >= 0 \(0: all cores\), got -1"),
+    ("--max-line-bytes", "-5", r"max_line_bytes must be >= 1, got -5"),
+    ("--max-symbol-ratio", "nan", r"GateConfig: max_symbol_ratio must be a finite number >= 0, got nan"),
+    ("--near-dup-threshold", "2", r"GateConfig: near_dup_threshold must be in \[0, 1\], got 2"),
+    ("--min-words", "-1", r"GateConfig: min_words must be >= 0, got -1"),
 ])
 def test_out_of_range_settings_exit_2_without_a_scores_file(tmp_path, capsys, flag, value, message):
     import re
@@ -234,3 +238,72 @@ def test_row_without_score_names_the_scores_file(tmp_path, capsys):
                      "--no-gate", "--out", str(tmp_path / "o.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "row 19 has no score" in err and str(scores) in err
+
+
+def test_a_failed_select_leaves_every_output_as_it_was(tmp_path, capsys, monkeypatch):
+    # A --report that could not be written failed only after --out and --indices had been
+    # replaced: they held the new selection, the report the old one.
+    data, _ = _small(tmp_path)
+    out = tmp_path / "o.jsonl"
+    outputs = [out, tmp_path / "o.jsonl.indices.txt", tmp_path / "o.jsonl.report.json"]
+    base = ["select", "--input", str(data), "--no-gate", "--out", str(out)]
+    assert cli.main(base + ["--fraction", "0.5"]) == 0
+    before = [p.read_bytes() for p in outputs]
+    (tmp_path / "a_file").write_text("")
+
+    def full_disk(_obj):
+        raise OSError(28, "No space left on device")
+
+    for flags, words in [
+        (["--report", str(tmp_path / "a_file" / "r.json")], ["--report", "cannot create the folder"]),
+        (["--indices", str(tmp_path / "a_file" / "sub" / "i.txt")],
+         [f"--indices {tmp_path / 'a_file' / 'sub' / 'i.txt'}", "cannot create the folder"]),
+        (["--indices", str(tmp_path)], ["--indices", "is a folder"]),
+        ([], ["--report", "No space left on device"]),  # written last, after the other two
+    ]:
+        if not flags:
+            monkeypatch.setattr("tsqlora_ext.selector.strict_json", full_disk)
+        assert cli.main(base + ["--fraction", "0.25"] + flags) == 2, flags
+        err = capsys.readouterr().err
+        assert all(w in err for w in words), (flags, err)
+        assert [p.read_bytes() for p in outputs] == before, flags
+        assert not list(tmp_path.glob(".*tmp*")), flags
+
+
+def test_npy_scores_must_hold_one_number_per_row(tmp_path, capsys):
+    # A (20, 2) array for 40 rows was flattened into 40 "per-row" scores.
+    from tsqlora_ext.selector import read_scores
+
+    data, _ = _small(tmp_path, n=40)
+    npy = tmp_path / "s.npy"
+    base = ["select", "--input", str(data), "--scores", str(npy), "--fraction", "0.5", "--no-gate",
+            "--out", str(tmp_path / "o.jsonl")]
+    np.save(npy, np.arange(40.0).reshape(20, 2))
+    assert cli.main(base) == 2
+    assert "s.npy: scores of shape (20, 2); expected one per row, shape (40,)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"select: scores of shape \(20, 2\)"):
+        tsqlora_ext.select(data, scores=np.arange(40.0).reshape(20, 2), fraction=0.5, gate=False)
+    np.save(npy, np.arange(40.0).reshape(40, 1))
+    np.testing.assert_array_equal(read_scores(npy, 40)["score"], np.arange(40.0))
+    np.save(npy, np.arange(39.0))
+    with pytest.raises(ValueError, match=r"s.npy: 39 scores for 40 rows"):
+        read_scores(npy, 40)
+    npy.write_bytes(b"garbage")  # np.load said "pickled (object) data" without the file
+    with pytest.raises(ValueError, match=r"s.npy: not a .npy file \(no NumPy header\)"):
+        read_scores(npy, 40)
+    np.save(npy, np.arange(40.0))
+    npy.write_bytes(npy.read_bytes()[:-8])
+    with pytest.raises(ValueError, match=r"s.npy: unreadable .npy array"):
+        read_scores(npy, 40)
+
+
+def test_scores_jsonl_that_is_not_utf8_names_the_line(tmp_path):
+    from tsqlora_ext.selector import read_scores
+
+    p = tmp_path / "s.jsonl"
+    rows = [json.dumps({"score": i, "note": "é" if i == 2 else "e"}, ensure_ascii=False) + "\n" for i in range(4)]
+    p.write_bytes("".join(rows).encode("latin-1"))
+    with pytest.raises(ValueError, match=r"line 3 of s.jsonl: invalid UTF-8 at byte 22 of the line"):
+        read_scores(p, 4)
+    p.write_bytes(b"\xef\xbb\xbf" + "".join(rows).encode())  # a byte-order mark is still read
+    np.testing.assert_array_equal(read_scores(p, 4)["score"], [0.0, 1.0, 2.0, 3.0])

@@ -19,7 +19,8 @@ nothing; with only a ``p_mislabeled`` column it drops the rows above the thresho
 
 jsonl, csv and tsv files are read natively (C++ thread pool, GIL released); parquet files,
 ``datasets.Dataset``, ``pandas.DataFrame`` and pyarrow tables hand their text column to C++ as an
-Arrow buffer without copies. Outputs are written atomically and never over the input.
+Arrow buffer without copies. Outputs are written atomically, all of them or none, and never over
+the input.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from . import _C
-from .config import native_seed
+from .config import check_integers, native_seed
 from .mislabel import check_guard_settings, flag_losses, guard_abstains
 from .report import strict_json
 
@@ -45,6 +46,14 @@ GATE_REASONS: tuple[str, ...] = tuple(_C.GATE_REASONS)
 REASONS: tuple[str, ...] = GATE_REASONS + ("likely_mislabeled", "not_selected")
 FILE_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 DEFAULT_MAX_LINE_BYTES = 16 << 20
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_share(x) -> bool:
+    return _is_number(x) and 0.0 <= x <= 1.0  # (NaN fails the comparison)
 
 
 @dataclass
@@ -76,7 +85,49 @@ class GateConfig:
     near_dup_threshold: float = field(default=0.7, metadata={"help": "share of equal min-hashes to confirm"})
     minhash_seed: int = field(default=0x5EED, metadata={"help": "seed of the min-hash permutations"})
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse settings that would switch a rule off or drop every row unasked: NaN fails every
+        comparison (the rule never fires), a share above 1 is never exceeded, a negative threshold
+        always is. Thresholds are checked also while their rule is off, so a typo is never silent."""
+        def bad(msg: str):
+            raise ValueError(f"GateConfig: {msg}")
+
+        for name in ("length", "symbol_ratio", "non_alpha_ratio", "repeated_lines", "repeated_ngrams",
+                     "exact_dup", "near_dup"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                bad(f"{name} must be True or False, got {getattr(self, name)!r}")
+        check_integers(self, ("min_words", "max_words", "ngram_min_words", "shingle_size", "bands", "rows",
+                              "minhash_seed"), bad)
+        for name in ("min_words", "ngram_min_words"):
+            if getattr(self, name) < 0:
+                bad(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_words < max(1, self.min_words):
+            bad(f"max_words must be >= 1 and >= min_words={self.min_words}, got {self.max_words}")
+        # Symbols are counted per word and a word can hold several ('###'), so this ratio may exceed 1.
+        if not (_is_number(self.max_symbol_ratio) and math.isfinite(self.max_symbol_ratio)
+                and self.max_symbol_ratio >= 0):
+            bad(f"max_symbol_ratio must be a finite number >= 0, got {self.max_symbol_ratio!r}")
+        for name in ("max_non_alpha_ratio", "max_dup_line_frac", "near_dup_threshold"):
+            if not _is_share(getattr(self, name)):
+                bad(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        for name in ("top_ngram", "dup_ngram"):
+            pairs = getattr(self, name)
+            if not (isinstance(pairs, (list, tuple)) and all(
+                    isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], numbers.Integral)
+                    and not isinstance(p[0], (bool, np.bool_)) and p[0] >= 1 and _is_share(p[1])
+                    for p in pairs)):
+                bad(f"{name} must be a list of (n >= 1, share in [0, 1]) pairs, got {pairs!r}")
+        for name in ("shingle_size", "bands", "rows"):
+            if getattr(self, name) < 1:
+                bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.minhash_seed < 2**64:
+            bad(f"minhash_seed must be in [0, 2**64), got {self.minhash_seed}")
+
     def native(self) -> _C.GateConfig:
+        self.validate()  # again: a field may have been set after construction
         cfg = _C.GateConfig()
         for f in dataclasses.fields(self):
             setattr(cfg, f.name, getattr(self, f.name))
@@ -206,18 +257,28 @@ def read_scores(path, n: int) -> dict[str, np.ndarray]:
     scores. Returns arrays of length n; rows without a score get NaN."""
     path = Path(path)
     if path.suffix == ".npy":
-        scores = np.load(path).astype(np.float64).reshape(-1)
-        if scores.size != n:
-            raise ValueError(f"{path.name}: {scores.size} scores for {n} rows")
-        return {"score": scores}
+        with open(path, "rb") as f:
+            # Without the header np.load takes the file for a pickle and says only that.
+            if f.read(6) != b"\x93NUMPY":
+                raise ValueError(f"{path.name}: not a .npy file (no NumPy header)")
+        try:
+            scores = np.load(path)
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{path.name}: unreadable .npy array ({e})") from None
+        return {"score": _per_row_scores(scores, n, path.name)}
     cols: dict[str, np.ndarray] = {"score": np.full(n, np.nan)}
     line_of = np.zeros(n, dtype=np.int64)  # the line that scored each row (0: none yet)
-    with open(path, encoding="utf-8-sig") as f:
+    # Read as bytes and decoded line by line, so that a byte that is not UTF-8 is named with its line.
+    with open(path, "rb") as f:
         row = 0
-        for lineno, line in enumerate(f, 1):
+        for lineno, raw in enumerate(f, 1):
+            where = f"line {lineno} of {path.name}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: invalid UTF-8 at byte {e.start} of the line") from None
             if not line.strip():
                 continue
-            where = f"line {lineno} of {path.name}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -240,6 +301,22 @@ def read_scores(path, n: int) -> dict[str, np.ndarray]:
     return cols
 
 
+def _per_row_scores(scores, n: int, where: str) -> np.ndarray:
+    """``scores`` as n float64s, one per row: shape (n,), or (n, 1) as a column. Any other shape is
+    refused, naming ``where``: flattening (n/2, 2) gave n numbers that are not per-row scores."""
+    try:
+        arr = np.asarray(scores, dtype=np.float64)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: scores must be numbers ({e})") from None
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise ValueError(f"{where}: scores of shape {arr.shape}; expected one per row, shape ({n},)")
+    if arr.size != n:
+        raise ValueError(f"{where}: {arr.size} scores for {n} rows")
+    return arr
+
+
 # ---- output ------------------------------------------------------------------------------------
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -249,18 +326,41 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then os.replace onto path, so a failed write leaves path as it was. (What
-    path must not be, the input or the scores file, select checks before anything is written.)"""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _check_output(flag: str, path: Path) -> None:
+    """Before any work: ``path`` is no folder and its folder exists (made here if need be) and is
+    writable, so that a bad output path fails at once, naming its flag."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path}: is a folder")
+    folder = path.parent
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"{flag} {path}: cannot create the folder {folder} ({e.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path}: the folder {folder} is not writable")
+
+
+def _write_together(outputs: list[tuple[str, Path, Any]]) -> None:
+    """Each (flag, path, write) calls write(tmp) on a temporary file beside path; only when all
+    are written are they renamed into place. A failure before the renames removes the temporary
+    files and leaves every output as it was: the subset, its indices and its report never
+    describe different selections. (What a path must not be, the input, the scores file or
+    another output, select checks before anything is written.)"""
+    written: list[tuple[Path, Path]] = []
+    try:
+        for flag, path, write in outputs:
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            written.append((tmp, path))
+            try:
+                write(tmp)
+            except OSError as e:
+                raise OSError(f"{flag} {path}: {e.strerror or e}") from None
+        for tmp, path in written:
+            os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for tmp, _ in written:
+            if tmp.exists():
+                tmp.unlink()
 
 
 def _refuse_clashing_files(data, scores, outputs: dict) -> None:
@@ -279,7 +379,9 @@ def _refuse_clashing_files(data, scores, outputs: dict) -> None:
                 raise ValueError(f"select: {other} {other_path} and {name} {path} are the same file")
 
 
-def _write_subset(rows: _Rows, indices: np.ndarray, out: Path) -> None:
+def _subset_writer(rows: _Rows, indices: np.ndarray, out: Path):
+    """write(tmp) for the kept rows as --out names them; a format that cannot be written is
+    refused here, before any output is written."""
     fmt = FILE_FORMATS.get(out.suffix.lower())
     if rows.kind in ("jsonl", "csv", "tsv"):
         if fmt != rows.kind:
@@ -293,23 +395,20 @@ def _write_subset(rows: _Rows, indices: np.ndarray, out: Path) -> None:
                 for i in indices:
                     f.write(t.raw(int(i)))
                     f.write(newline)
-        atomic_write(out, write)
-        return
+        return write
     if rows.kind == "list":
         raise ValueError("select: a list of str has no file format; use the returned indices")
     import pyarrow as pa
     table = rows.table.take(pa.array(indices, type=pa.int64()))
     if fmt == "parquet":
         import pyarrow.parquet as pq
-        atomic_write(out, lambda tmp: pq.write_table(table, tmp))
-    elif fmt == "jsonl":
-        atomic_write(out, lambda tmp: table.to_pandas().to_json(tmp, orient="records", lines=True,
-                                                                force_ascii=False))
-    elif fmt in ("csv", "tsv"):
+        return lambda tmp: pq.write_table(table, tmp)
+    if fmt == "jsonl":
+        return lambda tmp: table.to_pandas().to_json(tmp, orient="records", lines=True, force_ascii=False)
+    if fmt in ("csv", "tsv"):
         sep = "," if fmt == "csv" else "\t"
-        atomic_write(out, lambda tmp: table.to_pandas().to_csv(tmp, sep=sep, index=False))
-    else:
-        raise ValueError(f"--out {out.name}: use .parquet, .jsonl, .csv or .tsv")
+        return lambda tmp: table.to_pandas().to_csv(tmp, sep=sep, index=False)
+    raise ValueError(f"--out {out.name}: use .parquet, .jsonl, .csv or .tsv")
 
 
 def _stats(x: np.ndarray) -> dict[str, Any]:
@@ -426,6 +525,8 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
     check_guard_settings(mislabel_threshold, mislabel_max_spread, "select", prefix="mislabel_")
     if num_threads is not None and int(num_threads) < 0:
         raise ValueError(f"select: num_threads must be >= 0 (0: all cores), got {num_threads}")
+    if max_line_bytes < 1:  # (below 1 every line of a jsonl/csv/tsv input would be malformed)
+        raise ValueError(f"select: max_line_bytes must be >= 1, got {max_line_bytes}")
     native = native_seed(int(seed), "select")
     threads = 0 if num_threads is None else int(num_threads)
     stratify = bool(label_field) if stratify is None else stratify
@@ -434,6 +535,10 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
 
     _refuse_clashing_files(data, scores, {"out": out, "indices_out": indices_out,
                                           "report_out": report_out})
+    outputs = {flag: Path(path) for flag, path in (("--out", out), ("--indices", indices_out),
+                                                   ("--report", report_out)) if path is not None}
+    for flag, path in outputs.items():
+        _check_output(flag, path)
     rows = load_rows(data, text_field, label_field, skip_bad=skip_bad, max_line_bytes=max_line_bytes,
                      num_threads=threads)
     n = rows.n
@@ -463,9 +568,7 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
             if flagged is not None:
                 extra["likely_mislabeled"] = flagged
     else:
-        q = np.asarray(scores, dtype=np.float64).reshape(-1)
-        if q.size != n:
-            raise ValueError(f"select: {q.size} scores for {n} rows")
+        q = _per_row_scores(scores, n, "select")
     for reason, mask in (drop or {}).items():
         if reason not in REASONS or reason in ("kept", "not_selected"):
             raise ValueError(f"select: unknown drop reason {reason!r}")
@@ -527,12 +630,11 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
             d["kept"] += int(kk)
         report["labels"] = by_label
 
-    if out is not None:
-        _write_subset(rows, indices, Path(out))
-    if indices_out is not None:
-        atomic_write(Path(indices_out), lambda tmp: Path(tmp).write_text("".join(f"{i}\n" for i in indices)))
-    if report_out is not None:
-        atomic_write(Path(report_out), lambda tmp: Path(tmp).write_text(strict_json(report)))
+    write = {"--indices": lambda tmp: Path(tmp).write_text("".join(f"{i}\n" for i in indices)),
+             "--report": lambda tmp: Path(tmp).write_text(strict_json(report))}
+    if "--out" in outputs:
+        write["--out"] = _subset_writer(rows, indices, outputs["--out"])
+    _write_together([(flag, path, write[flag]) for flag, path in outputs.items()])
 
     subset = None
     if rows.kind == "dataset":
