@@ -235,7 +235,7 @@ def _random_scores(n=7, seed=0):
 def test_scores_file_round_trip(tmp_path):
     s = _random_scores()
     path = write_scores(tmp_path / "scores.jsonl", s)
-    assert not (tmp_path / "scores.jsonl.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["scores.jsonl"]  # no temporary file left
     first = json.loads(path.read_text().splitlines()[0])
     assert set(first) == set(SCORE_FIELDS) | {"likely_mislabeled"}
     back = read_scores(path, mislabel_threshold=0.5)

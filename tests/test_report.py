@@ -72,3 +72,20 @@ def test_quality_histogram_title_tells_gate_drops_from_guard_drops():
     title = quality_title({"too_short": 3, "exact_duplicate": 2, "likely_mislabeled": 76})
     assert title == ("quality score Q — not scored (gate): too_short 3, exact_duplicate 2; of the "
                      "dropped, the wrong-label guard's 76")
+
+
+def test_a_failed_atomic_write_leaves_the_file_as_it_was_and_no_temporary_file(tmp_path):
+    from tsqlora_ext.report import atomic_write
+
+    path = tmp_path / "metrics.json"
+    path.write_text("earlier")
+
+    def half_then_fail(tmp):
+        tmp.write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(path, half_then_fail)
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"] and path.read_text() == "earlier"
+    atomic_write(path, lambda tmp: tmp.write_text("new"))
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"] and path.read_text() == "new"

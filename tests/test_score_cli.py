@@ -84,7 +84,7 @@ def test_score_refuses_bad_input(tmp_path, model_dir, capsys):
     rc = cli.main(["score", "--model", str(model_dir), "--input", str(data), "--text-field", "review",
                    "--label-field", "y", "--out", str(tmp_path / "taken"), *FLAGS,
                    "--score-warmup", "1000000"])
-    assert rc == 2 and f"--out {tmp_path / 'taken'}: {tmp_path / 'taken'} is a folder" in capsys.readouterr().err
+    assert rc == 2 and f"--out {tmp_path / 'taken'}: is a folder" in capsys.readouterr().err
     # A warm-up that diverges is named as one, with the rate to lower.
     rc = cli.main(["score", "--model", str(model_dir), "--input", str(data), "--text-field", "review",
                    "--label-field", "y", "--out", str(tmp_path / "s.jsonl"), *FLAGS, "--lr", "1e30"])

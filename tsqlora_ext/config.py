@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .mislabel import check_guard_settings
+from .report import atomic_write
 
 
 # The fields tsqlora_ext.wrap builds the adapted layers from (seed aside: it also orders the
@@ -335,10 +336,7 @@ class TsqLoRAConfig:
         return cls.from_dict(d, source)
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json() + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: tmp.write_text(self.to_json() + "\n"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TsqLoRAConfig:

@@ -30,7 +30,7 @@ import torch
 
 from .checkpoint import CheckpointManager
 from .config import TsqLoRAConfig
-from .report import fmt_seconds, format_ranks, write_json, write_report
+from .report import check_output, fmt_seconds, format_ranks, write_json, write_report
 from .train import (TokenizedData, TrainArgs, dist_info, init_distributed_from_env, make_loader,
                     pad_id_of, scheduled, train)
 
@@ -467,11 +467,7 @@ def score_file(model_dir, path, text_field: str, label_field: str, out, config: 
         raise ValueError(f"--out {out}: refusing to overwrite the input")
     # Before the warm-up and the scoring pass, which the error would otherwise throw away.
     for target in (out, out.with_name(out.name + ".meta.json")):
-        if target.is_dir():
-            raise IsADirectoryError(f"--out {out}: {target} is a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out.parent, os.W_OK):
-        raise PermissionError(f"--out {out}: cannot write into {out.parent}")
+        check_output("--out", target)
     texts, names, ids = _read_labelled(path, text_field, label_field)
     model, tokenizer = _load_model(model_dir, names, config.seed)
     model = wrap(model, config, verbose=False)

@@ -54,6 +54,7 @@ from torch import nn
 from .config import LOOKAHEADS, MODES, PREFERENCES
 from .layers import VarRankLoRALinear, protect_inactive
 from .mislabel import flag_losses, flag_mislabeled, guard_abstains, high_loss_spread
+from .report import atomic_write
 from .train import _autocast, grad_norm, lora_layers
 
 SCORE_FIELDS = ("index", "loss", "G", "D", "C", "Q", "score", "p_mislabeled")
@@ -711,13 +712,11 @@ def warmup(model: nn.Module, optimizer: torch.optim.Optimizer, pool: dict, steps
 def write_scores(path: str | os.PathLike, scores: QualityScores) -> Path:
     """Write one JSON object per example (index, loss, G, D, C, Q, score, p_mislabeled, and the
     guard's likely_mislabeled) atomically; ``tsqlora select --scores`` reads it (``score`` is what it samples by)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in scores.rows():
-            f.write(json.dumps(row, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in scores.rows():
+                f.write(json.dumps(row, allow_nan=False) + "\n")
+    return atomic_write(path, write)
 
 
 def read_scores(path: str | os.PathLike, mislabel_threshold: float = 0.5) -> QualityScores:

@@ -17,7 +17,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -31,19 +31,42 @@ def _pyplot():
     return plt
 
 
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` on a temporary file beside ``path``, then renamed onto it: a reader sees the
+    old file or the new one, and a failed write leaves ``path`` as it was and no temporary file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def check_output(flag: str, path: Path) -> None:
+    """Before any work: ``path`` is no folder and its folder exists (made here if need be) and is
+    writable, so that a bad output path fails at once, naming its flag."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path}: is a folder")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"{flag} {path}: cannot create the folder {folder} ({e.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path}: the folder {folder} is not writable")
+
+
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:
     """Write ``obj`` atomically as strict JSON: NaN and ±inf (a skipped step's loss, say) become
     null, which every JSON reader accepts, where Python's default writes the non-standard NaN."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(strict_json(obj))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(strict_json(obj)))
 
 
 def strict_json(obj: Any) -> str:

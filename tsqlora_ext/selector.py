@@ -40,7 +40,7 @@ import numpy as np
 from . import _C
 from .config import check_integers, native_seed
 from .mislabel import check_guard_settings, flag_losses, guard_abstains
-from .report import strict_json
+from .report import check_output, strict_json
 
 GATE_REASONS: tuple[str, ...] = tuple(_C.GATE_REASONS)
 REASONS: tuple[str, ...] = GATE_REASONS + ("likely_mislabeled", "not_selected")
@@ -326,20 +326,6 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _check_output(flag: str, path: Path) -> None:
-    """Before any work: ``path`` is no folder and its folder exists (made here if need be) and is
-    writable, so that a bad output path fails at once, naming its flag."""
-    if path.is_dir():
-        raise IsADirectoryError(f"{flag} {path}: is a folder")
-    folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OSError(f"{flag} {path}: cannot create the folder {folder} ({e.strerror})") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"{flag} {path}: the folder {folder} is not writable")
-
-
 def _write_together(outputs: list[tuple[str, Path, Any]]) -> None:
     """Each (flag, path, write) calls write(tmp) on a temporary file beside path; only when all
     are written are they renamed into place. A failure before the renames removes the temporary
@@ -538,7 +524,7 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
     outputs = {flag: Path(path) for flag, path in (("--out", out), ("--indices", indices_out),
                                                    ("--report", report_out)) if path is not None}
     for flag, path in outputs.items():
-        _check_output(flag, path)
+        check_output(flag, path)
     rows = load_rows(data, text_field, label_field, skip_bad=skip_bad, max_line_bytes=max_line_bytes,
                      num_threads=threads)
     n = rows.n

@@ -45,6 +45,7 @@ from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .config import TsqLoRAConfig, check_integers, check_layer_fields, config_value, dataclass_from_dict
 from .layers import VarRankLoRALinear, protect_inactive
 from .loader import TokenBatchLoader
+from .report import atomic_write
 
 
 def _f(default, help: str):
@@ -734,7 +735,4 @@ def _progress(total: int, initial: int, enabled: bool):
 
 
 def save_result(result: TrainResult, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n"))

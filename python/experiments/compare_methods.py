@@ -540,10 +540,11 @@ class RunStore:
         return next((r for r in self.runs if r["key"] == key and r["settings_id"] == sid), None)
 
     def add(self, run: dict[str, Any]) -> None:
+        from tsqlora_ext.report import atomic_write
+
         self.runs.append(run)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in self.runs))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda tmp: tmp.write_text(
+            "".join(json.dumps(r, allow_nan=True) + "\n" for r in self.runs)))
 
 
 def run_key(task: str, method: str, lr: float, seed: int, preference: str | None = None) -> str:
@@ -874,7 +875,7 @@ def render_markdown(summary: dict[str, Any], title: str) -> str:
 
 def write_summary(store: RunStore, out: Path, name: str, opts, title: str) -> None:
     """Summarise the finished runs made with the current settings of the selected tasks/methods."""
-    from tsqlora_ext.report import write_json
+    from tsqlora_ext.report import atomic_write, write_json
     settings = task_settings(opts.model, opts.quick, opts.device)
     sids = {settings_id(settings[t], t) for t in opts.tasks}
     runs = [r for r in store.runs if r["settings_id"] in sids and r["method"] in opts.methods
@@ -903,10 +904,7 @@ def write_summary(store: RunStore, out: Path, name: str, opts, title: str) -> No
         summary["methods_without_runs"] = absent
         title += f" — *no finished runs yet of {', '.join(LABELS[m] for m in absent)}*"
     write_json(summary, out / f"{name}.json")
-    md = out / f"{name}.md"
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text(render_markdown(summary, title))
-    os.replace(tmp, md)
+    md = atomic_write(out / f"{name}.md", lambda tmp: tmp.write_text(render_markdown(summary, title)))
     print(md.read_text())
     print(f"wrote {out / (name + '.json')} and {md}")
 

@@ -28,6 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tsqlora_ext.report import atomic_write
+
 REPO = Path(__file__).resolve().parents[2]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 GENERATOR = "python python/experiments/make_report.py"
@@ -43,12 +45,6 @@ def replace_section(text: str, body: str, source: str = "README") -> str:
     if j < i:
         raise ValueError(f"{source}: {END!r} comes before {BEGIN!r}")
     return text[:i + len(BEGIN)] + "\n" + body.strip("\n") + "\n" + text[j:]
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _rel(path: Path, readme: Path) -> str:
@@ -103,7 +99,7 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
 
 
 def plot_fractions(summary: dict[str, Any], path: Path, title: str) -> None:
@@ -247,7 +243,7 @@ def main(argv=None) -> int:
     body = build_body(a.results.resolve(), a.bench.resolve(), readme)
     new = replace_section(text, body, str(readme))
     if new != text:
-        _atomic_write(readme, lambda tmp: tmp.write_text(new))
+        atomic_write(readme, lambda tmp: tmp.write_text(new))
     print(f"{readme}: results section {'updated' if new != text else 'unchanged'} "
           f"({len(body.splitlines())} lines)")
     return 0

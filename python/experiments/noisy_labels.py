@@ -247,10 +247,10 @@ def fit_schedule(config, n_train: int, targs):
 
 # ---- results file and table ----------------------------------------------------------------------
 def write_atomic(path: Path, text: str) -> None:
+    from tsqlora_ext.report import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _ms(values) -> tuple[float, float]:

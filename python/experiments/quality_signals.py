@@ -29,6 +29,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from tsqlora_ext import bundled  # noqa: E402
 from tsqlora_ext.layers import VarRankLoRALinear  # noqa: E402
 from tsqlora_ext.quality import make_batches, score_pool, warmup  # noqa: E402
+from tsqlora_ext.report import atomic_write  # noqa: E402
 
 TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 
@@ -171,9 +172,7 @@ def main() -> None:
     payload = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "torch": torch.__version__, "summary_auc": summary, "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
     print(f"wrote {args.out}")
 
 
