@@ -526,3 +526,16 @@ def test_help_lists_every_flag(command, capsys):
     assert out.startswith("usage:") and f" {command}" in out.splitlines()[0]
     if command in ("train", "score"):
         assert "20%" in out  # from a field's help text, the percent sign intact
+
+
+def test_ctrl_c_says_how_to_continue_instead_of_a_traceback(tmp_path, monkeypatch, capsys):
+    from tsqlora_ext import pipeline
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_pipeline", interrupted)
+    monkeypatch.setattr(pipeline, "bundled_task", lambda name: name)
+    assert main(["train", "--data", "bundled:bbc_news", "--out", str(tmp_path / "run")]) == 130
+    assert capsys.readouterr().err == (f"tsqlora train: interrupted (continue with --resume "
+                                       f"{tmp_path / 'run'})\n")

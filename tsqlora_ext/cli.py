@@ -321,7 +321,7 @@ def _train(args: argparse.Namespace) -> int:
     from .config import TsqLoRAConfig
     from .pipeline import bundled_task, file_task, run_pipeline
     from .report import REPORT_FILES, write_json
-    from .train import _RESUME_MAY_CHANGE, TrainArgs
+    from .train import RESUME_MAY_CHANGE, TrainArgs
 
     # What a run writes into --out besides run.json (pipeline.run_pipeline, report.py).
     results_written = ("selection.json", "scores.jsonl", "adapter", *REPORT_FILES)
@@ -329,9 +329,9 @@ def _train(args: argparse.Namespace) -> int:
         typed = {k: v for k, v in vars(args).items()
                  if not k.startswith("_") and k not in ("command", "resume")
                  and v != args._parser.get_default(k)}
-        refused = sorted("--" + k.replace("_", "-") for k in typed.keys() - _RESUME_MAY_CHANGE)
+        refused = sorted("--" + k.replace("_", "-") for k in typed.keys() - RESUME_MAY_CHANGE)
         if refused:
-            allowed = ", ".join(sorted("--" + k.replace("_", "-") for k in _RESUME_MAY_CHANGE))
+            allowed = ", ".join(sorted("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE))
             raise ValueError(f"--resume continues the run in {args.resume} with the settings of its "
                              f"run.json and takes no other flag than {allowed}, got "
                              f"{', '.join(refused)} (to train with other settings, start a new run "

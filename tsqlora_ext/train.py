@@ -688,7 +688,7 @@ def train(
 # TrainArgs a resumed run may change, since none alters what the remaining steps compute: where
 # and how often checkpoints go, loader threads, the progress bar, and the stop rule for non-finite
 # steps (whose error suggests raising it).
-_RESUME_MAY_CHANGE = frozenset({"checkpoint_dir", "checkpoint_every", "keep_checkpoints",
+RESUME_MAY_CHANGE = frozenset({"checkpoint_dir", "checkpoint_every", "keep_checkpoints",
                                 "num_workers", "progress", "max_nonfinite_steps"})
 
 
@@ -702,7 +702,7 @@ def _changed_settings(state: dict[str, Any], config: TsqLoRAConfig, args: TrainA
                             (TsqLoRAConfig, saved_config, config.to_dict())):
         # Only fields both know: a field added since the checkpoint was written has no old value.
         for name in saved.keys() & now.keys():
-            if saved[name] != now[name] and not (cls is TrainArgs and name in _RESUME_MAY_CHANGE):
+            if saved[name] != now[name] and not (cls is TrainArgs and name in RESUME_MAY_CHANGE):
                 changed.append(f"{cls.__name__}.{name} {saved[name]!r} then, {now[name]!r} now")
     return sorted(changed)
 
