@@ -259,6 +259,26 @@ def test_bad_inputs_name_the_problem():
         train(model, train_data, ([], []), tw.tiny_config(), _args(max_steps=1), tokenizer=object())
     with pytest.raises(ValueError, match="evaluate: data holds no examples"):
         evaluate(model, TokenizedData([], np.zeros(0, dtype=np.int64)))
+    # Refused before training, not at the first evaluation after an epoch of it.
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="eval_data: holds no examples"):
+        train(model, train_data, TokenizedData([], []), tw.tiny_config(), _args(max_steps=1))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="3 token rows but 4 labels"):
+        TokenizedData(train_data.token_ids[:3], [0, 1, 0, 1])
+
+
+def test_labels_given_as_a_list_bools_or_a_tensor_train_and_evaluate():
+    # They passed the label check and the loader, and evaluation then failed after an epoch.
+    model = wrap(tw.tiny_bert(), tw.tiny_config(), verbose=False)
+    train_data, eval_data = tw.tiny_task(n=32)
+    ids = eval_data.token_ids
+    for labels in (list(map(int, eval_data.labels)), [bool(y) for y in eval_data.labels],
+                   torch.as_tensor(eval_data.labels)):
+        data = TokenizedData(ids, labels)
+        np.testing.assert_array_equal(data.labels, eval_data.labels)
+        assert data.labels.dtype == np.int64
+        assert evaluate(model, data) == evaluate(model, eval_data)
 
 
 def test_labels_outside_the_head_are_refused_before_training():
@@ -271,8 +291,6 @@ def test_labels_outside_the_head_are_refused_before_training():
         ("eval_data", [0, 1, 7], r"eval_data row 2: label 7 is not a class of the model \(1 such "
                                  r"row\(s\)\); its head has config.num_labels = 2"),
         ("train_data", [-100, 1, 0], r"train_data row 0: label -100 is not a class"),
-        ("train_data", [0.0, 0.7, 1.0], r"train_data: label of row 1 is 0.7, not an integer class id"),
-        ("train_data", ["neg", "pos", "neg"], r"train_data: labels must be integer class ids"),
     ]
     for which, labels, message in cases:
         bad = TokenizedData(train_data.token_ids[:3], np.asarray(labels))
@@ -282,6 +300,14 @@ def test_labels_outside_the_head_are_refused_before_training():
             train(model, data["train_data"], data["eval_data"], tw.tiny_config(), _args(max_steps=1))
     with pytest.raises(ValueError, match=r"evaluate: data row 2: label 7"):
         evaluate(model, TokenizedData(train_data.token_ids[:3], np.array([0, 1, 7])))
+    # What is no class id at all is refused where the data is built, or named by train.
+    for labels, message in (([0.0, 0.7, 1.0], r"label of row 1 is 0.7, not an integer class id"),
+                            (["neg", "pos", "neg"], r"labels must be integer class ids")):
+        with pytest.raises(ValueError, match=message):
+            TokenizedData(train_data.token_ids[:3], np.asarray(labels))
+        with pytest.raises(ValueError, match="train_data: " + message):
+            train(model, (["a", "b", "c"], labels), None, tw.tiny_config(), _args(max_steps=1),
+                  tokenizer=lambda *a, **k: {"input_ids": [[1], [2], [3]]})
     with pytest.raises(ValueError, match=r"train_data: labels must be one class id per example, got "
                                          r"an array of shape \(2, 1\)"):
         train(model, (["a b", "c d"], [[0], [1]]), None, tw.tiny_config(), _args(max_steps=1),
@@ -422,3 +448,19 @@ def test_a_layer_the_model_never_calls_is_named():
     model = wrap(Odd(), config, verbose=False)
     with pytest.warns(UserWarning, match=r"1 adapted layer\(s\) took no part in the forward pass.*: read;"):
         train(model, tw.tiny_task(n=32)[0], None, config, _args(max_steps=6, batch_size=8))
+
+
+def test_a_fraction_of_an_epoch_ends_at_the_first_step_that_covers_it():
+    # round() made 0.5 epoch of 8 micro-batches in steps of 3 run 0.75, and rounded halves to even
+    # (2.5 epochs of one step each ran 2, 3.5 ran 4).
+    from tsqlora_ext.train import optimizer_steps
+
+    assert [optimizer_steps(e, 8, 1) for e in (0.5, 1, 1.5, 2.5)] == [4, 8, 12, 20]
+    assert [optimizer_steps(e, 8, 3) for e in (0.5, 1, 2.5)] == [2, 3, 8]  # epochs of 3+3+2
+    assert [optimizer_steps(e, 8, 8) for e in (0.4, 1.5, 2.5, 3.5)] == [1, 2, 3, 4]
+    assert optimizer_steps(0.1, 10, 1) == 1 and optimizer_steps(0.01, 10, 1) == 1
+    train_data, _ = tw.tiny_task(n=64)  # 8 micro-batches of 8
+    config = tw.tiny_config(t_init=1, t_final=1, delta_t=1)
+    result = train(wrap(tw.tiny_bert(), config, verbose=False), train_data, None, config,
+                   TrainArgs(epochs=0.5, batch_size=8, lr=1e-3, progress=False))
+    assert result.optimizer_steps == 4

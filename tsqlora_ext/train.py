@@ -57,7 +57,8 @@ class TrainArgs:
     """How to train (the method itself is configured by TsqLoRAConfig)."""
 
     lr: float = _f(1e-3, "Peak learning rate of AdamW.")
-    epochs: float = _f(1.0, "Passes over the training data (fractions allowed: 0.5 stops half-way).")
+    epochs: float = _f(1.0, "Passes over the training data (fractions allowed: 0.5 stops at the first "
+                       "optimizer step that covers half of it).")
     max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs).")
     batch_size: int = _f(32, "Examples per micro-batch on each process.")
     grad_accum: int = _f(1, "Micro-batches per optimizer step.")
@@ -126,6 +127,14 @@ class TokenizedData:
     token_ids: list[list[int]]
     labels: np.ndarray
 
+    def __post_init__(self) -> None:
+        # As an int64 array whatever was given (a list, bools, a tensor): evaluation and the loader
+        # read it as one, and a list or a tensor passed every check but failed evaluation after an
+        # epoch of training.
+        self.labels = class_ids(self.labels.cpu() if isinstance(self.labels, torch.Tensor) else self.labels)
+        if len(self.labels) != len(self.token_ids):
+            raise ValueError(f"{len(self.token_ids)} token rows but {len(self.labels)} labels")
+
     def __len__(self) -> int:
         return len(self.token_ids)
 
@@ -178,10 +187,7 @@ def check_labels(data: TokenizedData, model: nn.Module, what: str) -> None:
     fails inside the loss only at the first evaluation, after an epoch of training, and -100
     is ignored by the loss yet counted as a wrong answer by accuracy."""
     num_labels = getattr(getattr(model, "config", None), "num_labels", None)
-    try:
-        labels = class_ids(data.labels)
-    except ValueError as e:
-        raise ValueError(f"{what}: {e}") from None
+    labels = data.labels
     if num_labels is None or not labels.size:
         return
     bad = np.flatnonzero((labels < 0) | (labels >= num_labels))
@@ -213,12 +219,23 @@ def as_tokenized(data, tokenizer, max_length: int, what: str) -> TokenizedData:
         raise ValueError(f"{what}: {e}") from None
 
 
+def optimizer_steps(epochs: float, micro_per_epoch: int, grad_accum: int) -> int:
+    """The optimizer steps of ``epochs`` passes over ``micro_per_epoch`` micro-batches: an epoch
+    ends with a shorter accumulation when grad_accum does not divide it, and a fraction of an epoch
+    ends at the first step that covers that share of its micro-batches (0.5 of 8 micro-batches:
+    4, so 2 steps of grad_accum 2, and 2 steps, 6 micro-batches, of grad_accum 3)."""
+    whole = math.floor(epochs)
+    # (less a hair: 0.1 * 10 is 1.0000000000000002, one micro-batch, not two)
+    rest = math.ceil((epochs - whole) * micro_per_epoch - 1e-9)
+    return max(1, whole * math.ceil(micro_per_epoch / grad_accum) + math.ceil(rest / grad_accum))
+
+
 def scheduled(config: TsqLoRAConfig, args: TrainArgs,
               micro_per_epoch: int) -> tuple[TsqLoRAConfig, int]:
     """(config with total_steps filled in when unset, the run's optimizer steps) for a loader of
     ``micro_per_epoch`` micro-batches; raises, as the config does, when its schedule does not fit
     the run (t_init + t_final leaving no budget phase)."""
-    total_steps = args.max_steps or max(1, round(args.epochs * math.ceil(micro_per_epoch / args.grad_accum)))
+    total_steps = args.max_steps or optimizer_steps(args.epochs, micro_per_epoch, args.grad_accum)
     return (config.replace(total_steps=total_steps) if config.total_steps is None else config), total_steps
 
 
@@ -469,6 +486,8 @@ def train(
     for tok, what in ((train_tok, "train_data"), (eval_tok, "eval_data")):
         if tok is not None:
             check_labels(tok, model, what)
+    if eval_tok is not None and len(eval_tok) == 0:
+        raise ValueError("eval_data: holds no examples (pass None to train without evaluation)")
 
     loader = make_loader(train_tok, batch_size=args.batch_size, max_length=args.max_length,
                          pad_id=pad_id, shuffle=True, seed=seed, rank=rank, world_size=world,

@@ -283,7 +283,9 @@ def _base_config(seed: int, settings: TaskSettings):
 
 def _steps(n_examples: int, settings: TaskSettings) -> int:
     """Optimizer steps tsqlora_ext.train makes on n examples (one micro-batch per step)."""
-    return max(1, round(settings.epochs * math.ceil(n_examples / settings.batch_size)))
+    from tsqlora_ext.train import optimizer_steps
+
+    return optimizer_steps(settings.epochs, math.ceil(n_examples / settings.batch_size), 1)
 
 
 class StepClock:
@@ -321,7 +323,7 @@ def run_peft(method: str, prep: PreparedTask, settings: TaskSettings, lr: float,
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
     from tsqlora_ext import pipeline
-    from tsqlora_ext.train import _autocast, evaluate, linear_schedule, make_loader, pad_id_of
+    from tsqlora_ext.train import _autocast, evaluate, linear_schedule, make_loader, optimizer_steps, pad_id_of
     from tsqlora_ext.wrap import DEFAULT_TARGET_MODULES
 
     args = _train_args(settings, lr)
@@ -331,7 +333,7 @@ def run_peft(method: str, prep: PreparedTask, settings: TaskSettings, lr: float,
     loader = make_loader(prep.train_tok, batch_size=args.batch_size, max_length=args.max_length,
                          pad_id=pad, shuffle=True, seed=seed, num_workers=args.num_workers)
     per_epoch = len(loader)
-    total = max(1, round(args.epochs * per_epoch))
+    total = optimizer_steps(args.epochs, per_epoch, 1)
     sched_cfg = schedule(total)
     if method == "lora":
         cfg = LoraConfig(r=TARGET_R, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
