@@ -157,6 +157,15 @@ def test_an_unclosed_quote_costs_its_line_only(tmp_path):
               "csv", "label", skip_bad=True)
     assert t.texts == ["fake", "c d"] and [b[0] for b in t.bad] == [2]
     assert "quote opened on line 3 never closes" in t.bad[0][1]
+    # The quote closed where the next line's quoted field opens: that line was lost with it.
+    rows = ['"a fine film",1', '"never closes, the review goes on,1', '"solid, clever",1', '"dull",0']
+    p = _write(tmp_path, "n.csv", ("text,label\n" + "\n".join(rows) + "\n").encode())
+    with pytest.raises(ValueError, match=r"line 3 of n.csv: unterminated quoted field \(the quote opened "
+                                         r"on line 3 closes only on line 4, mid-field\)"):
+        _read(p, "csv", "label")
+    t = _read(p, "csv", "label", skip_bad=True)
+    assert t.texts == ["a fine film", "solid, clever", "dull"] and [b[0] for b in t.bad] == [3]
+    assert list(t.line_numbers) == [2, 4, 5]
 
 
 def test_a_tsv_field_that_begins_with_a_quotation_is_text(tmp_path):

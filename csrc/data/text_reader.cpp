@@ -390,20 +390,21 @@ CsvRecord next_csv_record(const std::string& buf, int64_t& pos, int64_t& line, c
   bool in_quotes = false;  // inside its quotes
   bool after_quote = false;
   int64_t quote_pos = 0, quote_line = 0;  // where the open quote is
+  // A quote that does not close where its field should end: the bad record ends with the line the
+  // quote opened on, and reading goes on after it (with skip_bad; otherwise this is the error),
+  // rather than taking the lines it swallowed with it.
+  auto unterminated = [&](const std::string& how) {
+    r.error = "unterminated quoted field (the quote opened on line " + std::to_string(quote_line) + how + ")";
+    const void* nl = std::memchr(buf.data() + quote_pos, '\n', n - quote_pos);
+    const int64_t eol = nl ? static_cast<const char*>(nl) - buf.data() : n;
+    r.end = (eol > r.begin && buf[eol - 1] == '\r') ? eol - 1 : eol;
+    pos = eol < n ? eol + 1 : n;
+    line = quote_line + 1;
+    return r;
+  };
   for (;;) {
     if (pos >= n) {
-      if (in_quotes) {
-        // The quote swallowed the rest of the file: the bad record ends with the line the quote
-        // opened on, and reading goes on after it (with skip_bad; otherwise this is the error).
-        r.error = "unterminated quoted field (the quote opened on line " + std::to_string(quote_line) +
-                  " never closes)";
-        const void* nl = std::memchr(buf.data() + quote_pos, '\n', n - quote_pos);
-        const int64_t eol = nl ? static_cast<const char*>(nl) - buf.data() : n;
-        r.end = (eol > r.begin && buf[eol - 1] == '\r') ? eol - 1 : eol;
-        pos = eol < n ? eol + 1 : n;
-        line = quote_line + 1;
-        return r;
-      }
+      if (in_quotes) return unterminated(" never closes");
       r.end = n;
       r.fields.push_back(std::move(field));
       return r;
@@ -439,6 +440,8 @@ CsvRecord next_csv_record(const std::string& buf, int64_t& pos, int64_t& line, c
       continue;
     }
     if (after_quote) {
+      // The quote closed on a later line, where the next line's own quoted field opens.
+      if (quote_line < line) return unterminated(" closes only on line " + std::to_string(line) + ", mid-field");
       if (r.error.empty())
         r.error = "unexpected character after a closing quote (field " +
                   std::to_string(r.fields.size() + 1) + ")";
