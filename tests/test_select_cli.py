@@ -41,7 +41,10 @@ def test_cli_select_writes_subset_indices_and_report(tmp_path, rt_jsonl):
     assert r["exact_duplicate"] == 1
     assert r["likely_mislabeled"] == int(((gated == "kept") & (p_wrong > 0.5)).sum())
     assert sum(r.values()) == 3001 and report["kept"] == len(idx) == r["kept"]
-    assert report["selection"]["k"] == round(0.3 * report["selection"]["pool"])
+    # A fraction of the rows the gate keeps, as tsqlora train takes it: the guard's drops are
+    # replaced by other survivors (it was a fraction of the survivors, a smaller subset).
+    assert report["selection"]["gated"] == int((gated == "kept").sum()) == 2976
+    assert report["selection"]["k"] == round(0.3 * 2976) == report["kept"]
     assert report["scores"]["kept"]["mean"] > report["scores"]["dropped"]["mean"]
     assert set(report["labels"]) == {"0", "1"}
 

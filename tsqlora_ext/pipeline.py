@@ -130,7 +130,7 @@ def _select(task: TextTask, q: np.ndarray, mislabeled: np.ndarray, pool: np.ndar
             config: TsqLoRAConfig):
     import pandas as pd
 
-    from .selector import select
+    from .selector import select, selection_budget
 
     df = pd.DataFrame({"text": task.train_texts, "label": task.train_labels})
     drop = mislabeled & pool if config.mislabel_guard else np.zeros(len(pool), dtype=bool)
@@ -150,13 +150,6 @@ def row_scores(scores, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
     score[scores.index] = scores.score
     flagged[scores.index] = scores.likely_mislabeled
     return score, flagged
-
-
-def selection_budget(pool: int, survivors: int, fraction: float) -> int:
-    """How many examples to train on: ``fraction`` of the gated pool. The wrong-label guard does
-    not shrink it: the examples it drops are replaced by other survivors (all of them when fewer
-    survive)."""
-    return max(1, min(survivors, int(np.floor(fraction * pool + 0.5))))
 
 
 def _warmup(model, tokenizer, pool_tok: TokenizedData, config: TsqLoRAConfig,

@@ -8,7 +8,8 @@ Every input row ends with one reason: ``kept``, a gate reason (``empty``, ``too_
 ``too_long``, ``symbol_ratio``, ``non_alpha_ratio``, ``repeated_lines``, ``repeated_ngrams``,
 ``exact_duplicate``, ``near_duplicate``), ``likely_mislabeled`` (the wrong-label guard, or a mask
 passed in ``drop``), or ``not_selected`` (passed every filter but was not sampled). The fraction is taken of
-the pool that survives the filters.
+the rows the gate keeps: rows the wrong-label guard (or ``drop``) removes are replaced by other
+survivors, as ``tsqlora train`` replaces them (``selection_budget``).
 
 The wrong-label guard follows the rules of the TsqLoRA pipeline (tsqlora_ext.mislabel): with a
 ``loss`` column in the scores file (what ``tsqlora score`` writes) it fits the two-component
@@ -301,6 +302,13 @@ def read_scores(path, n: int) -> dict[str, np.ndarray]:
     return cols
 
 
+def selection_budget(gated: int, survivors: int, fraction: float) -> int:
+    """How many rows to keep: ``fraction`` of the rows the gate keeps. The wrong-label guard does
+    not shrink it: the rows it drops are replaced by other survivors (all of them when fewer
+    survive)."""
+    return max(1, min(survivors, math.floor(fraction * gated + 0.5)))
+
+
 def _per_row_scores(scores, n: int, where: str) -> np.ndarray:
     """``scores`` as n float64s, one per row: shape (n,), or (n, 1) as a column. Any other shape is
     refused, naming ``where``: flattening (n/2, 2) gave n numbers that are not per-row scores."""
@@ -574,8 +582,9 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
     if missing.any():
         where = f" in the scores file {scores}" if isinstance(scores, (str, os.PathLike)) else ""
         raise ValueError(f"select: row {int(np.flatnonzero(missing)[0])} has no score{where}")
+    gated = int((np.array(GATE_REASONS, dtype=object)[codes] == "kept").sum())
     if fraction is not None:
-        k = max(1, min(pool_size, math.floor(fraction * pool_size + 0.5)))
+        k = selection_budget(gated, pool_size, fraction)
     else:
         if count > pool_size:
             raise ValueError(f"select: count {count} exceeds the {pool_size} rows left after the filters")
@@ -596,7 +605,7 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
         "bad_lines": len(rows.bad),
         "bad_line_messages": [m for _, m in rows.bad[:20]],
         "gate": gate_cfg.as_dict() if gate_cfg else None,
-        "selection": {"fraction": fraction, "count": count, "k": int(k), "pool": pool_size,
+        "selection": {"fraction": fraction, "count": count, "k": int(k), "gated": gated, "pool": pool_size,
                       # JSON has no infinity: τ = inf (uniform) is recorded as the string "inf".
                       "temperature": "inf" if math.isinf(temperature) else temperature, "seed": seed, "stratify": stratify,
                       "scores": str(scores) if isinstance(scores, (str, os.PathLike)) else

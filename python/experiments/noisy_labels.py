@@ -169,8 +169,8 @@ def run_one(job: dict) -> dict:
 
     from tsqlora_ext import bundled
     from tsqlora_ext.config import TsqLoRAConfig
-    from tsqlora_ext.pipeline import _load_model, _score, _warmup, row_scores, selection_budget
-    from tsqlora_ext.selector import select
+    from tsqlora_ext.pipeline import _load_model, _score, _warmup, row_scores
+    from tsqlora_ext.selector import select, selection_budget
     from tsqlora_ext.train import TokenizedData, TrainArgs, train
     from tsqlora_ext.wrap import wrap
 
