@@ -42,6 +42,9 @@ def check_layer_fields(model, config, who: str) -> None:
                          "fields, e.g. model.tsqlora_config.replace(...)")
 
 
+# α1..3 of Q = α1 z(G) + α2 z(D) + α3 z(C); score_pool's default too (see quality_weights' help).
+DEFAULT_QUALITY_WEIGHTS = (0.5, 0.5, 0.0)
+
 # The fields that name modules: None, a list of names, or (not modules_to_save) one regex.
 NAME_LIST_FIELDS = ("target_modules", "exclude_modules", "modules_to_save")
 
@@ -184,7 +187,7 @@ class TsqLoRAConfig:
     data_fraction: float = _f(1.0, "Fraction f of the (gated) pool kept for training, in (0, 1]; "
                               "examples the wrong-label guard drops are replaced by other ones.")
     quality_weights: tuple[float, float, float] = _f(
-        (0.5, 0.5, 0.0), "alpha1..3 of Q = a1 z(G) + a2 z(D) + a3 z(C). C defaults to 0: measured on "
+        DEFAULT_QUALITY_WEIGHTS, "alpha1..3 of Q = a1 z(G) + a2 z(D) + a3 z(C). C defaults to 0: measured on "
         "Rotten Tomatoes with 20% flipped labels it carried no signal (AUC 0.55 with the pool mean, "
         "0.49 with a held-out clean gradient; python/experiments/quality_signals.py), and a 0 weight "
         "skips computing it.")
@@ -194,7 +197,7 @@ class TsqLoRAConfig:
         "where the guard abstains (clean data) it is exactly the random sample of the same seed. "
         "'moderate': p ~ exp(-|Q - median Q| / tau), typical Q first (Moderate Coreset). 'high': "
         "p ~ exp(Q / tau), the paper's largest gradients and look-ahead gains first; Q rises with "
-        "the loss, so it prefers the wrong labels (43.5% flipped kept of a pool with 20%). "
+        "the loss, so it prefers the wrong labels (45.5% flipped kept of a pool with 20%). "
         "'uniform' is the default because no Q preference beat a random sample at full size "
         "(MiniLM, 30%, 3 seeds, CPU): 'moderate' lost 1.2 and 0.8 points on clean Rotten Tomatoes "
         "and BBC News, and on BBC News with 20% flipped labels gained +0.9 where 'uniform' gained "

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import DEFAULT_QUALITY_WEIGHTS as DEFAULT_WEIGHTS
 from .config import LOOKAHEADS, MODES, PREFERENCES
 from .layers import VarRankLoRALinear, protect_inactive
 from .mislabel import flag_losses, flag_mislabeled, guard_abstains, high_loss_spread
@@ -98,9 +99,9 @@ def selection_score(Q, preference: str = "uniform") -> np.ndarray:
     (Moderate Coreset, Xia et al., ICLR 2023, selects by the distance to the median score the same
     way). Q rises with the loss, so its top end holds what the model cannot fit — wrong labels and
     ambiguous texts — and its bottom end what it has already learned. Measured on 2,000 Rotten
-    Tomatoes reviews (python/experiments/selection_rules.py): 'high' lost 7 points of accuracy to
-    a random subset on clean labels and 22 with 20% flipped (it kept 43.5% flipped), 'moderate'
-    stayed within a point of random and kept 8.7% flipped.
+    Tomatoes reviews (python/experiments/selection_rules.py, results/selection_rules.md): 'high'
+    lost 10 points of accuracy to a random subset on clean labels and 20 with 20% flipped (it kept
+    45.5% flipped), 'moderate' was +0.2 and -1.6 points from random and kept 7.3% flipped.
     'uniform' (the default): score = 0 wherever Q is finite: a uniform sample of what the gate and
     the wrong-label guard keep, so the scoring pass serves the guard alone. At full size (MiniLM,
     30% of Rotten Tomatoes and BBC News, 3 seeds) 'moderate' lost 1.2 and 0.8 points to a random
@@ -467,7 +468,7 @@ def score_pool(
     mode: str = "head",
     lookahead: str = "first_order",
     eta: float = 1e-3,
-    weights: Sequence[float] = (1 / 3, 1 / 3, 1 / 3),
+    weights: Sequence[float] = DEFAULT_WEIGHTS,
     compute_alignment: bool | None = None,
     alignment_reference: Iterable[dict] | None = None,
     mislabel_guard: bool = True,
