@@ -302,7 +302,8 @@ def test_labels_outside_the_head_are_refused_before_training():
         evaluate(model, TokenizedData(train_data.token_ids[:3], np.array([0, 1, 7])))
     # What is no class id at all is refused where the data is built, or named by train.
     for labels, message in (([0.0, 0.7, 1.0], r"label of row 1 is 0.7, not an integer class id"),
-                            (["neg", "pos", "neg"], r"labels must be integer class ids")):
+                            (["neg", "pos", "neg"], r"labels must be integer class ids, got 'neg' in row 0"),
+                            ([0, 1, "pos"], r"labels must be integer class ids, got 'pos' in row 2")):
         with pytest.raises(ValueError, match=message):
             TokenizedData(train_data.token_ids[:3], np.asarray(labels))
         with pytest.raises(ValueError, match="train_data: " + message):

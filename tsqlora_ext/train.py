@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import numbers
 import os
 import time
 import warnings
@@ -177,8 +178,14 @@ def class_ids(labels) -> np.ndarray:
         if bad.size:
             raise ValueError(f"label of row {bad[0]} is {arr[bad[0]]}, not an integer class id")
     elif arr.dtype.kind not in "iub" and arr.size:
-        raise ValueError(f"labels must be integer class ids, got {arr.dtype} values such as "
-                         f"{arr[0]!r} (number the classes first, e.g. with sorted(set(labels)))")
+        # The first label that is not even an integer's text (in [0, 1, "pos"] numpy made every
+        # one a string); the first one when all are ("0", "1").
+        values = list(labels)
+        row = next((i for i, v in enumerate(values) if not isinstance(v, numbers.Integral)
+                    and not str(v).strip().lstrip("-").isdigit()), 0)
+        value = values[row].item() if isinstance(values[row], np.generic) else values[row]
+        raise ValueError(f"labels must be integer class ids, got {value!r} in row {row} (number "
+                         "the classes first, e.g. with sorted(set(labels)))")
     return arr.astype(np.int64)
 
 
