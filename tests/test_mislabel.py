@@ -112,6 +112,20 @@ def test_guard_flags_nothing_before_the_model_fits_the_bulk():
     assert guard_abstains(flag_mislabeled(fitted)[2]) is None
 
 
+def test_guard_flags_nothing_when_the_model_is_at_chance():
+    # A binary model before or after a few warm-up steps (`tsqlora score --score-warmup 0` on 200
+    # clean Rotten Tomatoes reviews): every loss within a few hundredths of ln 2, split into two
+    # narrow bumps whose low one sits just under ln 2. 38 of 200 clean reviews were flagged.
+    rng = np.random.default_rng(5)
+    at_chance = np.concatenate([rng.normal(0.690, 0.009, 150), rng.normal(0.704, 0.008, 50)])
+    p, flagged, mix = flag_mislabeled(at_chance)
+    assert mix.means[0] < MAX_CLEAN_LOSS and mix.weights[1] < 0.5 and high_loss_spread(mix) < 0.55
+    assert guard_abstains(mix) == "no_gap" and not flagged.any() and (p > 0.5).sum() > 20
+    # 20% flipped after the 120-step warm-up (2,000 reviews): the components 0.55 apart, flagged.
+    flipped = np.concatenate([np.abs(rng.normal(0.25, 0.06, 1120)), rng.normal(0.8, 0.3, 880)])
+    assert guard_abstains(flag_mislabeled(flipped)[2]) is None
+
+
 def test_guard_input_errors():
     with pytest.raises(ValueError, match="threshold"):
         flag_mislabeled([0.1, 0.2, 3.0], threshold=1.0)

@@ -40,6 +40,16 @@ the warm-up at half an epoch) on clean labels the low component's mean was 0.77 
 and 2, and the mixture, a narrow cluster, flagged 32 and 160 clean articles; after 120 steps with
 20% / 40% of the labels flipped it was 0.18-0.20 / 0.45-0.52 (3 seeds), where the guard flagged
 wrong labels at 74-91% precision.
+
+Nor, last, when the two components' mean losses lie less than ``MIN_LOSS_GAP`` (ln 1.1, 0.095)
+apart: the model gives the "suspect" labels over 90% of the probability it gives the clean ones,
+so it does not tell them apart. A binary model at chance keeps its bulk just under ln 2, where the
+'unfit' rule misses it. Measured with MiniLM on clean Rotten Tomatoes reviews (`tsqlora score`):
+200 reviews after 0, 1 and 4 warm-up steps gave gaps of 0.014, 0.056 and 0.075 (low component
+0.690, 0.666, 0.655), and the guard flagged 38, 89 and 87 of them, every one clean. With 20% of the
+labels flipped the gap was 0.128 after a weak warm-up (tests/test_mislabel.py: 100 steps, head-mode
+scores of 320 reviews; flagged reviews 31% flipped against 20% in the pool) and 0.55 after the
+120-step one on 2,000 reviews. ln 1.1 lies between the two groups.
 """
 
 from __future__ import annotations
@@ -50,6 +60,9 @@ from dataclasses import dataclass
 import numpy as np
 
 MAX_CLEAN_LOSS = math.log(2)
+# The least gap between the two components' mean losses for the high one to be wrong labels: under
+# it the model gives the suspect labels over 90% of the probability it gives the clean ones.
+MIN_LOSS_GAP = math.log(1.1)
 
 
 @dataclass(frozen=True)
@@ -133,14 +146,16 @@ def high_loss_spread(mix: LossMixture) -> float:
 
 
 def guard_abstains(mix: LossMixture, max_share: float = 0.5, max_spread: float = 0.55) -> str | None:
-    """Why the guard flags nothing for this mixture ('majority' / 'tail' / 'unfit'), or None when
-    it may flag."""
+    """Why the guard flags nothing for this mixture ('majority' / 'tail' / 'unfit' / 'no_gap'), or
+    None when it may flag."""
     if mix.weights[1] > max_share:
         return "majority"
     if high_loss_spread(mix) > max_spread:
         return "tail"
     if mix.means[0] > MAX_CLEAN_LOSS:
         return "unfit"
+    if mix.means[1] - mix.means[0] < MIN_LOSS_GAP:
+        return "no_gap"
     return None
 
 

@@ -476,7 +476,9 @@ def score_file(model_dir, path, text_field: str, label_field: str, out, config: 
                  f"the wrong-label guard abstains ({mix['guard_abstains']}: "
                  + {"majority": "the high-loss component is a majority",
                     "tail": "the high-loss component is a tail, not a cluster",
-                    "unfit": "the model does not fit the bulk of the data yet"}[mix["guard_abstains"]]
+                    "unfit": "the model does not fit the bulk of the data yet",
+                    "no_gap": "the model barely tells the high-loss examples from the rest"
+                    }[mix["guard_abstains"]]
                  + ")")
         print(f"scored {len(scores):,} rows of {path} after {warm['steps'] if warm else 0} warm-up "
               f"steps in {fmt_seconds(meta['seconds'] + (warm['seconds'] if warm else 0))}; {guard}; "
