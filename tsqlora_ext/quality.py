@@ -51,8 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DEFAULT_QUALITY_WEIGHTS as DEFAULT_WEIGHTS
-from .config import LOOKAHEADS, MODES, PREFERENCES
+from .config import DEFAULT_QUALITY_WEIGHTS, LOOKAHEADS, MODES, PREFERENCES
 from .layers import VarRankLoRALinear, protect_inactive
 from .mislabel import flag_losses, flag_mislabeled, guard_abstains, high_loss_spread
 from .report import atomic_write
@@ -468,7 +467,7 @@ def score_pool(
     mode: str = "head",
     lookahead: str = "first_order",
     eta: float = 1e-3,
-    weights: Sequence[float] = DEFAULT_WEIGHTS,
+    weights: Sequence[float] = DEFAULT_QUALITY_WEIGHTS,
     compute_alignment: bool | None = None,
     alignment_reference: Iterable[dict] | None = None,
     mislabel_guard: bool = True,

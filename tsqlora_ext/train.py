@@ -194,7 +194,7 @@ def check_labels(data: TokenizedData, model: nn.Module, what: str) -> None:
     fails inside the loss only at the first evaluation, after an epoch of training, and -100
     is ignored by the loss yet counted as a wrong answer by accuracy."""
     num_labels = getattr(getattr(model, "config", None), "num_labels", None)
-    labels = data.labels
+    labels = data.labels  # (int64 class ids: TokenizedData checked them)
     if num_labels is None or not labels.size:
         return
     bad = np.flatnonzero((labels < 0) | (labels >= num_labels))
