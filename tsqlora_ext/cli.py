@@ -176,19 +176,16 @@ def _settings(args: argparse.Namespace, other_flags: tuple[str, ...]) -> tuple[d
     """(TsqLoRAConfig fields, TrainArgs fields): the --config file's, overridden by the flags typed
     (every flag but ``other_flags``, --config and the subcommand)."""
     import json
-    from pathlib import Path
 
-    from .config import TsqLoRAConfig, check_fields
+    from .config import TsqLoRAConfig, check_fields, read_text
     from .train import TrainArgs
 
     method, training = {}, {}
     if args.config:
         try:
-            values = json.loads(Path(args.config).read_text(encoding="utf-8"))
+            values = json.loads(read_text(args.config))
         except json.JSONDecodeError as e:
             raise ValueError(f"{args.config}: not valid JSON ({e})") from None
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{args.config}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         method, training = _split_settings(values, args.config)
         # Checked here, while the file can still be named (flags override its values below).
         check_fields(TsqLoRAConfig, method, args.config)

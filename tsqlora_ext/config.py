@@ -27,6 +27,7 @@ from .report import atomic_write
 LAYER_FIELDS = ("target_modules", "exclude_modules", "modules_to_save", "r_init", "r_max",
                 "lora_alpha", "lora_dropout", "init")
 
+
 def check_layer_fields(model, config, who: str) -> None:
     """Refuse a config that differs from the one ``model`` was wrapped with in a LAYER_FIELDS
     field: the layers keep what wrap gave them (B_0 = r_init x layers and the scaling
@@ -40,6 +41,14 @@ def check_layer_fields(model, config, who: str) -> None:
                          "The layers keep what wrap gave them (B_0 = r_init x layers and the "
                          "scaling lora_alpha / r_init would not match them): change only other "
                          "fields, e.g. model.tsqlora_config.replace(...)")
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A settings file's text; one that is not UTF-8 is an error naming it and the byte."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 # α1..3 of Q = α1 z(G) + α2 z(D) + α3 z(C); score_pool's default too (see quality_weights' help).
@@ -343,12 +352,7 @@ class TsqLoRAConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TsqLoRAConfig:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        return cls.from_json(text, source=str(path))
+        return cls.from_json(read_text(path), source=str(path))
 
     def replace(self, **changes) -> TsqLoRAConfig:
         return dataclasses.replace(self, **changes)
