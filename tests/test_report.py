@@ -75,7 +75,7 @@ def test_quality_histogram_title_tells_gate_drops_from_guard_drops():
 
 
 def test_a_failed_atomic_write_leaves_the_file_as_it_was_and_no_temporary_file(tmp_path):
-    from tsqlora_ext.report import atomic_write
+    from tsqlora_ext.files import atomic_write
 
     path = tmp_path / "metrics.json"
     path.write_text("earlier")

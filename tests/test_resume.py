@@ -70,12 +70,12 @@ def test_latest_skips_a_damaged_checkpoint(tmp_path):
     m.save(2, {"step": 2, "x": torch.arange(4)})
     path2 = m.checkpoints()[-1][1]
     path2.write_bytes(path2.read_bytes()[:20])  # a file cut short by something outside our control
-    (tmp_path / ".step-000000003.ckpt.123.tmp").write_bytes(b"partial")  # a write killed midway
+    (tmp_path / ".step-000000003.ckpt.tmp-123").write_bytes(b"partial")  # a write killed midway
     with pytest.warns(UserWarning, match="could not be read"):
         path, state = m.latest()
     assert state["step"] == 1 and path.name == "step-000000001.ckpt"
     m.save(3, {"step": 3})
     assert [s for s, _ in m.checkpoints()] == [1, 2, 3]
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob(".*.tmp*"))
     m.save(4, {"step": 4})
     assert [s for s, _ in m.checkpoints()] == [2, 3, 4]

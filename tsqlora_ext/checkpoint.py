@@ -3,13 +3,13 @@
 A checkpoint is ONE file, ``<dir>/step-<step>.ckpt`` (a ``torch.save`` of a dict), so it is either
 fully there or absent:
 
-1. the state is written to ``<dir>/.step-<step>.ckpt.<pid>.tmp``, flushed and fsync-ed;
+1. the state is written to ``<dir>/.step-<step>.ckpt.tmp-<pid>``, flushed and fsync-ed;
 2. ``os.replace`` renames it into place (atomic on POSIX and Windows);
 3. the directory is fsync-ed so the rename itself is durable;
 4. only then are checkpoints older than the newest ``keep`` deleted.
 
 A kill between any two of these leaves the previous good checkpoint untouched (at worst a stray
-``.tmp`` file, which is ignored and cleaned up by the next save). ``latest()`` returns the newest
+``.tmp-<pid>`` file, which is ignored and cleaned up by the next save). ``latest()`` returns the newest
 checkpoint that loads; a file damaged by something outside our control (a full disk, a copy cut
 short) is skipped with a warning and the one before it is used.
 
@@ -29,17 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .files import atomic_write
+
 _NAME = re.compile(r"^step-(\d+)\.ckpt$")
-
-
-def _fsync_dir(directory: Path) -> None:
-    if os.name == "nt":  # directories cannot be opened for fsync on Windows; os.replace suffices
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class CheckpointManager:
@@ -86,7 +78,7 @@ class CheckpointManager:
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
-        for stray in self.directory.glob(".step-*.tmp"):
+        for stray in self.directory.glob(".step-*.ckpt.tmp-*"):
             stray.unlink(missing_ok=True)
         final = atomic_save(state, self.directory / f"step-{step:09d}.ckpt")
         for _, old in self.checkpoints()[:-self.keep]:
@@ -105,17 +97,9 @@ class CheckpointManager:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` ``obj`` to ``path`` so that it is either fully there or absent: written to
-    ``.<name>.<pid>.tmp`` beside it, fsync-ed, renamed into place, and the rename fsync-ed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return path
+    """``torch.save`` ``obj`` to ``path`` so that it is either fully there or absent
+    (``files.atomic_write``)."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

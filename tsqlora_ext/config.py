@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .mislabel import check_guard_settings
-from .report import atomic_write
+from .files import atomic_write
 
 
 # The fields tsqlora_ext.wrap builds the adapted layers from (seed aside: it also orders the

@@ -30,7 +30,8 @@ import torch
 
 from .checkpoint import CheckpointManager
 from .config import TsqLoRAConfig
-from .report import check_output, fmt_seconds, format_ranks, write_json, write_report
+from .files import check_output
+from .report import fmt_seconds, format_ranks, write_json, write_report
 from .train import (TokenizedData, TrainArgs, dist_info, init_distributed_from_env, make_loader,
                     pad_id_of, scheduled, train)
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -54,7 +53,7 @@ from torch import nn
 from .config import DEFAULT_QUALITY_WEIGHTS, LOOKAHEADS, MODES, PREFERENCES
 from .layers import VarRankLoRALinear, protect_inactive
 from .mislabel import flag_losses, flag_mislabeled, guard_abstains, high_loss_spread
-from .report import atomic_write
+from .files import atomic_write
 from .train import _autocast, grad_norm, lora_layers
 
 SCORE_FIELDS = ("index", "loss", "G", "D", "C", "Q", "score", "p_mislabeled")

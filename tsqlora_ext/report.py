@@ -17,9 +17,11 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
+
+from .files import atomic_write
 
 REPORT_FILES = ("metrics.json", "rank_heatmap.png", "loss.png", "quality_hist.png")
 
@@ -29,34 +31,6 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """``write(tmp)`` on a temporary file beside ``path``, then renamed onto it: a reader sees the
-    old file or the new one, and a failed write leaves ``path`` as it was and no temporary file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def check_output(flag: str, path: Path) -> None:
-    """Before any work: ``path`` is no folder and its folder exists (made here if need be) and is
-    writable, so that a bad output path fails at once, naming its flag."""
-    if path.is_dir():
-        raise IsADirectoryError(f"{flag} {path}: is a folder")
-    folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OSError(f"{flag} {path}: cannot create the folder {folder} ({e.strerror})") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"{flag} {path}: the folder {folder} is not writable")
 
 
 def _save(fig, path: Path) -> None:

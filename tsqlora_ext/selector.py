@@ -41,7 +41,8 @@ import numpy as np
 from . import _C
 from .config import check_integers, native_seed
 from .mislabel import check_guard_settings, flag_losses, guard_abstains
-from .report import check_output, strict_json
+from .files import check_output, write_together
+from .report import strict_json
 
 GATE_REASONS: tuple[str, ...] = tuple(_C.GATE_REASONS)
 REASONS: tuple[str, ...] = GATE_REASONS + ("likely_mislabeled", "not_selected")
@@ -334,29 +335,6 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _write_together(outputs: list[tuple[str, Path, Any]]) -> None:
-    """Each (flag, path, write) calls write(tmp) on a temporary file beside path; only when all
-    are written are they renamed into place. A failure before the renames removes the temporary
-    files and leaves every output as it was: the subset, its indices and its report never
-    describe different selections. (What a path must not be, the input, the scores file or
-    another output, select checks before anything is written.)"""
-    written: list[tuple[Path, Path]] = []
-    try:
-        for flag, path, write in outputs:
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            written.append((tmp, path))
-            try:
-                write(tmp)
-            except OSError as e:
-                raise OSError(f"{flag} {path}: {e.strerror or e}") from None
-        for tmp, path in written:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in written:
-            if tmp.exists():
-                tmp.unlink()
-
-
 def _refuse_clashing_files(data, scores, outputs: dict) -> None:
     """Before anything is written: no output may be the input or the scores file, and no two
     outputs may be the same file (the later write would replace the earlier one)."""
@@ -629,7 +607,7 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
              "--report": lambda tmp: Path(tmp).write_text(strict_json(report))}
     if "--out" in outputs:
         write["--out"] = _subset_writer(rows, indices, outputs["--out"])
-    _write_together([(flag, path, write[flag]) for flag, path in outputs.items()])
+    write_together([(flag, path, write[flag]) for flag, path in outputs.items()])
 
     subset = None
     if rows.kind == "dataset":

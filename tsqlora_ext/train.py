@@ -36,7 +36,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .config import TsqLoRAConfig, check_integers, check_layer_fields, config_value, dataclass_from_dict
 from .layers import VarRankLoRALinear, protect_inactive
 from .loader import TokenBatchLoader
-from .report import atomic_write
+from .files import atomic_write
 
 
 def _f(default, help: str):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import platform
 import resource
 import statistics
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from tsqlora_ext.files import atomic_write
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 QUICK_DIR = RESULTS_DIR / "quick"  # smoke runs: never over the published results
@@ -184,8 +185,6 @@ def write_results(bench: str, device: str, out: Path, rows: list[dict], goals: l
         "notes": notes,
     }
     path = out / f"{bench}-{device}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
     print(f"wrote {path}")
     return path

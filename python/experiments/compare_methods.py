@@ -542,7 +542,7 @@ class RunStore:
         return next((r for r in self.runs if r["key"] == key and r["settings_id"] == sid), None)
 
     def add(self, run: dict[str, Any]) -> None:
-        from tsqlora_ext.report import atomic_write
+        from tsqlora_ext.files import atomic_write
 
         self.runs.append(run)
         atomic_write(self.path, lambda tmp: tmp.write_text(
@@ -877,7 +877,8 @@ def render_markdown(summary: dict[str, Any], title: str) -> str:
 
 def write_summary(store: RunStore, out: Path, name: str, opts, title: str) -> None:
     """Summarise the finished runs made with the current settings of the selected tasks/methods."""
-    from tsqlora_ext.report import atomic_write, write_json
+    from tsqlora_ext.files import atomic_write
+    from tsqlora_ext.report import write_json
     settings = task_settings(opts.model, opts.quick, opts.device)
     sids = {settings_id(settings[t], t) for t in opts.tasks}
     runs = [r for r in store.runs if r["settings_id"] in sids and r["method"] in opts.methods

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tsqlora_ext.report import atomic_write
+from tsqlora_ext.files import atomic_write
 
 REPO = Path(__file__).resolve().parents[2]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"

@@ -247,7 +247,7 @@ def fit_schedule(config, n_train: int, targs):
 
 # ---- results file and table ----------------------------------------------------------------------
 def write_atomic(path: Path, text: str) -> None:
-    from tsqlora_ext.report import atomic_write
+    from tsqlora_ext.files import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: tmp.write_text(text))

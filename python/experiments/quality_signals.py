@@ -29,7 +29,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from tsqlora_ext import bundled  # noqa: E402
 from tsqlora_ext.layers import VarRankLoRALinear  # noqa: E402
 from tsqlora_ext.quality import make_batches, score_pool, warmup  # noqa: E402
-from tsqlora_ext.report import atomic_write  # noqa: E402
+from tsqlora_ext.files import atomic_write  # noqa: E402
 
 TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 
