@@ -300,6 +300,24 @@ def test_npy_scores_must_hold_one_number_per_row(tmp_path, capsys):
         read_scores(npy, 40)
 
 
+def test_drop_masks_must_hold_one_bool_per_row(tmp_path):
+    # Row indices [3, 7] (or any 20 numbers) were cast to bool and dropped other rows than meant;
+    # a (10, 2) mask was flattened.
+    data, _ = _small(tmp_path)
+    kw = dict(fraction=0.5, gate=False, mislabel_guard=False)
+    for mask, message in [(np.arange(20) % 3, r"drop\['likely_mislabeled'\]: expected bools .* \[2, 2, 2\]"),
+                          ([3, 7], r"a mask of shape \(2,\); expected one bool per row, shape \(20,\)"),
+                          (np.zeros((10, 2), bool), r"a mask of shape \(10, 2\)"),
+                          (np.full(20, np.nan), r"expected bools .* \[nan, nan, nan\]")]:
+        with pytest.raises(ValueError, match=message):
+            tsqlora_ext.select(data, drop={"likely_mislabeled": mask}, **kw)
+    bools = tsqlora_ext.select(data, drop={"likely_mislabeled": np.arange(20) < 5}, **kw)
+    assert list(bools.reasons[:5]) == ["likely_mislabeled"] * 5
+    assert "likely_mislabeled" not in list(bools.reasons[5:])
+    zeros_ones = tsqlora_ext.select(data, drop={"likely_mislabeled": (np.arange(20) < 5).astype(int)}, **kw)
+    assert list(zeros_ones.indices) == list(bools.indices)
+
+
 def test_scores_jsonl_that_is_not_utf8_names_the_line(tmp_path):
     from tsqlora_ext.selector import read_scores
 

@@ -326,6 +326,18 @@ def _per_row_scores(scores, n: int, where: str) -> np.ndarray:
     return arr
 
 
+def _row_mask(mask, n: int, where: str) -> np.ndarray:
+    """``mask`` as n bools, one per row. Anything else is refused, naming ``where``: row indices
+    ([3, 7]) or scores cast to bool would silently drop other rows than meant."""
+    arr = np.asarray(mask)
+    if arr.ndim != 1 or arr.size != n:
+        raise ValueError(f"{where}: a mask of shape {arr.shape}; expected one bool per row, shape ({n},)")
+    if arr.dtype != bool and not (arr.size and np.isin(arr, (0, 1)).all()):
+        raise ValueError(f"{where}: expected bools (True drops the row), got {arr.dtype} values "
+                         f"such as {arr[~np.isin(arr, (0, 1))][:3].tolist()}")
+    return arr.astype(bool)
+
+
 # ---- output ------------------------------------------------------------------------------------
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -544,9 +556,7 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
     for reason, mask in (drop or {}).items():
         if reason not in REASONS or reason in ("kept", "not_selected"):
             raise ValueError(f"select: unknown drop reason {reason!r}")
-        mask = np.asarray(mask, dtype=bool).reshape(-1)
-        if mask.size != n:
-            raise ValueError(f"select: drop[{reason!r}] has {mask.size} entries for {n} rows")
+        mask = _row_mask(mask, n, f"select: drop[{reason!r}]")
         extra[reason] = extra.get(reason, np.zeros(n, dtype=bool)) | mask
 
     reasons = np.array(GATE_REASONS, dtype=object)[codes]
