@@ -31,3 +31,7 @@ def test_demo_quick_writes_every_report_file(tmp_path, minilm_dir, rotten_tomato
     for needle in ("selected fraction", "held-out accuracy", "plain LoRA", "wall time",
                    "trainable params", "final rank per layer"):
         assert needle in printed
+    abstains = (m["scoring"]["mixture"] or {}).get("guard_abstains")
+    guard = (f"abstains ({abstains}: " if abstains else
+             f"flags {m['selection']['reasons']['likely_mislabeled']:,} rows as likely mislabeled")
+    assert f"wrong-label guard    {guard}" in printed, printed

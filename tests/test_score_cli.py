@@ -111,7 +111,7 @@ def _select(tmp_path, data, scores, *extra) -> dict:
     return json.loads((tmp_path / "r.json").read_text())
 
 
-def test_select_guard_flags_a_cluster_and_abstains_on_a_tail(tmp_path):
+def test_select_guard_flags_a_cluster_and_abstains_on_a_tail(tmp_path, capsys):
     n = 400
     texts, labels = [f"review number {i} of the pool" for i in range(n)], ["a", "b"] * (n // 2)
     data = _jsonl(tmp_path / "data.jsonl", texts, labels)
@@ -122,6 +122,7 @@ def test_select_guard_flags_a_cluster_and_abstains_on_a_tail(tmp_path):
     assert r["mislabel_guard"]["abstains"] is None
     dropped = r["reasons"]["likely_mislabeled"]
     assert dropped == int(flag_mislabeled(cluster)[1].sum()) and 70 <= dropped <= 90
+    assert f"wrong-label guard: flags {dropped} rows as likely mislabeled (P > 0.5)" in capsys.readouterr().out
     assert _select(tmp_path, data, tmp_path / "c.jsonl",
                    "--no-mislabel-guard")["reasons"]["likely_mislabeled"] == 0
     # A long tail of model errors (clean data): the p_mislabeled column says > 0.5 for many rows,
@@ -131,6 +132,7 @@ def test_select_guard_flags_a_cluster_and_abstains_on_a_tail(tmp_path):
     assert sum(json.loads(x)["p_mislabeled"] > 0.5 for x in path.read_text().splitlines()) > 40
     r = _select(tmp_path, data, path)
     assert r["mislabel_guard"]["abstains"] == "tail" and r["reasons"]["likely_mislabeled"] == 0
+    assert "wrong-label guard: abstains (tail: the high-loss component is a tail" in capsys.readouterr().out
     r = _select(tmp_path, data, path, "--mislabel-max-spread", "1e9")
     assert r["reasons"]["likely_mislabeled"] > 40
 
@@ -184,7 +186,7 @@ def test_a_wrong_model_path_is_an_error_naming_it(tmp_path, command, capsys):
     for model in (tmp_path / "no-such-folder", empty, tmp_path / "no-such.gguf", data):
         rc = cli.main([command, "--model", str(model), *where, "--out", str(tmp_path / "out.jsonl")])
         assert rc == 2
-        assert f"--model" in (err := capsys.readouterr().err) and str(model) in err
+        assert "--model" in (err := capsys.readouterr().err) and str(model) in err
     assert not (tmp_path / "out.jsonl").exists()
 
 

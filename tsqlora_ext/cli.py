@@ -116,6 +116,7 @@ def _select_arguments(p: argparse.ArgumentParser) -> None:
 def _select(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .mislabel import guard_outcome
     from .selector import GateConfig, select
 
     gate = False
@@ -131,8 +132,12 @@ def _select(args: argparse.Namespace) -> int:
                     indices_out=args.indices or out.with_name(out.name + ".indices.txt"),
                     report_out=args.report or out.with_name(out.name + ".report.json"))
     counts = ", ".join(f"{r} {c}" for r, c in result.reason_counts.items() if c)
+    guard = result.report.get("mislabel_guard")  # None: no scores file or no loss to fit
+    if guard:
+        guard = guard_outcome(guard["flagged"], guard.get("threshold"), guard.get("abstains"))
     print(f"kept {len(result.indices)} of {result.report['rows']} rows ({counts})"
-          + (f"; skipped {len(result.bad_lines)} bad lines" if result.bad_lines else ""))
+          + (f"; skipped {len(result.bad_lines)} bad lines" if result.bad_lines else "")
+          + (f"; wrong-label guard: {guard}" if guard else ""))
     return 0
 
 

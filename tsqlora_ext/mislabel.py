@@ -159,6 +159,23 @@ def guard_abstains(mix: LossMixture, max_share: float = 0.5, max_spread: float =
     return None
 
 
+# What each abstain rule of ``guard_abstains`` says about the data, for the messages that report it.
+ABSTAIN_REASONS = {
+    "majority": "the high-loss component is a majority",
+    "tail": "the high-loss component is a tail, not a cluster",
+    "unfit": "the model does not fit the bulk of the data yet",
+    "no_gap": "the model barely tells the high-loss examples from the rest",
+    "too_few": "fewer than 2 rows have a loss to fit",
+}
+
+
+def guard_outcome(n_flagged: int, threshold: float, abstains: str | None) -> str:
+    """What the guard did, in words: how many rows it flags, or why it abstains."""
+    if abstains:
+        return f"abstains ({abstains}: {ABSTAIN_REASONS[abstains]})"
+    return f"flags {n_flagged:,} rows as likely mislabeled (P > {threshold})"
+
+
 def check_guard_settings(threshold: float, max_spread: float, where: str, prefix: str = "") -> None:
     """The guard's bounds, for every caller that takes them (``prefix``: its name for them)."""
     if not 0.0 < threshold < 1.0:

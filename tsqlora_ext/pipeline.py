@@ -31,6 +31,7 @@ import torch
 from .checkpoint import CheckpointManager
 from .config import TsqLoRAConfig
 from .files import check_output
+from .mislabel import guard_outcome
 from .report import fmt_seconds, format_ranks, write_json, write_report
 from .train import (TokenizedData, TrainArgs, dist_info, init_distributed_from_env, make_loader,
                     pad_id_of, scheduled, train)
@@ -278,7 +279,7 @@ def run_pipeline(model_dir, task: TextTask, out, config: TsqLoRAConfig, args: Tr
         write_json({"indices": indices.tolist(), "pool": pool.tolist(), "selection": selection_info,
                     "warmup": warm, "scoring": score_meta, "data": data}, selection_file)
     say(f"selected {len(indices):,} of {len(pool):,} training examples "
-        f"({100 * len(indices) / len(pool):.1f}%)")
+        f"({100 * len(indices) / len(pool):.1f}%); wrong-label guard: {_guard_words(score_meta)}")
 
     t = time.perf_counter()
     result = train(model, train_all.subset(indices), eval_tok, config, args, tokenizer=tokenizer,
@@ -341,6 +342,14 @@ def run_baseline(model_dir, train_all: TokenizedData, eval_tok: TokenizedData, c
     return out
 
 
+def _guard_words(score_meta: dict[str, Any]) -> str:
+    """What the wrong-label guard did in a scoring pass, from the pass's meta."""
+    if not score_meta.get("mislabel_guard"):
+        return "off"
+    return guard_outcome(score_meta["n_likely_mislabeled"], score_meta["mislabel_threshold"],
+                         (score_meta.get("mixture") or {}).get("guard_abstains"))
+
+
 def summary(metrics: dict[str, Any], out) -> str:
     tsq, base, sel = metrics["tsqlora"], metrics["baseline"], metrics["selection"]
     acc = tsq["metrics"].get("accuracy", float("nan"))
@@ -349,6 +358,7 @@ def summary(metrics: dict[str, Any], out) -> str:
         f"== TsqLoRA on {metrics['task']} ==",
         f"selected fraction    {sel['fraction_of_rows']:.3f}  ({sel['kept']:,} of {sel['rows']:,} "
         f"training examples; {sel['pool']:,} passed the gate)",
+        f"wrong-label guard    {_guard_words(metrics['scoring'])}",
         f"held-out accuracy    TsqLoRA {acc:.4f}"
         + (f"   |   plain LoRA r={base['rank']} on a random {base['examples']:,}: "
            f"{base['metrics']['accuracy']:.4f}" if base else ""),
@@ -471,16 +481,7 @@ def score_file(model_dir, path, text_field: str, label_field: str, out, config: 
     meta = {**scores.meta, "warmup": warm, "input": str(path), "labels": names}
     write_json(meta, out.with_name(out.name + ".meta.json"))
     if verbose:
-        mix = meta.get("mixture") or {}
-        guard = (f"{meta['n_likely_mislabeled']:,} likely mislabeled (P > "
-                 f"{meta['mislabel_threshold']})" if not mix.get("guard_abstains") else
-                 f"the wrong-label guard abstains ({mix['guard_abstains']}: "
-                 + {"majority": "the high-loss component is a majority",
-                    "tail": "the high-loss component is a tail, not a cluster",
-                    "unfit": "the model does not fit the bulk of the data yet",
-                    "no_gap": "the model barely tells the high-loss examples from the rest"
-                    }[mix["guard_abstains"]]
-                 + ")")
+        guard = f"wrong-label guard: {_guard_words(meta)}"
         print(f"scored {len(scores):,} rows of {path} after {warm['steps'] if warm else 0} warm-up "
               f"steps in {fmt_seconds(meta['seconds'] + (warm['seconds'] if warm else 0))}; {guard}; "
               f"wrote {out}")
