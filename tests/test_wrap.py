@@ -139,7 +139,7 @@ def test_summary_printed_and_returned(tiny_model, capsys):
     assert "\n" not in line
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    assert f"12 layers adapted (rank 4, r_max 8)" in line
+    assert "12 layers adapted (rank 4, r_max 8)" in line
     assert f"trainable params: {trainable:,}" in line and f"all params: {total:,}" in line
 
 
