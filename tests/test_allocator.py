@@ -143,6 +143,39 @@ def test_active_mask_follows_the_layers(device):
         assert torch.equal(alloc.active_mask[off:off + layer.r_max], want)
 
 
+@pytest.mark.parametrize("how", ["load_state_dict", "set_active", "assignment", "buffer swap"])
+def test_an_active_set_changed_outside_the_allocator_is_followed(how, device):
+    # The allocator read the active sets once: after a model checkpoint loaded later, the update
+    # scored the now-inactive components, and allow_growth=False brought back pruned ones.
+    cfg = CFG.replace(allow_growth=False)
+    model = Tiny(cfg).to(device)
+    with torch.no_grad():  # (E starts at 0, which gives every component a score of 0)
+        for layer in model.layers:
+            layer.lora_E.normal_()
+    alloc = RankAllocator(model, cfg)
+    first = model.layers[0]
+    ids = torch.tensor([1, 4], device=device)
+    if how == "load_state_dict":
+        donor = copy.deepcopy(model)
+        donor.layers[0].set_active(ids)
+        model.load_state_dict(donor.state_dict())
+    elif how == "set_active":
+        first.set_active(ids)
+    elif how == "assignment":
+        first.active = ids
+    else:  # as torch.func.functional_call and accelerate's loaders do
+        first._buffers["active"] = ids
+    x, y = data(1, device=device)[0]
+    (model(x) - y).pow(2).mean().backward()
+    before = alloc.scores.clone()
+    alloc.update_scores()
+    inactive = torch.tensor([0, 2, 3, 5], device=device)
+    assert torch.equal(alloc.scores[inactive], before[inactive])
+    assert (alloc.scores[ids] != before[ids]).all()
+    alloc.reallocate(sum(alloc.ranks().values()) - 1)
+    assert set(first.active.tolist()) <= {1, 4}
+
+
 def test_without_growth_layers_only_shrink():
     cfg = CFG.replace(allow_growth=False, t_init=0, delta_t=1, target_r=1, total_steps=10, t_final=0)
     model = Tiny(cfg)
@@ -164,7 +197,6 @@ def test_without_growth_a_nan_score_does_not_revive_an_inactive_component():
     alloc = RankAllocator(Tiny(cfg), cfg)
     first = next(iter(alloc.layers.values()))
     first.set_active(torch.tensor([2, 3, 4, 5]))
-    alloc._refresh_mask()
     alloc.scores.copy_(torch.rand(alloc.scores.shape))
     alloc.scores[3] = float("nan")  # an active component of the first layer
     alloc.reallocate(sum(alloc.ranks().values()))

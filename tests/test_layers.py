@@ -285,15 +285,28 @@ def test_torch_compile_fullgraph_one_graph_for_every_rank(device):
 
 
 @pytest.mark.parametrize("foreach", [False, True])
-def test_adamw_keeps_inactive_components_across_active_set_changes(device, foreach):
+@pytest.mark.parametrize("how", ["set_active", "assignment", "buffer swap"])
+def test_adamw_keeps_inactive_components_across_active_set_changes(device, foreach, how):
+    # An assignment of ids (or a swap of the buffer, as torch.func.functional_call does) used to
+    # leave the guard protecting the previous inactive set: the new active components never
+    # trained and the new inactive ones decayed.
     model = nn.Sequential(make_layer(device, seed=0), nn.ReLU(), make_layer(device, n_in=20, seed=1))
     layers = [model[0], model[2]]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=foreach)
     guard = protect_inactive(opt, model)
+
+    def put(layer, ids):
+        if how == "set_active":
+            layer.set_active(ids)
+        elif how == "assignment":
+            layer.active = torch.tensor(ids, dtype=torch.long, device=device)
+        else:
+            layer._buffers["active"] = torch.tensor(ids, dtype=torch.long, device=device)
+
     schedule = [([0, 1, 2, 3], [0, 1]), ([1, 5], [0, 1, 2, 6, 7]), ([], [3]), (list(range(8)), [4])]
     for ids0, ids1 in schedule:
-        layers[0].set_active(ids0)
-        layers[1].set_active(ids1)
+        put(layers[0], ids0)
+        put(layers[1], ids1)
         before = [(l.inactive.clone(), l.active.clone(), l.lora_A.detach().clone(),
                    l.lora_E.detach().clone(), l.lora_B.detach().clone(),
                    {k: v.clone() for k, v in opt.state[l.lora_A].items()}) for l in layers]

@@ -168,23 +168,35 @@ class RankAllocator:
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def _refresh_mask(self) -> None:
-        mask = torch.zeros(sum(self.sizes), dtype=torch.bool)
-        for off, m in zip(self.offsets, self.layers.values()):
-            mask[off + m.active.cpu()] = True
-        self.active_mask = mask.to(self.scores.device)
+        """active_mask from the layers' active ids, built where the scores live (no host sync)."""
+        device = self.scores.device
+        self._mask_of = [m.active for m in self.layers.values()]
+        ids = torch.cat([a.to(device) + off for off, a in zip(self.offsets, self._mask_of)])
+        self.active_mask = torch.zeros(sum(self.sizes), dtype=torch.bool,
+                                       device=device).index_fill_(0, ids, True)
+
+    def _follow_active_sets(self) -> None:
+        """Rebuild active_mask when a layer's active ids are another tensor than it was built from:
+        set_active, load_state_dict or an assignment outside the allocator (a model checkpoint
+        loaded after the allocator was made). A stale mask had the update score the components now
+        inactive, and allow_growth=False bring back pruned ones."""
+        if any(a is not m.active for a, m in zip(self._mask_of, self.layers.values())):
+            self._refresh_mask()
 
     def _record(self, budget: int) -> None:
         self.history.append({"step": self.global_step, "budget": int(budget), "ranks": self.ranks()})
 
-    def _follow_device(self) -> None:
-        # The allocator may be built before the model is moved (wrap, RankAllocator, model.cuda()):
-        # its state follows the adapters rather than failing the fused op's same-device check.
+    def _follow_model(self) -> None:
+        """Before each use: the state follows the adapters' device and active sets. (The allocator
+        may be built before the model is moved, wrap, RankAllocator, model.cuda(), and a same-device
+        check of the fused op would fail.)"""
         device = next(iter(self.layers.values())).lora_A.device
         if self.scores.device != device:
             self.ipt_avg = [t.to(device) for t in self.ipt_avg]
             self.unc_avg = [t.to(device) for t in self.unc_avg]
             self.scores, self.counters = self.scores.to(device), self.counters.to(device)
             self.active_mask = self.active_mask.to(device)
+        self._follow_active_sets()
 
     def ranks(self) -> dict[str, int]:
         """{layer name: current rank}."""
@@ -219,7 +231,7 @@ class RankAllocator:
         every layer gets r_init and no batch is run. Returns the new ranks.
         """
         cfg = self.config
-        self._follow_device()  # the sensitivity totals live with the scores
+        self._follow_model()  # the sensitivity totals live with the scores
         mods = list(self.layers.values())
         if not cfg.sensitivity_init:
             ranks = [cfg.r_init] * len(mods)
@@ -307,7 +319,7 @@ class RankAllocator:
         a parameter without a gradient contributes a zero buffer made once, not a fresh
         ``zeros_like`` every step.
         """
-        self._follow_device()
+        self._follow_model()
         if grads_finite is False:
             self.counters[1] += 1
             return
@@ -369,7 +381,7 @@ class RankAllocator:
         """Keep the ``budget`` best components over all layers (within [r_min, r_max] each) and
         apply them as the new active sets. One host sync."""
         cfg = self.config
-        self._follow_device()
+        self._follow_model()
         mods = list(self.layers.values())
         scores = _all_reduce_mean(self.scores.clone())
         r_min = [min(cfg.r_min, s) for s in self.sizes]
@@ -389,6 +401,7 @@ class RankAllocator:
         for off, size, m in zip(self.offsets, self.sizes, mods):
             m.set_active(torch.nonzero(keep_cpu[off:off + size]).flatten())
         self.active_mask = keep
+        self._mask_of = [m.active for m in mods]
         self._record(budget=budget)
         return self.ranks()
 

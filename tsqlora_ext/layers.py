@@ -80,9 +80,6 @@ class VarRankLoRALinear(nn.Module):
         # (functional_call, accelerate's loaders); compiled code reads an alias (see compute_ids).
         self.register_buffer("active", torch.empty(0, device=w.device, dtype=torch.long))
         self.active = torch.arange(r_init, device=w.device, dtype=torch.long)  # (sets the alias)
-        # Its complement, kept beside it so protect_inactive() needs no host sync per step.
-        self.register_buffer("inactive", torch.arange(r_init, r_max, device=w.device, dtype=torch.long),
-                             persistent=False)
         self.merged = False
         self.reset_adapter()
 
@@ -108,11 +105,10 @@ class VarRankLoRALinear(nn.Module):
         return self.base_layer.bias
 
     # ---- the active set ------------------------------------------------------------------------
-    # Counts the active sets set_active replaced, over every layer: protect_inactive re-reads which
-    # layers have inactive components only when it moved (a Python pass over every adapter
-    # parameter each step was most of its cost when every component is active: 1.1 ms per step
-    # for 210 layers on these CPUs).
-    active_sets_version = 0
+    # The ids in the ``active`` buffer are the one record of the active set: whatever else follows
+    # it (protect_inactive's masks, RankAllocator's) is derived from that tensor and rebuilt when
+    # the buffer is another tensor, so set_active, an assignment, load_state_dict, .to() and a
+    # tool that swaps the buffer directly are all seen alike.
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
@@ -142,6 +138,16 @@ class VarRankLoRALinear(nn.Module):
         """Sorted int64 ids of the active components (a copy)."""
         return self.active.clone()
 
+    def inactive_mask(self) -> torch.Tensor:
+        """Bool [r_max], True for the inactive components (on the ids' device, no host sync)."""
+        ids = self.active
+        return torch.ones(self.r_max, dtype=torch.bool, device=ids.device).index_fill_(0, ids, False)
+
+    @property
+    def inactive(self) -> torch.Tensor:
+        """Sorted int64 ids of the inactive components (a host sync on a GPU)."""
+        return torch.nonzero(self.inactive_mask()).flatten()
+
     # Buffers made under torch.inference_mode() (an evaluation pass that prunes) would be inference
     # tensors, which the next training step cannot use.
     def set_active(self, indices) -> None:
@@ -169,11 +175,7 @@ class VarRankLoRALinear(nn.Module):
             # The same tensors keep protect_inactive's masks, which are cached on them. (Not
             # compared on a GPU, where reading the ids would cost a host sync per layer.)
             return
-        keep = torch.ones(self.r_max, dtype=torch.bool)
-        keep[idx] = False
         self.active = idx.to(device)
-        self.inactive = torch.nonzero(keep).flatten().to(device)
-        VarRankLoRALinear.active_sets_version += 1
 
     def get_extra_state(self) -> torch.Tensor:
         # Whether base_layer.weight holds ΔW: a merged layer's state must load as merged, or the
@@ -304,27 +306,26 @@ class _InactiveGuard:
             if id(getattr(layer, name)) in in_optimizer
         ]
         self._optimizer = optimizer
-        # The targets whose layer has inactive components, as of active_sets_version _version.
+        self._layers = list(dict.fromkeys(t[0] for t in self._targets))
+        # The targets whose layer has inactive components, as of the active-id tensors _actives.
         self._protected: list = []
-        self._protected_layers: list[VarRankLoRALinear] = []  # their layers, each once
-        self._version = -1
+        self._actives: list[torch.Tensor] = []  # held, so their ids stay theirs
         self._saved: list = []
         # _groups()'s result and what it was built from (see there)
         self._fingerprint: tuple = ()
-        self._fingerprint_tensors: list[torch.Tensor] = []  # held, so their ids stay theirs
+        self._fingerprint_tensors: list[torch.Tensor] = []  # held, as _actives
         self._cached_groups: list = []
-        # layer -> (its inactive buffer when the mask was built, bool mask [r_max])
+        # layer -> (its active ids when the mask was built, bool inactive mask [r_max])
         self._layer_masks: dict[VarRankLoRALinear, tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles = [optimizer.register_step_pre_hook(self._save),
                          optimizer.register_step_post_hook(self._restore)]
 
     def _layer_mask(self, layer: VarRankLoRALinear) -> torch.Tensor:
         cached = self._layer_masks.get(layer)
-        if cached is not None and cached[0] is layer.inactive:
+        if cached is not None and cached[0] is layer.active:
             return cached[1]
-        idx = layer.inactive
-        mask = torch.zeros(layer.r_max, dtype=torch.bool, device=idx.device).index_fill_(0, idx, True)
-        self._layer_masks[layer] = (idx, mask)
+        mask = layer.inactive_mask()
+        self._layer_masks[layer] = (layer.active, mask)
         return mask
 
     def _groups(self) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
@@ -332,23 +333,22 @@ class _InactiveGuard:
 
         Walking every protected parameter's optimizer state costs about 14 us per adapted layer
         in Python (3 ms a step for 210 layers, host time a GPU step of a small model pays), yet
-        the groups change only when an active set does, when a parameter gains or loses its
-        gradient, when a layer's inactive buffer is replaced (``model.to(device)``), or when the
-        optimizer's state tensors do (created by the first step, replaced by load_state_dict or
-        by the user). The fingerprint covers the state with the identities of its tensors, read
-        without hashing a parameter, and keeps those tensors alive, so no id is reused while it
-        stands. Entries of ``optimizer.state`` that are not a parameter's dict, and non-tensor
-        values (a Python step counter), are not members and do not count.
+        the groups change only when an active set does (a layer's id tensor is another one), when
+        a parameter gains or loses its gradient, or when the optimizer's state tensors do (created
+        by the first step, replaced by load_state_dict or by the user). The fingerprint covers
+        the active ids and the state with the identities of their tensors, read without hashing a
+        parameter, and keeps those tensors alive, so no id is reused while it stands. Entries of
+        ``optimizer.state`` that are not a parameter's dict, and non-tensor values (a Python step
+        counter), are not members and do not count.
         """
         state = self._optimizer.state
-        if self._version != VarRankLoRALinear.active_sets_version:
-            self._protected = [t for t in self._targets if t[0].inactive.numel() > 0]
-            self._protected_layers = list(dict.fromkeys(t[0] for t in self._protected))
-            self._version = VarRankLoRALinear.active_sets_version
+        actives = [layer.active for layer in self._layers]
+        if len(actives) != len(self._actives) or any(a is not b for a, b in zip(actives, self._actives)):
+            self._protected = [t for t in self._targets if t[0].active.numel() < t[0].r_max]
+            self._actives = actives
         tensors = [v for per_param in state.values() if isinstance(per_param, dict)
                    for v in per_param.values() if isinstance(v, torch.Tensor)]
-        fingerprint = (self._version, [t[1].grad is None for t in self._protected],
-                       [id(layer.inactive) for layer in self._protected_layers],
+        fingerprint = ([id(a) for a in actives], [t[1].grad is None for t in self._protected],
                        [id(v) for v in tensors])
         if fingerprint != self._fingerprint:
             self._cached_groups = self._build_groups(state)
@@ -406,7 +406,10 @@ def protect_inactive(optimizer: torch.optim.Optimizer, modules) -> _InactiveGuar
     correction follows the parameter's step count while its moment rows resume where they stopped.
     A state tensor counts as per-element when it has the parameter's shape, dtype and device, and
     the optimizer must update it in place, as torch.optim's do: one that it replaces during the
-    step is written back to the replaced tensor, and the new one goes unprotected.
+    step is written back to the replaced tensor, and the new one goes unprotected. The state a
+    parameter's first step creates is left as that step made it: with coupled weight decay (Adam or
+    SGD with ``weight_decay``, not AdamW) an inactive component's moment rows then hold the decay
+    term of that one step, which it resumes with if it is reactivated.
 
     ``modules``: a module (searched for VarRankLoRALinear layers) or an iterable of modules.
     Returns a handle whose ``remove()`` detaches the hooks.
