@@ -394,6 +394,11 @@ def test_load_state_dict_checks_everything_before_changing_anything():
         (lambda st: st["schedule"].__setitem__("total_steps", 40),
          r"another rank schedule: total_steps 40 \(saved\) vs 20 \(now\)"),
         (lambda st: st["schedule"].__setitem__("b_t", 1), "b_t 1 .saved."),
+        # These three were refused only after the EMAs and scores had been overwritten.
+        (lambda st: st.__setitem__("counters", torch.zeros(3, dtype=torch.long)), r"counters has shape \(3,\)"),
+        (lambda st: st["active"].__setitem__(alloc.names[0], torch.ones(6, dtype=torch.bool)), "active ids"),
+        (lambda st: st.pop("history"), r"lacks \['history'\]"),
+        (lambda st: st["history"].append({"step": 3}), "malformed history"),
     ]
     for edit, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -432,6 +432,10 @@ class RankAllocator:
         """Restore a ``state_dict()``. Everything is checked before anything changes, so a
         rejected state leaves the allocator and the model's active sets as they were."""
         where = "RankAllocator.load_state_dict"
+        missing = [k for k in ("global_step", "ipt_avg", "unc_avg", "scores", "counters", "active",
+                               "history", "layer_sensitivity") if k not in state]
+        if missing:
+            raise ValueError(f"{where}: the state lacks {missing}; is it a RankAllocator.state_dict()?")
         if set(state["active"]) != set(self.names):
             raise ValueError(f"{where}: the checkpoint's layers "
                              f"{sorted(set(state['active']) ^ set(self.names))} do not match this "
@@ -452,24 +456,32 @@ class RankAllocator:
                 if t.shape != s.shape:
                     raise ValueError(f"{where}: {name}[{i}] has shape {tuple(s.shape)}, expected "
                                      f"{tuple(t.shape)}")
-        if state["scores"].shape != self.scores.shape:
-            raise ValueError(f"{where}: scores has shape {tuple(state['scores'].shape)}, expected "
-                             f"{tuple(self.scores.shape)}")
+        for name, tgt in (("scores", self.scores), ("counters", self.counters)):
+            if not torch.is_tensor(state[name]) or state[name].shape != tgt.shape:
+                raise ValueError(f"{where}: {name} has shape {tuple(torch.as_tensor(state[name]).shape)}, "
+                                 f"expected {tuple(tgt.shape)}")
         for name, m in self.layers.items():
             ids = torch.as_tensor(state["active"][name])
-            if ids.numel() and (ids.is_floating_point() or int(ids.min()) < 0
-                                or int(ids.max()) >= m.r_max):
+            if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or (
+                    ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= m.r_max)):
                 raise ValueError(f"{where}: the active ids of {name} ({ids.tolist()}) are not "
                                  f"component ids in [0, r_max={m.r_max})")
+        try:  # (copies, made before anything changes)
+            history = [dict(h, ranks=dict(h["ranks"])) for h in state["history"]]
+            sensitivity = dict(state["layer_sensitivity"])
+            global_step = int(state["global_step"])
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"{where}: malformed history, layer_sensitivity or global_step "
+                             f"({type(e).__name__}: {e})") from None
         for tgt, src in ((self.ipt_avg, state["ipt_avg"]), (self.unc_avg, state["unc_avg"])):
             for t, s in zip(tgt, src):
                 t.copy_(s)
         self.scores.copy_(state["scores"])
         self.counters.copy_(state["counters"])
-        self.global_step = int(state["global_step"])
+        self.global_step = global_step
         self.deferred = bool(state.get("deferred", False))  # (absent from older states)
         for name, m in self.layers.items():
             m.set_active(state["active"][name])
         self._refresh_mask()
-        self.history = [dict(h, ranks=dict(h["ranks"])) for h in state["history"]]
-        self.layer_sensitivity = dict(state["layer_sensitivity"])
+        self.history = history
+        self.layer_sensitivity = sensitivity
