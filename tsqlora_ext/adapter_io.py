@@ -16,8 +16,9 @@ each layer's ΔW = s · B_act diag(E_act) A_act becomes PEFT's lora_B @ lora_A w
 lora_B, the layer's rank in ``rank_pattern`` and an ``alpha_pattern`` entry chosen so that PEFT's
 per-layer scaling lora_alpha / r equals our fixed s = lora_alpha / r_init; continuing training under
 PEFT therefore sees the same gradient scale. Layers at rank 0 are left out of ``target_modules``. The
-head goes in as PEFT's ``modules_to_save``, with every head PEFT's task type adds on load
-(classifier / score, qa_outputs), trained here or not.
+head goes in as PEFT's ``modules_to_save``, with every module tied to it (GPT-2's input embeddings
+share lm_head's weight, which training here moves in both) and every head PEFT's task type adds on
+load (classifier / score, qa_outputs), trained here or not.
 
 Both writers build the whole new directory in a temporary sibling (``.<name>.tmp-*``), with the
 existing directory's other entries hard-linked into it, and swap it in: the existing directory is
@@ -452,11 +453,23 @@ def _peft_task_type(model: nn.Module) -> str | None:
     return None
 
 
-def _peft_saved_modules(model: nn.Module, task_type: str | None) -> list[str]:
+def _tied_partners(model: nn.Module, trained: list[str]) -> list[str]:
+    """Modules outside ``trained`` (and outside every adapted layer) that hold one of its
+    parameters: GPT-2's input embeddings when lm_head trains, since the two share one weight.
+    Training here moves both; PEFT copies only the modules it is told of, so a partner left out
+    would keep the base's weight there."""
+    shared = {id(p) for name in trained for p in model.get_submodule(name).parameters()}
+    skip = [*trained, *(name for name, _ in adapted_layers(model))]
+    return [name for name, m in model.named_modules()
+            if name and not any(name == t or name.startswith(t + ".") for t in skip)
+            and any(id(p) in shared for p in m.parameters(recurse=False))]
+
+
+def _peft_saved_modules(model: nn.Module, task_type: str | None, trained: list[str]) -> list[str]:
     """Names of the modules PEFT wraps in a ModulesToSaveWrapper on load: every module whose name
-    ends with an entry of modules_to_save or of the task type's heads (PEFT's own matching), the
+    ends with an entry of ``trained`` or of the task type's heads (PEFT's own matching), the
     outermost one where they nest."""
-    wanted = [*model.tsqlora_state.modules_to_save, *_PEFT_TASK_HEADS.get(task_type, ())]
+    wanted = [*trained, *_PEFT_TASK_HEADS.get(task_type, ())]
     found: list[str] = []
     for name, _ in model.named_modules():
         if name and any(name.endswith(w) for w in wanted) and \
@@ -496,9 +509,11 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
         raise ValueError("tsqlora_ext.export_peft: every adapted layer is at rank 0; a PEFT LoRA "
                          "adapter needs at least one layer with rank >= 1")
     task_type = _peft_task_type(model)
+    trained = list(state.modules_to_save)
+    trained += _tied_partners(model, trained)
     # A wrapped module's whole state dict, as PEFT loads it; heads frozen here are written too, at
     # the base's values, since PEFT's task type wraps them anyway.
-    for module_name in _peft_saved_modules(model, task_type):
+    for module_name in _peft_saved_modules(model, task_type, trained):
         for key, t in model.get_submodule(module_name).state_dict().items():
             tensors[f"{prefix}{module_name}.{key}"] = t
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
@@ -512,7 +527,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
         "target_modules": targets,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "modules_to_save": list(state.modules_to_save) or None,
+        "modules_to_save": trained or None,
         "fan_in_fan_out": bool(state.conv1d),
         "bias": "none",
         "init_lora_weights": True,
@@ -520,7 +535,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
         "use_dora": False,
         "inference_mode": True,
     }
-    held = [p for name in state.modules_to_save for p in model.get_submodule(name).parameters()]
+    held = [p for name in trained for p in model.get_submodule(name).parameters()]
     if len({id(p) for p in held}) < len(held):
         # A weight tied across trained modules (embed_tokens and lm_head): PEFT keeps its two
         # copies tied only when told (it warns otherwise).
