@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -298,6 +299,9 @@ def test_damaged_or_missing_files_named(tiny_model, tmp_path):
     weights.unlink()
     with pytest.raises(FileNotFoundError, match=str(weights)):
         tsqlora_ext.load_adapter(fresh(), d)
+    weights.mkdir()  # (the error named the bare file name, not the folder)
+    with pytest.raises(IsADirectoryError, match=str(weights)):
+        tsqlora_ext.load_adapter(fresh(), d)
     config.write_text(good_config[:-20])
     with pytest.raises(ValueError, match=rf"{config} is not valid JSON"):
         tsqlora_ext.load_adapter(fresh(), d)
@@ -480,6 +484,73 @@ def test_written_directories_get_the_umasks_mode(tiny_model, tmp_path):
         assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o750
     finally:
         os.umask(old_umask)
+
+
+# Saves the pickled wrapped model argv[1] into the folder argv[2], in a process of its own (with
+# fewer rights, or in a mount namespace of its own).
+_SAVE = """
+import sys, torch, tsqlora_ext
+tsqlora_ext.save_adapter(torch.load(sys.argv[1], weights_only=False), sys.argv[2])
+"""
+
+
+def _save_elsewhere(model, directory, tmp_path, prefix=()):
+    torch.save(model, tmp_path / "model.pt")
+    return subprocess.run([*prefix, sys.executable, "-c", _SAVE, str(tmp_path / "model.pt"),
+                           str(directory)], capture_output=True, text=True, timeout=300)
+
+
+def test_a_read_only_folder_is_refused_and_left_as_it_was(tiny_model, tmp_path):
+    # The folder was renamed aside (which needs only its parent writable) and replaced, then the
+    # read-only old version could not be deleted: the save failed after replacing it, and every
+    # later save failed on the left-over until it was deleted by hand.
+    base, model, inputs = _trained("bert", tiny_model)
+    before = _logits(model, inputs)
+    d = tmp_path / "a"
+    tsqlora_ext.save_adapter(model, d)
+    _train_like(model, seed=1)
+    d.chmod(0o555)
+    # root may write anywhere; the save runs without the rights that let it
+    prefix = ("setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner") if os.geteuid() == 0 else ()
+    if prefix and not shutil.which("setpriv"):
+        pytest.skip("needs setpriv to drop root's rights")
+    run = _save_elsewhere(model, d, tmp_path, prefix)
+    assert run.returncode != 0 and f"{d} is not writable, so its adapter is not replaced" in run.stderr
+    assert torch.equal(_logits(tsqlora_ext.load_adapter(copy.deepcopy(base), d), inputs), before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "model.pt"]
+    d.chmod(0o755)
+    tsqlora_ext.save_adapter(model, d)
+    assert torch.equal(_logits(tsqlora_ext.load_adapter(copy.deepcopy(base), d), inputs), _logits(model, inputs))
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0, reason="changing a folder's owner needs root")
+def test_a_folder_written_over_keeps_its_owner_and_group(tiny_model, tmp_path):
+    # A save by root into a shared folder left it root's, and its owner locked out.
+    _, model, _ = _trained("bert", tiny_model)
+    d = tmp_path / "a"
+    tsqlora_ext.save_adapter(model, d)
+    os.chown(d, 65534, 65534)
+    d.chmod(0o2775)
+    tsqlora_ext.save_adapter(model, d)
+    for p in (d, d / adapter_io.WEIGHTS_NAME, d / adapter_io.CONFIG_NAME):
+        assert (p.stat().st_uid, p.stat().st_gid) == (65534, 65534), p
+    assert stat.S_IMODE(d.stat().st_mode) == 0o2775
+
+
+def test_a_mount_point_is_refused_by_name(tiny_model, tmp_path):
+    # A folder that is a mount point (docker -v host:/out/adapter) cannot be renamed: the save
+    # failed with "Device or resource busy" on the rename.
+    _, model, _ = _trained("bert", tiny_model)
+    d = tmp_path / "a"
+    d.mkdir()
+    torch.save(model, tmp_path / "model.pt")
+    script = (f"mount -t tmpfs none {d} && exec {sys.executable} -c '{_SAVE}' "
+              f"{tmp_path / 'model.pt'} {d}")
+    run = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True,
+                         timeout=300) if shutil.which("unshare") else None
+    if run is None or "Traceback" not in run.stderr:
+        pytest.skip("needs a private mount namespace (unshare -m as root)")
+    assert f"{d} is a mount point" in run.stderr and "write the adapter into a folder inside it" in run.stderr
 
 
 def test_write_refuses_the_working_directory(tiny_model, tmp_path, monkeypatch):

@@ -27,7 +27,9 @@ the old version or the new one, never a mix: ``load_adapter`` reads both files t
 on the folder, and starts again when a save deletes the version it holds. A process killed in the middle leaves the old version
 aside while the new one is not yet in place: ``load_adapter`` then reads it there, and the next
 write to the directory puts it back (or, when the new one did get in place, deletes it) and removes
-left-over temporaries. One writer per directory at a time.
+left-over temporaries. One writer per directory at a time. The new version keeps the old one's
+mode, owner and group (as far as the process may set them); a folder that is read-only to the
+writer, or is a mount point, cannot be replaced so and is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import os
 import re
 import secrets
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +131,12 @@ def _recover(directory: Path) -> None:
     aside = _aside(directory)
     if aside.is_dir():
         if directory.exists():
-            shutil.rmtree(aside)
+            try:
+                shutil.rmtree(aside)
+            except OSError as e:
+                raise OSError(f"{aside}: the previous version of {directory}, which a save renamed "
+                              f"aside, cannot be deleted ({e.strerror}: {e.filename}); delete it "
+                              "to save again") from None
         else:
             os.replace(aside, directory)
     temporary = re.compile(re.escape(f".{directory.name}.tmp-") + "[a-z0-9_]{8}")
@@ -157,6 +165,21 @@ def _carry_other_entries(directory: Path, tmp: Path) -> None:
             _link_or_copy(entry, tmp / entry.name)
 
 
+def _keep_owner_and_mode(directory: Path, tmp: Path) -> None:
+    """Give the new version of ``directory`` the old one's mode, owner and group, as far as this
+    process may: a save by root into a user's folder, or by a member of a shared folder's group,
+    must not leave a folder its owner can no longer write into."""
+    shutil.copymode(directory, tmp)
+    st = directory.stat()
+    for path in (tmp, tmp / WEIGHTS_NAME, tmp / CONFIG_NAME):
+        for uid in (st.st_uid, -1):  # changing the owner needs privileges; the group, membership
+            try:
+                os.chown(path, uid, st.st_gid)
+                break
+            except PermissionError:
+                continue
+
+
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CPU tensors for safetensors, which refuses two that share memory (a PEFT export of a tied
     embed_tokens / lm_head pair holds both): a later one sharing an earlier one's storage is
@@ -183,6 +206,14 @@ def _write_dir_atomically(directory: Path, tensors: dict[str, torch.Tensor],
         raise ValueError(f"{directory} holds the current working directory, which writing the "
                          "adapter would delete (the whole directory is replaced): write it into a "
                          "directory of its own")
+    if directory.exists():
+        # The folder is replaced whole (a rename), which a mount point refuses, and which would
+        # replace a folder its owner made read-only (renaming needs only the parent writable).
+        if os.path.ismount(directory):
+            raise OSError(f"{directory} is a mount point, which cannot be replaced whole as the "
+                          "adapter's folder is: write the adapter into a folder inside it")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError(f"{directory} is not writable, so its adapter is not replaced")
     directory.parent.mkdir(parents=True, exist_ok=True)
     _recover(directory)
     tmp = _new_temporary(directory)
@@ -195,23 +226,35 @@ def _write_dir_atomically(directory: Path, tensors: dict[str, torch.Tensor],
         shutil.copymode(tmp / CONFIG_NAME, tmp / WEIGHTS_NAME)
         if directory.exists():
             _carry_other_entries(directory, tmp)
-            shutil.copymode(directory, tmp)
+            _keep_owner_and_mode(directory, tmp)
             os.replace(directory, _aside(directory))
         os.replace(tmp, directory)
     finally:
         # Delete the old version, or put it back when the new one did not get into place.
-        _recover(directory)
+        try:
+            _recover(directory)
+        except OSError as e:
+            if not directory.exists():
+                raise
+            # The new version is in place: the save did what it was asked.
+            warnings.warn(str(e), stacklevel=3)
 
 
-def _read_at(fd: int, name: str) -> bytes:
-    with open(name, "rb", opener=lambda path, flags: os.open(path, flags, dir_fd=fd)) as f:
-        return f.read()
+def _read_at(fd: int, directory: Path, name: str) -> bytes:
+    """The file ``name`` of the folder open as ``fd`` (which is ``directory``); an error names the
+    whole path, not the bare file name the open saw."""
+    try:
+        with open(name, "rb", opener=lambda path, flags: os.open(path, flags, dir_fd=fd)) as f:
+            return f.read()
+    except OSError as e:
+        e.filename = str(directory / name)
+        raise
 
 
 def _read_config(fd: int, directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
     try:
-        meta = json.loads(_read_at(fd, CONFIG_NAME))
+        meta = json.loads(_read_at(fd, directory, CONFIG_NAME))
     except FileNotFoundError:
         raise FileNotFoundError(f"tsqlora_ext.load_adapter: {path} not found (is {directory} an "
                                 "adapter written by save_adapter?)") from None
@@ -234,7 +277,7 @@ def _read_config(fd: int, directory: Path) -> dict[str, Any]:
 def _read_weights(fd: int, directory: Path, sha256: str) -> dict[str, torch.Tensor]:
     path = directory / WEIGHTS_NAME
     try:
-        raw = _read_at(fd, WEIGHTS_NAME)
+        raw = _read_at(fd, directory, WEIGHTS_NAME)
     except FileNotFoundError:
         raise FileNotFoundError(f"tsqlora_ext.load_adapter: {path} not found") from None
     if hashlib.sha256(raw).hexdigest() != sha256:
