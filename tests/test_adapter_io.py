@@ -313,6 +313,28 @@ def test_damaged_or_missing_files_named(tiny_model, tmp_path):
         tsqlora_ext.load_adapter(fresh(), tmp_path / "peft")
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda c, first: c["ranks"].pop(first), "'ranks' has no entry for the adapted layer"),
+    (lambda c, first: c.__setitem__("ranks", []), "'ranks' must be an object"),
+    (lambda c, first: c["ranks"].__setitem__(first, "four"), "must be an integer, got 'four'"),
+    (lambda c, first: c.__setitem__("base_model", []), "'base_model' must be an object"),
+    (lambda c, first: c["scaling"].__setitem__(first, "2"), "'scaling' must be an object of numbers"),
+    (lambda c, first: c["config"].__setitem__("lora_alpha", 16.0), "gives another: was it edited"),
+])
+def test_a_hand_edited_config_is_named_with_its_field(edit, message, tiny_model, tmp_path):
+    # These gave a bare KeyError / TypeError / AttributeError naming neither file nor field, or
+    # advised passing unwrapped the model that had been passed unwrapped.
+    base, model, _ = _trained("bert", tiny_model)
+    tsqlora_ext.save_adapter(model, tmp_path / "a")
+    config = tmp_path / "a" / adapter_io.CONFIG_NAME
+    meta = json.loads(config.read_text())
+    edit(meta, next(iter(meta["ranks"])))
+    config.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=str(config)) as raised:
+        tsqlora_ext.load_adapter(copy.deepcopy(base), tmp_path / "a")
+    assert message in str(raised.value)
+
+
 def test_writes_are_atomic_and_keep_other_files(tiny_model, tmp_path, monkeypatch):
     base, model, inputs = _trained("bert", tiny_model)
     d = tmp_path / "run"

@@ -271,7 +271,39 @@ def _read_config(fd: int, directory: Path) -> dict[str, Any]:
     for key in ("config", "ranks", "base_model", "weights_sha256"):
         if key not in meta:
             raise ValueError(f"tsqlora_ext.load_adapter: {path}: field {key!r} missing")
+    _check_fields(meta, path)
     return meta
+
+
+def _check_fields(meta: dict[str, Any], path: Path) -> None:
+    """The fields' types, so that a hand-edited file fails naming the file and the field rather
+    than with a bare KeyError or TypeError deep in the load."""
+    def bad(field: str, want: str):
+        raise ValueError(f"tsqlora_ext.load_adapter: {path}: {field} must be {want}")
+
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    for key in ("config", "ranks", "base_model"):
+        if not isinstance(meta[key], dict):
+            bad(repr(key), "an object")
+    for name, rank in meta["ranks"].items():
+        if not isinstance(rank, int) or isinstance(rank, bool):
+            bad(f"ranks[{name!r}]", f"an integer, got {rank!r}")
+    scaling = meta.get("scaling", {})
+    if not isinstance(scaling, dict) or not all(number(v) for v in scaling.values()):
+        bad("'scaling'", "an object of numbers")
+    base = meta["base_model"]
+    for kind in ("layers", "modules_to_save"):
+        shapes = base.get(kind, {})
+        if not isinstance(shapes, dict) or not all(
+                isinstance(v, list) and all(isinstance(d, int) for d in v) for v in shapes.values()):
+            bad(f"base_model[{kind!r}]", "an object of shapes (lists of integers)")
+    labels = meta.get("labels")
+    if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+        bad("'labels'", "a list of names, or null")
+    if not isinstance(meta["weights_sha256"], str):
+        bad("'weights_sha256'", "a string")
 
 
 def _read_weights(fd: int, directory: Path, sha256: str) -> dict[str, torch.Tensor]:
@@ -406,7 +438,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, verbose: bool =
     originals = dict(model.named_modules())
     wrap(model, config, verbose=verbose)
     try:
-        _load_into(model, directory, meta, tensors)
+        _load_into(model, directory, meta, tensors, wrapped_here=True)
     except BaseException:
         # A failed load leaves the caller's model as it was given, down to its module and
         # Parameter objects (which an optimizer may hold).
@@ -420,8 +452,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, verbose: bool =
 
 @torch.no_grad()
 def _load_into(model: nn.Module, directory: Path, meta: dict[str, Any],
-               tensors: dict[str, torch.Tensor]) -> None:
-    """Check everything first, then copy: an adapter that fails a check changes nothing."""
+               tensors: dict[str, torch.Tensor], wrapped_here: bool = False) -> None:
+    """Check everything first, then copy: an adapter that fails a check changes nothing.
+    ``wrapped_here``: the model was wrapped with the adapter's own config."""
     _check_fingerprint(meta["base_model"], model, directory)
     weights_path = directory / WEIGHTS_NAME
 
@@ -437,14 +470,19 @@ def _load_into(model: nn.Module, directory: Path, meta: dict[str, Any],
     saved_scaling = meta.get("scaling", {})
     plan = []
     for name, layer in adapted_layers(model):
-        rank = int(meta["ranks"][name])
+        if name not in meta["ranks"]:
+            raise ValueError(f"tsqlora_ext.load_adapter: {directory / CONFIG_NAME}: 'ranks' has no "
+                             f"entry for the adapted layer {name}")
+        rank = meta["ranks"][name]
         if not 0 <= rank <= layer.r_max:
             raise ValueError(f"tsqlora_ext.load_adapter: {name} has rank {rank} in the adapter but "
                              f"r_max {layer.r_max} in this model")
         if name in saved_scaling and abs(saved_scaling[name] - layer.scaling) > 1e-12 * abs(layer.scaling):
+            fix = (f"the config in {directory / CONFIG_NAME} gives another: was it edited?" if wrapped_here else
+                   "wrap the model with the adapter's config or pass it unwrapped")
             raise ValueError(f"tsqlora_ext.load_adapter: {name} has scaling {saved_scaling[name]:g} "
                              f"(lora_alpha / r_init) in the adapter but {layer.scaling:g} in this "
-                             "model; wrap the model with the adapter's config or pass it unwrapped")
+                             f"model; {fix}")
         if rank == 0:
             plan.append((layer, torch.zeros(0, dtype=torch.long), None))
             continue
