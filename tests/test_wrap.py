@@ -102,6 +102,7 @@ def test_output_unchanged_at_init(family, tiny_model):
 def test_merge_unmerge_and_unwrap_round_trip(family, tiny_model):
     model, inputs = tiny_model(family)
     original = copy.deepcopy(model)
+    objects = {**dict(model.named_modules()), **dict(model.named_parameters())}
     base_out = _logits(model, inputs)
     tsqlora_ext.wrap(model, CFG, verbose=False)
     _randomize_adapters(model)
@@ -129,6 +130,10 @@ def test_merge_unmerge_and_unwrap_round_trip(family, tiny_model):
     torch.testing.assert_close(_logits(merged, inputs), adapted_out, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(_logits(dropped, inputs), base_out, rtol=1e-5, atol=1e-6)
     assert set(merged.state_dict()) == set(original.state_dict())
+    # The model's own modules and Parameters come back (GPT-2's Conv1D were rebuilt: hooks on them
+    # stopped firing, and an optimizer made before the wrap held weights no longer in the model).
+    now = {**dict(dropped.named_modules()), **dict(dropped.named_parameters())}
+    assert now.keys() == objects.keys() and all(now[k] is objects[k] for k in now)
 
 
 def test_summary_printed_and_returned(tiny_model, capsys):
@@ -311,7 +316,7 @@ def test_tied_and_multihead_attention_targets_refused():
 
 
 def test_unwrap_leaves_the_global_rng_alone(tiny_model):
-    # transformers' Conv1D draws its initial weight in __init__; unwrap rebuilds GPT-2's.
+    # transformers' Conv1D draws its initial weight in __init__, and unwrap once rebuilt GPT-2's.
     model, inputs = tiny_model("gpt2")
     tsqlora_ext.wrap(model, CFG, verbose=False)
     _randomize_adapters(model)

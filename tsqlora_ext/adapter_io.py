@@ -51,7 +51,7 @@ from torch import nn
 
 from . import _build_config
 from .config import TsqLoRAConfig
-from .wrap import _put_back, _uncompiled, adapted_layers, is_wrapped, wrap
+from .wrap import _uncompiled, adapted_layers, is_wrapped, unwrap, wrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -435,17 +435,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, verbose: bool =
         _load_into(model, directory, meta, tensors)
         return given
     config = TsqLoRAConfig.from_dict(meta["config"], source=str(directory / CONFIG_NAME))
-    originals = dict(model.named_modules())
     wrap(model, config, verbose=verbose)
     try:
         _load_into(model, directory, meta, tensors, wrapped_here=True)
     except BaseException:
         # A failed load leaves the caller's model as it was given, down to its module and
         # Parameter objects (which an optimizer may hold).
-        state = model.tsqlora_state
-        del model.tsqlora_state, model.tsqlora_config
-        _put_back(model, {name: originals[name] for name, _ in adapted_layers(model)},
-                  state.requires_grad_before)
+        unwrap(model, merge=False)
         raise
     return given
 

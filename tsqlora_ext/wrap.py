@@ -70,7 +70,8 @@ DEFAULT_MODULES_TO_SAVE: dict[str, list[str]] = {"deberta-v2": ["pooler", *HEAD_
 class WrapState:
     """What ``wrap`` did to a model, kept on it as ``model.tsqlora_state`` so ``unwrap`` can undo it."""
 
-    conv1d: set[str]  # names of adapted layers whose base was a Conv1D
+    # The Conv1D each adapted layer replaced, by name, for unwrap to put back (see wrap).
+    conv1d: dict[str, nn.Module] = field(repr=False)
     modules_to_save: list[str]
     requires_grad_before: dict[str, bool] = field(repr=False)
 
@@ -173,13 +174,11 @@ def _conv1d_to_linear(conv: nn.Module) -> nn.Linear:
     return linear.train(conv.training)
 
 
-def _linear_to_conv1d(linear: nn.Linear) -> nn.Module:
-    # Built on the meta device: Conv1D's __init__ draws its weight from the caller's global RNG.
-    with torch.device("meta"):
-        conv = _conv1d_type()(linear.out_features, linear.in_features)
-    conv.weight = nn.Parameter(linear.weight.detach().t().contiguous())
-    conv.bias = linear.bias  # Conv1D always has a bias, so the converted Linear kept one
-    return conv.train(linear.training)
+def _restore_conv1d(conv: nn.Module, linear: nn.Linear) -> nn.Module:
+    """The original Conv1D ``conv`` again, its weight that of ``linear`` (merged or not), in the
+    same Parameter: hooks on the module, and an optimizer holding the weight, find them again."""
+    conv.weight.data = linear.weight.detach().t().contiguous()
+    return conv.train(linear.training)  # (its bias is the Parameter the Linear shared)
 
 
 def _put_back(model: nn.Module, replaced: dict[str, nn.Module],
@@ -277,7 +276,7 @@ def wrap(model: nn.Module, config: TsqLoRAConfig | None = None, verbose: bool = 
 
     # Seed the adapter initialisation from config.seed without disturbing the caller's RNG.
     cuda_devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    conv1d: set[str] = set()
+    conv1d: dict[str, nn.Module] = {}
     replaced: dict[str, nn.Module] = {}
     try:
         with torch.random.fork_rng(devices=cuda_devices):
@@ -287,7 +286,7 @@ def wrap(model: nn.Module, config: TsqLoRAConfig | None = None, verbose: bool = 
                     base = module
                 else:
                     base = _conv1d_to_linear(module)
-                    conv1d.add(name)
+                    conv1d[name] = module
                 layer = VarRankLoRALinear(base, r_max=config.r_max, r_init=config.r_init,
                                           alpha=config.lora_alpha, dropout=config.lora_dropout,
                                           init=config.init)
@@ -300,6 +299,10 @@ def wrap(model: nn.Module, config: TsqLoRAConfig | None = None, verbose: bool = 
         _put_back(model, replaced, requires_grad_before)  # not left frozen and half adapted
         raise
 
+    for conv in conv1d.values():
+        # Its weight lives on, transposed, in the adapted layer's base. The Parameter keeps its
+        # identity for unwrap, but not a second copy of the data.
+        conv.weight.data = conv.weight.data.new_empty(0)
     for name in modules_to_save:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
@@ -326,7 +329,8 @@ def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
             layer.merge()
         else:
             layer.unmerge()
-        bases[name] = _linear_to_conv1d(layer.base_layer) if name in state.conv1d else layer.base_layer
+        conv = state.conv1d.get(name)
+        bases[name] = layer.base_layer if conv is None else _restore_conv1d(conv, layer.base_layer)
     _put_back(model, bases, state.requires_grad_before)
     del model.tsqlora_state
     del model.tsqlora_config
