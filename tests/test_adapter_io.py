@@ -313,6 +313,22 @@ def test_damaged_or_missing_files_named(tiny_model, tmp_path):
         tsqlora_ext.load_adapter(fresh(), tmp_path / "peft")
 
 
+def test_one_kind_of_adapter_does_not_replace_the_other(tiny_model, tmp_path):
+    # save_adapter and export_peft write files of the same names: an export into the folder of a
+    # saved adapter replaced it without a word.
+    _, model, _ = _trained("bert", tiny_model)
+    tsqlora_ext.save_adapter(model, tmp_path / "a")
+    tsqlora_ext.export_peft(model, tmp_path / "p")
+    before = {d: (tmp_path / d / adapter_io.CONFIG_NAME).read_bytes() for d in ("a", "p")}
+    with pytest.raises(FileExistsError, match=f"{tmp_path / 'a'} holds a tsqlora_ext adapter"):
+        tsqlora_ext.export_peft(model, tmp_path / "a")
+    with pytest.raises(FileExistsError, match=f"{tmp_path / 'p'} holds a PEFT adapter"):
+        tsqlora_ext.save_adapter(model, tmp_path / "p")
+    assert {d: (tmp_path / d / adapter_io.CONFIG_NAME).read_bytes() for d in ("a", "p")} == before
+    tsqlora_ext.save_adapter(model, tmp_path / "a")  # each over its own kind, as before
+    tsqlora_ext.export_peft(model, tmp_path / "p")
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda c, first: c["ranks"].pop(first), "'ranks' has no entry for the adapted layer"),
     (lambda c, first: c.__setitem__("ranks", []), "'ranks' must be an object"),

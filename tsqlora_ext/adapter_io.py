@@ -193,6 +193,17 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _written_kind(config_text: str) -> str | None:
+    """'tsqlora_ext' or 'PEFT' for an adapter config this module writes, else None."""
+    try:
+        meta = json.loads(config_text)
+    except ValueError:
+        return None
+    if isinstance(meta, dict) and meta.get("format") == FORMAT:
+        return "tsqlora_ext"
+    return "PEFT" if isinstance(meta, dict) and "peft_type" in meta else None
+
+
 def _write_dir_atomically(directory: Path, tensors: dict[str, torch.Tensor],
                           config: dict[str, Any], checksum_key: str | None) -> None:
     """Write WEIGHTS_NAME and CONFIG_NAME into ``directory`` so that no reader ever sees a
@@ -201,6 +212,16 @@ def _write_dir_atomically(directory: Path, tensors: dict[str, torch.Tensor],
     directory = Path(os.path.realpath(directory))
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory} exists and is not a directory")
+    # save_adapter and export_peft write files of the same names: one must not silently replace
+    # the other's adapter.
+    kind, existing = ("PEFT" if checksum_key is None else "tsqlora_ext"), directory / CONFIG_NAME
+    try:
+        there = _written_kind(existing.read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        there = None
+    if there not in (None, kind):
+        raise FileExistsError(f"{directory} holds a {there} adapter, which writing a {kind} one "
+                              "would replace: write it into another folder, or delete that one first")
     cwd = Path.cwd()
     if cwd == directory or directory in cwd.parents:
         raise ValueError(f"{directory} holds the current working directory, which writing the "
