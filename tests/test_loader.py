@@ -171,3 +171,15 @@ def test_resume_refuses_a_state_of_a_loader_with_other_batches(change):
     # A state saved before these fields were recorded still loads.
     old = {k: v for k, v in state.items() if k not in change}
     TokenBatchLoader(rows, batch_size=16, seed=1, **change).load_state_dict(old)
+
+
+def test_fractional_token_ids_and_labels_are_refused():
+    # np.int64 conversion truncated them: label 1.9 trained as class 1, token 2.7 as token 2.
+    with pytest.raises(TypeError, match="token ids must be integers"):
+        TokenBatchLoader([[1, 2], [1.5, 2.7]], [0, 1])
+    with pytest.raises(ValueError, match="label of row 1 is 1.9, not an integer class id"):
+        TokenBatchLoader([[1, 2], [3]], [0.0, 1.9])
+    with pytest.raises(ValueError, match="2 token rows but 3 labels"):
+        TokenBatchLoader([[1, 2], [3]], [0, 1, 1])
+    batch = next(iter(TokenBatchLoader([[1, 2], [3]], np.array([1.0, 0.0]), shuffle=False)))
+    assert batch["labels"].tolist() == [1, 0]

@@ -13,6 +13,8 @@ epoch, position) is all it takes to resume exactly where training stopped.
 
 from __future__ import annotations
 
+import numbers
+import operator
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -40,8 +42,14 @@ class TokenBatchLoader:
         lengths = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        flat = np.fromiter((i for t in token_ids for i in t), dtype=np.int64, count=int(offsets[-1]))
-        lab = None if labels is None else np.asarray(labels, dtype=np.int64)
+        try:  # (operator.index: a float id such as 2.7 would be truncated to 2 unnoticed)
+            flat = np.fromiter((operator.index(i) for t in token_ids for i in t), dtype=np.int64,
+                               count=int(offsets[-1]))
+        except TypeError as e:
+            raise TypeError(f"TokenBatchLoader: token ids must be integers ({e})") from None
+        lab = None if labels is None else class_ids(labels)
+        if lab is not None and len(lab) != len(lengths):
+            raise ValueError(f"TokenBatchLoader: {len(lengths)} token rows but {len(lab)} labels")
         self._seed = int(seed)
         native = native_seed(self._seed, "TokenBatchLoader")
         self._config = dict(num_rows=len(lengths), batch_size=batch_size, rank=rank, world_size=world_size)
@@ -113,3 +121,25 @@ class TokenBatchLoader:
             raise ValueError("TokenBatchLoader.load_state_dict: the state is of a loader that makes "
                              "other batches: " + "; ".join(differ))
         self._native.seek(int(state["epoch"]), int(state["position"]))
+
+
+def class_ids(labels) -> np.ndarray:
+    """Labels as an int64 array of one class id per example, refusing what is not: a float such
+    as 0.7 (int64 conversion would truncate it to class 0), text, nested lists."""
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise ValueError(f"labels must be one class id per example, got an array of shape {arr.shape}")
+    if arr.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(arr) | (arr != np.round(arr)))
+        if bad.size:
+            raise ValueError(f"label of row {bad[0]} is {arr[bad[0]]}, not an integer class id")
+    elif arr.dtype.kind not in "iub" and arr.size:
+        # The first label that is not even an integer's text (in [0, 1, "pos"] numpy made every
+        # one a string); the first one when all are ("0", "1").
+        values = list(labels)
+        row = next((i for i, v in enumerate(values) if not isinstance(v, numbers.Integral)
+                    and not str(v).strip().lstrip("-").isdigit()), 0)
+        value = values[row].item() if isinstance(values[row], np.generic) else values[row]
+        raise ValueError(f"labels must be integer class ids, got {value!r} in row {row} (number "
+                         "the classes first, e.g. with sorted(set(labels)))")
+    return arr.astype(np.int64)

@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import numbers
 import os
 import time
 import warnings
@@ -45,7 +44,7 @@ from torch import nn
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .config import TsqLoRAConfig, check_integers, check_layer_fields, config_value, dataclass_from_dict
 from .layers import VarRankLoRALinear, protect_inactive
-from .loader import TokenBatchLoader
+from .loader import TokenBatchLoader, class_ids
 from .files import atomic_write
 
 
@@ -165,28 +164,6 @@ class TokenizedData:
             ids[i, :len(t)] = torch.as_tensor(t, dtype=torch.long)
             mask[i, :len(t)] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": torch.as_tensor(self.labels)}
-
-
-def class_ids(labels) -> np.ndarray:
-    """Labels as an int64 array of one class id per example, refusing what is not: a float such
-    as 0.7 (int64 conversion would truncate it to class 0), text, nested lists."""
-    arr = np.asarray(labels)
-    if arr.ndim != 1:
-        raise ValueError(f"labels must be one class id per example, got an array of shape {arr.shape}")
-    if arr.dtype.kind == "f":
-        bad = np.flatnonzero(~np.isfinite(arr) | (arr != np.round(arr)))
-        if bad.size:
-            raise ValueError(f"label of row {bad[0]} is {arr[bad[0]]}, not an integer class id")
-    elif arr.dtype.kind not in "iub" and arr.size:
-        # The first label that is not even an integer's text (in [0, 1, "pos"] numpy made every
-        # one a string); the first one when all are ("0", "1").
-        values = list(labels)
-        row = next((i for i, v in enumerate(values) if not isinstance(v, numbers.Integral)
-                    and not str(v).strip().lstrip("-").isdigit()), 0)
-        value = values[row].item() if isinstance(values[row], np.generic) else values[row]
-        raise ValueError(f"labels must be integer class ids, got {value!r} in row {row} (number "
-                         "the classes first, e.g. with sorted(set(labels)))")
-    return arr.astype(np.int64)
 
 
 def check_labels(data: TokenizedData, model: nn.Module, what: str) -> None:
