@@ -86,6 +86,30 @@ def test_parquet_nulls_are_refused_naming_the_file_row_and_field(tmp_path):
         tsqlora_ext.select(path, label_field="label", fraction=0.5)
 
 
+def test_empty_labels_from_arrow_are_refused_as_from_files(tmp_path):
+    # A csv's empty label is refused; the same data as parquet or a DataFrame made '' a class.
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame({"text": ["a fine review", "another review", "a third one"],
+                       "label": ["pos", "  ", "neg"]})
+    df.to_parquet(tmp_path / "d.parquet")
+    for data, name in ((df, "DataFrame"), (tmp_path / "d.parquet", "d.parquet")):
+        with pytest.raises(ValueError, match=rf"{name} row 1: field 'label' is empty"):
+            tsqlora_ext.select(data, label_field="label", fraction=0.5)
+
+
+def test_jsonl_written_from_arrow_keeps_every_number(tmp_path):
+    # pandas' to_json rounded to 10 significant digits: 1e-12 became 0.0.
+    pd = pytest.importorskip("pandas")
+    values = [0.1234567890123456, 1e-12, 3e-11, float("nan")]
+    pd.DataFrame({"text": [f"review number {i} is fine" for i in range(4)], "x": values,
+                  "t": ["naïve 東京"] * 4}).to_parquet(tmp_path / "d.parquet")
+    tsqlora_ext.select(tmp_path / "d.parquet", fraction=1.0, gate=False, out=tmp_path / "o.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert sorted(rows, key=lambda r: r["text"])[:3] == [
+        {"text": f"review number {i} is fine", "x": values[i], "t": "naïve 東京"} for i in range(3)]
+    assert sorted(rows, key=lambda r: r["text"])[3]["x"] is None  # NaN: null, as JSON has no NaN
+
+
 @pytest.mark.parametrize("flag,value,message", [
     ("--mislabel-threshold", "2", r"mislabel_threshold must be in \(0, 1\), got 2"),
     ("--mislabel-max-spread", "-1", r"mislabel_max_spread must be > 0, got -1"),

@@ -43,9 +43,11 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(strict_json(obj)))
 
 
-def strict_json(obj: Any) -> str:
-    """``obj`` as indented JSON text with NaN and ±inf as null."""
-    return json.dumps(_strict(obj), indent=2, allow_nan=False) + "\n"
+def strict_json(obj: Any, indent: int | None = 2, ensure_ascii: bool = True) -> str:
+    """``obj`` as JSON text with NaN and ±inf as null, and a newline; ``indent`` None: one line.
+    What JSON has no type for (a date, bytes) is written as its text."""
+    return json.dumps(_strict(obj), indent=indent, allow_nan=False, ensure_ascii=ensure_ascii,
+                      default=str) + "\n"
 
 
 def _strict(o):

@@ -201,6 +201,10 @@ def _from_arrow(table, kind: str, text_field: str, label_field: str | None, sour
         if (first := _first_null(column.combine_chunks())) is not None:
             raise ValueError(f"{_name(source)} row {first}: field '{label_field}' is null")
         labels = column.to_pylist()
+        # An empty label too, as the file readers refuse it, rather than a class of its own.
+        if (first := next((i for i, v in enumerate(labels)
+                           if isinstance(v, str) and not v.strip(" \t\n\r\v\f")), None)) is not None:
+            raise ValueError(f"{_name(source)} row {first}: field '{label_field}' is empty")
     return _Rows(kind, table.num_rows, _arrow_gate(table.column(text_field), text_field, _name(source)),
                  labels, source, table)
 
@@ -388,11 +392,20 @@ def _subset_writer(rows: _Rows, indices: np.ndarray, out: Path):
         import pyarrow.parquet as pq
         return lambda tmp: pq.write_table(table, tmp)
     if fmt == "jsonl":
-        return lambda tmp: table.to_pandas().to_json(tmp, orient="records", lines=True, force_ascii=False)
+        return lambda tmp: _write_jsonl(table, tmp)
     if fmt in ("csv", "tsv"):
         sep = "," if fmt == "csv" else "\t"
         return lambda tmp: table.to_pandas().to_csv(tmp, sep=sep, index=False)
     raise ValueError(f"--out {out.name}: use .parquet, .jsonl, .csv or .tsv")
+
+
+def _write_jsonl(table, path: Path) -> None:
+    """One JSON object per row (``strict_json``), numbers exact: pandas' to_json rounded floats to
+    10 significant digits (1e-12 became 0.0)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for batch in table.to_batches():
+            for row in batch.to_pylist():
+                f.write(strict_json(row, indent=None, ensure_ascii=False))
 
 
 def _stats(x: np.ndarray) -> dict[str, Any]:
