@@ -55,6 +55,19 @@ def test_repeated_ngrams_rule():
     assert got == ["repeated_ngrams", "kept"]
 
 
+def test_chinese_and_japanese_are_words_per_character():
+    # Words were runs of non-space only: a whole Chinese or Japanese sentence was one word, so
+    # every such row was dropped as too short, and no near duplicate was ever found among them.
+    zh = "这部电影非常好看，演员的表演十分出色，剧情也很吸引人，我推荐给所有朋友，明天还想再看一遍。"
+    texts = [zh, "今天天气很好，我们去公园散步吧。", "この映画はとても面白かったです。俳優の演技も素晴らしい。",
+             "混合 text 与 English words 和 数字 2024 年", zh.replace("明天", "后天"),
+             "ภาพยนตร์เรื่องนี้สนุกมาก"]  # Thai: split at spaces only (a phrase is one word)
+    got = _compare(texts, GateConfig())
+    assert got == ["kept", "kept", "kept", "kept", "near_duplicate", "too_short"]
+    words = _C.gate_texts(texts, GateConfig().native(), 1)[1][:, 0]
+    assert words[1] == 16 and words[3] == 11  # 14 characters and 2 punctuation marks; 混 合 text ...
+
+
 def test_planted_near_duplicates_are_found(bbc_news):
     rng = np.random.default_rng(0)
     base = [t for t in bbc_news.train_texts if len(t.split()) > 200][:150]
@@ -167,3 +180,47 @@ def test_gate_config_takes_the_bounds_themselves():
                      top_ngram=[(1, 0.0)], dup_ngram=[], minhash_seed=2**64 - 1)
     codes, _, _ = _C.gate_texts(["one", "two words"], cfg.native(), 1)
     assert [_C.GATE_REASONS[c] for c in codes] == ["kept", "too_long"]
+
+
+def test_ctrl_c_stops_the_gate_at_once():
+    # The C++ gate held the call until it was done: Ctrl-C came through seconds (minutes on
+    # millions of rows) later. The texts take the gate several seconds on one thread.
+    import os
+    import signal
+    import threading
+    import time
+
+    rng = np.random.default_rng(0)
+    vocab = np.array([f"tok{i}" for i in range(5000)])
+    texts = [" ".join(row) for row in vocab[rng.integers(0, 5000, size=(100_000, 60))]]
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    start = time.perf_counter()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        _C.gate_texts(texts, GateConfig().native(), 1)
+    assert time.perf_counter() - start < 2.0
+    timer.join()
+    assert _compare(texts[:50], GateConfig()) == ["kept"] * 50  # the next job runs to its end
+
+
+def test_threads_that_cannot_start_are_an_error():
+    # With the workers' stacks out of address space the pool's constructor threw while workers
+    # waited on its condition variable: the process hung instead of raising.
+    import subprocess
+    import sys
+
+    script = """
+import resource
+from tsqlora_ext import _C
+from tsqlora_ext.selector import GateConfig
+size = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (size + (1 << 30), resource.RLIM_INFINITY))
+try:
+    _C.gate_texts(["aa bb cc dd"] * 10, GateConfig().native(), 2000)
+except RuntimeError as e:
+    print("refused:", e)
+print(_C.gate_texts(["aa bb cc dd"] * 3, GateConfig().native(), 1)[0].tolist())
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "refused: cannot start 1999 worker threads" in run.stdout, run.stdout + run.stderr
+    assert "ask for fewer threads" in run.stdout and run.stdout.endswith("[0, 8, 8]\n")  # 8: exact_duplicate

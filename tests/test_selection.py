@@ -100,3 +100,18 @@ def test_selection_errors():
         _C.gumbel_top_k(3, 1, np.array([0.0, np.nan, 1.0]), None, None, 1.0, 0, False, 1)
     with pytest.raises(ValueError, match="temperature"):
         _C.gumbel_top_k(3, 1, None, None, None, -1.0, 0, False, 1)
+
+
+def test_a_tiny_temperature_is_top_k_with_seeded_ties():
+    # Q/τ overflowed to inf for a tiny τ: every positive score tied and the lowest row ids won
+    # (τ = 1e-307 picked rows 18-22 of scores 0..99); and equal scores ignored the seed once the
+    # noise rounded away (τ = 1e-18: rows 0-4 for every seed).
+    q = np.arange(100.0)
+    for tau in (1e-3, 1e-307, 1e-310):
+        np.testing.assert_array_equal(_C.gumbel_top_k(100, 5, q, None, None, tau, 0, False, 1),
+                                      [95, 96, 97, 98, 99])
+    flat = np.zeros(100)
+    for seed in range(3):
+        np.testing.assert_array_equal(_C.gumbel_top_k(100, 5, flat, None, None, 1e-18, seed, False, 1),
+                                      _C.gumbel_top_k(100, 5, flat, None, None, 0.0, seed, False, 1))
+    assert len({tuple(_C.gumbel_top_k(100, 5, flat, None, None, 1e-18, s, False, 1)) for s in range(3)}) == 3

@@ -202,3 +202,15 @@ def test_newline_is_the_first_lines_terminator(tmp_path):
                              # a blank first line is no record: the records' own terminator counts
                              ("e.jsonl", b'\n{"text": "x"}\r\n{"text": "y"}\r\n', b"\r\n")]:
         assert _read(_write(tmp_path, name, data), name.split(".")[1]).newline == want, name
+
+
+def test_a_header_naming_a_field_twice_is_refused(tmp_path):
+    # The first 'text' column was read without a word, though the text could be in the second.
+    p = tmp_path / "dup.csv"
+    p.write_text("text,text,label\nid-1,a fine review,1\n")
+    with pytest.raises(ValueError, match=r"line 1 of .*dup.csv: header: field 'text' is both column 1 and column 2"):
+        _C.read_table(str(p), "csv", "text", "label")
+    p.write_text("text,label,label\na fine review,1,0\n")
+    with pytest.raises(ValueError, match=r"field 'label' is both column 2 and column 3"):
+        _C.read_table(str(p), "csv", "text", "label")
+    assert _C.read_table(str(p), "csv", "text").texts == ["a fine review"]  # the label is not read

@@ -51,7 +51,11 @@ import numpy as _np
 GATE_REASONS = ("kept", "empty", "too_short", "too_long", "symbol_ratio", "non_alpha_ratio",
                 "repeated_lines", "repeated_ngrams", "exact_duplicate", "near_duplicate")
 
-_WORD = _re.compile(r"[^ \t\n\r\x0b\x0c]+")  # words: runs of non-(ASCII) whitespace
+# CJK ideographs and kana (csrc/data/text_util.h, is_own_word): each a word of its own.
+_OWN_WORD = ("\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+             "\U00020000-\U0003ffff")
+# words: runs of what is neither (ASCII) whitespace nor _OWN_WORD, and each _OWN_WORD code point
+_WORD = _re.compile(rf"[{_OWN_WORD}]|[^ \t\n\r\x0b\x0c{_OWN_WORD}]+")
 _ASCII_WS = " \t\n\r\x0b\x0c"
 _M64 = (1 << 64) - 1
 _FNV_OFFSET, _FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3

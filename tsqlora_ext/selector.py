@@ -578,7 +578,9 @@ def select(data, *, text_field: str = "text", label_field: str | None = None, sc
     pool = reasons == "kept"
     pool_size = int(pool.sum())
     if pool_size == 0:
-        raise ValueError(f"{_name(rows.source)}: no rows left after the filters")
+        counts = ", ".join(f"{r} {c}" for r, c in zip(*np.unique(reasons, return_counts=True)))
+        raise ValueError(f"{_name(rows.source)}: no rows left after the filters ({counts}); the "
+                         "gate's settings can be changed or the gate turned off")
     missing = pool & ~np.isfinite(q)
     if missing.any():
         where = f" in the scores file {scores}" if isinstance(scores, (str, os.PathLike)) else ""

@@ -1,4 +1,5 @@
-// Python face of csrc/data: every call releases the GIL while the C++ side works.
+// Python face of csrc/data: every call releases the GIL while the C++ side works, and the long
+// ones (reading a file, the gate) stop at Ctrl-C (see interruptible).
 //
 // Texts reach C++ without copies where possible: a Python list of str is viewed through each
 // str's cached UTF-8 (the list is kept alive for the call), an Arrow string column through its
@@ -7,6 +8,10 @@
 
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
+
+#include <chrono>
+#include <future>
+#include <thread>
 
 #include "data/batch_loader.h"
 #include "data/heuristics.h"
@@ -48,6 +53,31 @@ std::vector<std::string_view> views_of(const py::list& texts) {
   return views;
 }
 
+// f() (pure C++, no Python) on a thread of its own, the GIL released, while this thread looks for
+// signals every 50 ms: a Ctrl-C cancels the data pipeline's job and raises KeyboardInterrupt at
+// once, where a C++ call holding the interpreter would let it through only when done (minutes of
+// gating on millions of rows).
+template <class F>
+auto interruptible(F f) -> decltype(f()) {
+  std::packaged_task<decltype(f())()> task(std::move(f));
+  auto result = task.get_future();
+  cancel_requested().store(false);
+  std::thread worker(std::move(task));
+  py::gil_scoped_release release;
+  while (result.wait_for(std::chrono::milliseconds(50)) != std::future_status::ready) {
+    py::gil_scoped_acquire acquire;
+    if (PyErr_CheckSignals() != 0) {
+      py::error_already_set interrupt;  // (the KeyboardInterrupt a handler raised)
+      cancel_requested().store(true);
+      worker.join();  // within a chunk: the job only reads and writes C++ memory
+      cancel_requested().store(false);
+      throw interrupt;
+    }
+  }
+  worker.join();
+  return result.get();
+}
+
 py::tuple gate_result(GateResult r, const GateConfig& cfg) {
   const int64_t n = static_cast<int64_t>(r.reasons.size());
   py::array_t<double> feats({n, r.num_features});
@@ -56,11 +86,7 @@ py::tuple gate_result(GateResult r, const GateConfig& cfg) {
 }
 
 py::tuple gate_views(const std::vector<std::string_view>& views, const GateConfig& cfg, int threads) {
-  GateResult r;
-  {
-    py::gil_scoped_release release;
-    r = run_gate(views, cfg, threads);
-  }
+  GateResult r = interruptible([&] { return run_gate(views, cfg, threads); });
   return gate_result(std::move(r), cfg);
 }
 
@@ -127,11 +153,11 @@ void bind_data(py::module_& m) {
   m.def("read_table", [](const std::string& path, const std::string& format, const std::string& text_field,
                          const std::string& label_field, bool skip_bad, int64_t max_line_bytes, int threads) {
         ReadOptions o{text_field, label_field, skip_bad, max_line_bytes, threads};
-        py::gil_scoped_release release;
-        if (format == "jsonl") return read_jsonl(path, o);
-        if (format == "csv") return read_csv(path, ',', o);
-        if (format == "tsv") return read_csv(path, '\t', o);
-        throw std::invalid_argument("read_table: format must be jsonl, csv or tsv, not '" + format + "'");
+        if (format != "jsonl" && format != "csv" && format != "tsv")
+          throw std::invalid_argument("read_table: format must be jsonl, csv or tsv, not '" + format + "'");
+        return interruptible([&] {
+          return format == "jsonl" ? read_jsonl(path, o) : read_csv(path, format == "csv" ? ',' : '\t', o);
+        });
       },
       py::arg("path"), py::arg("format"), py::arg("text_field"), py::arg("label_field") = "",
       py::arg("skip_bad") = false, py::arg("max_line_bytes") = 16LL << 20, py::arg("num_threads") = 0,
@@ -189,19 +215,6 @@ void bind_data(py::module_& m) {
       py::arg("pool") = py::none(), py::arg("temperature") = 1.0, py::arg("seed") = 0,
       py::arg("stratify") = false, py::arg("num_threads") = 0,
       "Seeded Gumbel-top-k of scores/temperature; selected row ids in ascending order.");
-  m.def("gumbel_keys", [selection_input](int64_t n, std::optional<F64Array> scores, std::optional<U8Array> pool,
-                                         double temperature, uint64_t seed, int threads) {
-        SelectionInput in = selection_input(scores, std::nullopt, pool, n);
-        std::vector<double> keys;
-        {
-          py::gil_scoped_release release;
-          keys = gumbel_keys(in, temperature, seed, threads);
-        }
-        return to_numpy(keys);
-      }, py::arg("n"), py::arg("scores") = py::none(), py::arg("pool") = py::none(),
-      py::arg("temperature") = 1.0, py::arg("seed") = 0, py::arg("num_threads") = 0,
-      "The perturbed keys Q/τ + Gumbel behind gumbel_top_k.");
-
   py::class_<BatchLoader>(m, "BatchLoader", "Prefetching, length-bucketed batches over token ids.")
       .def(py::init([](const I64Array& ids, const I64Array& offsets, std::optional<I64Array> labels,
                        int64_t batch_size, int64_t pad_id, int64_t max_length, int64_t pad_to_multiple_of,

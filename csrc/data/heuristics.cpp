@@ -61,6 +61,8 @@ struct Word {
   bool has_letter;
 };
 
+// Words: maximal runs of code points that are neither ASCII whitespace nor is_own_word, and each
+// is_own_word code point alone.
 void split_words(std::string_view t, std::vector<Word>& words) {
   words.clear();
   size_t i = 0;
@@ -71,12 +73,18 @@ void split_words(std::string_view t, std::vector<Word>& words) {
     while (i < t.size() && !is_ascii_space(static_cast<unsigned char>(t[i]))) {
       size_t start = i;
       uint32_t cp = next_code_point(t, i);
+      const bool alone = is_own_word(cp);
+      if (alone && w.chars > 0) {  // it ends the run before it, and starts again here
+        i = start;
+        break;
+      }
       w.chars += 1;
       w.has_letter |= is_letter(cp);
       for (size_t k = start; k < i; ++k) {
         w.hash ^= static_cast<unsigned char>(ascii_lower(t[k]));
         w.hash *= kFnvPrime;
       }
+      if (alone) break;
     }
     w.end = static_cast<uint32_t>(i);
     words.push_back(w);

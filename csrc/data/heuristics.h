@@ -1,7 +1,9 @@
 // The heuristic quality gate: model-free rules that drop documents before any scoring.
 //
-// Words are maximal runs of non-whitespace (ASCII whitespace only); a word's length is its number
-// of code points; "chars" of a document is the sum of its word lengths. Rules, in the order a
+// Words are maximal runs of non-whitespace (ASCII whitespace only), except that each CJK ideograph
+// and kana is a word of its own (is_own_word in text_util.h; Thai and other scripts written
+// without spaces are not split, so their short texts fall below min_words); a word's length is its number of code points; "chars" of a
+// document is the sum of its word lengths. Rules, in the order a
 // document is tested (the first failing rule is its drop reason):
 //   length           0 words -> empty; < min_words -> too_short; > max_words -> too_long
 //   symbol_ratio     (#'#' + #'...' + #'…') / words  > max_symbol_ratio           (Gopher)

@@ -17,8 +17,7 @@ namespace {
 // The stream of the uniforms u_i behind the Gumbel noise.
 uint64_t noise_stream(uint64_t seed) { return splitmix64(seed ^ 0x6a09e667f3bcc908ULL); }
 
-}  // namespace
-
+// The keys (selection.h), -inf outside the pool.
 std::vector<double> gumbel_keys(const SelectionInput& in, double temperature, uint64_t seed, int num_threads) {
   if (!(temperature >= 0.0)) throw std::invalid_argument("select: temperature must be >= 0 (got NaN or < 0)");
   const double ninf = -std::numeric_limits<double>::infinity();
@@ -32,13 +31,11 @@ std::vector<double> gumbel_keys(const SelectionInput& in, double temperature, ui
       double q = in.scores ? in.scores[i] : 0.0;
       if (top_k) { keys[i] = q; continue; }
       double g = -std::log(-std::log(uniform_open01(stream, static_cast<uint64_t>(i))));
-      keys[i] = uniform ? g : q / temperature + g;
+      keys[i] = uniform ? g : q + temperature * g;
     }
   });
   return keys;
 }
-
-namespace {
 
 // The k best of `rows` by (key desc, tie desc when given, index asc).
 void take_best(std::vector<int64_t>& rows, int64_t k, const std::vector<double>& keys,
@@ -64,11 +61,12 @@ std::vector<int64_t> gumbel_top_k(const SelectionInput& in, int64_t k, double te
         throw std::invalid_argument("select: score of row " + std::to_string(i) + " is not finite");
   if (stratify && !in.labels) throw std::invalid_argument("select: stratify needs labels");
   std::vector<double> keys = gumbel_keys(in, temperature, seed, num_threads);
-  // τ = 0 ranks by Q alone, so rows of equal Q would fall to the lowest indices whatever the seed
-  // (with the default 'uniform' preference every score is 0: always the first k rows). Equal Q are
-  // ranked by their noise instead, the limit of Q/τ + g_i as τ → 0; u_i orders them as g_i does.
+  // τ = 0 ranks by Q alone (and a tiny τ nearly so: τ·g_i rounds away beside Q_i), so rows of
+  // equal Q would fall to the lowest indices whatever the seed (with the default 'uniform'
+  // preference every score is 0: always the first k rows). Equal keys are ranked by their noise
+  // instead, the limit of Q/τ + g_i as τ → 0; u_i orders them as g_i does.
   std::vector<double> ties;
-  if (temperature == 0.0) {
+  if (!std::isinf(temperature)) {
     ties.resize(in.n);
     const uint64_t stream = noise_stream(seed);
     for (int64_t i = 0; i < in.n; ++i) ties[i] = uniform_open01(stream, static_cast<uint64_t>(i));

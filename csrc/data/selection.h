@@ -1,11 +1,13 @@
 // Seeded Gumbel-top-k selection of k rows from a pool, optionally stratified by label.
 //
-// Row i gets the key  Q_i/τ + g_i,  g_i = -log(-log u_i),  u_i = uniform(seed, i) in (0, 1)
-// (counter-based: u_i depends on (seed, i) only). The k largest keys are a sample without
-// replacement with P(first = i) ∝ exp(Q_i/τ), each next pick following the same law on the rest
-// (Plackett-Luce). τ = 0 gives the exact top-k of Q, rows of equal Q ranked by g_i (the limit
-// τ → 0), so the seed draws among ties; τ = +inf ignores Q (uniform sampling). Remaining ties fall
-// to the lower index, so the output is a pure function of the inputs.
+// Row i gets the key  Q_i + τ·g_i,  g_i = -log(-log u_i),  u_i = uniform(seed, i) in (0, 1)
+// (counter-based: u_i depends on (seed, i) only), which orders rows as Q_i/τ + g_i does without
+// overflowing for a tiny τ. The k largest keys are a sample without replacement with
+// P(first = i) ∝ exp(Q_i/τ), each next pick following the same law on the rest (Plackett-Luce).
+// Rows of equal key are ranked by u_i (the limit τ → 0), so the seed draws among ties: τ = 0 gives
+// the exact top-k of Q, and so does a τ so small that τ·g_i vanishes beside Q_i. τ = +inf ignores
+// Q (uniform sampling). Remaining ties fall to the lower index, so the output is a pure function
+// of the inputs.
 //
 // Stratified: class c, with n_c rows in the pool, receives k·n_c/n slots by largest remainder
 // (ties to the lower class id) and its slots are filled by Gumbel-top-k within the class.
@@ -26,9 +28,5 @@ struct SelectionInput {
 // Returns the selected row indices in ascending order.
 std::vector<int64_t> gumbel_top_k(const SelectionInput& in, int64_t k, double temperature, uint64_t seed,
                                   bool stratify, int num_threads);
-
-// The keys themselves (-inf outside the pool; Q at τ = 0, without the tie-break): exposed so tests
-// can check the law directly.
-std::vector<double> gumbel_keys(const SelectionInput& in, double temperature, uint64_t seed, int num_threads);
 
 }  // namespace tsq::data

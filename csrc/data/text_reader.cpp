@@ -485,9 +485,19 @@ TextTable read_csv(const std::string& path, char delim, const ReadOptions& opts)
   t.header_end = pos;
   if (header.end < n && buf[header.end] == '\r') t.newline = "\r\n";
 
+  // A name the header holds twice is refused: which column is meant cannot be told (the first
+  // one was read, though the text could be in the second).
   auto column = [&](const std::string& name) -> int64_t {
-    for (size_t k = 0; k < header.fields.size(); ++k)
-      if (header.fields[k] == name) return static_cast<int64_t>(k);
+    int64_t found = -1;
+    for (size_t k = 0; k < header.fields.size(); ++k) {
+      if (header.fields[k] != name) continue;
+      if (found >= 0)
+        throw std::invalid_argument(line_prefix(header.first_line, t.source) + "header: field '" +
+                                    name + "' is both column " + std::to_string(found + 1) +
+                                    " and column " + std::to_string(k + 1));
+      found = static_cast<int64_t>(k);
+    }
+    if (found >= 0) return found;
     std::string have;
     for (size_t k = 0; k < header.fields.size(); ++k) have += (k ? ", " : "") + header.fields[k];
     throw std::invalid_argument(t.source + ": field '" + name + "' missing from the header (columns: " +

@@ -45,6 +45,18 @@ inline uint64_t fnv1a64(std::string_view s, bool lowercase) {
 // The gate's whitespace: ASCII space, \t, \n, \v, \f, \r (Unicode spaces count as word characters).
 inline bool is_ascii_space(unsigned char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
 
+// Code points of the scripts written without spaces between words that are split at every
+// character, each a word of its own (as BERT's tokenizer splits CJK ideographs): the CJK
+// ideographs and Hiragana / Katakana. Otherwise a whole Chinese or Japanese sentence would be one
+// "word": dropped as too short, and never a near duplicate. (Thai, Lao, Khmer and Myanmar are not:
+// a code point there is often a vowel sign or tone mark, and character n-grams of them repeat far
+// more than the word n-gram rules allow.)
+inline bool is_own_word(uint32_t cp) {
+  return (cp >= 0x3040 && cp <= 0x30FF) || (cp >= 0x31F0 && cp <= 0x31FF) ||
+         (cp >= 0x3400 && cp <= 0x4DBF) || (cp >= 0x4E00 && cp <= 0x9FFF) ||
+         (cp >= 0xF900 && cp <= 0xFAFF) || (cp >= 0x20000 && cp <= 0x3FFFF);
+}
+
 // Byte offset of the first invalid UTF-8 sequence in s, or -1 when s is valid UTF-8.
 inline int64_t find_invalid_utf8(const char* data, size_t n) {
   const auto* s = reinterpret_cast<const unsigned char*>(data);

@@ -5,6 +5,9 @@
 // Every index is processed exactly once and each task writes only its own output slots, which is
 // why every result of the data pipeline is identical for any thread count. The first exception
 // thrown by a task is rethrown in the caller once all claimed chunks have finished.
+//
+// A job can be cancelled from another thread (the Python bindings do when the user presses
+// Ctrl-C): no chunk starts once cancel_requested() is set, and parallel_for throws Interrupted.
 #pragma once
 
 #include <unistd.h>
@@ -17,10 +20,27 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
+#include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
 namespace tsq::data {
+
+// Set to stop the data pipeline's running job; the one who sets it clears it when the job is over.
+inline std::atomic<bool>& cancel_requested() {
+  static std::atomic<bool> flag{false};
+  return flag;
+}
+
+struct Interrupted : std::runtime_error {
+  Interrupted() : std::runtime_error("interrupted") {}
+};
+
+inline void throw_if_cancelled() {
+  if (cancel_requested().load(std::memory_order_relaxed)) throw Interrupted();
+}
 
 // All hardware threads (at least 1): the default thread count everywhere.
 inline int default_num_threads() {
@@ -36,17 +56,20 @@ class ThreadPool {
  public:
   // `num_threads` counts the caller: a pool of 1 runs everything on the calling thread.
   explicit ThreadPool(int num_threads) : num_threads_(std::max(1, num_threads)), owner_(getpid()) {
-    for (int t = 1; t < num_threads_; ++t) workers_.emplace_back([this] { worker_loop(); });
+    try {
+      for (int t = 1; t < num_threads_; ++t) workers_.emplace_back([this] { worker_loop(); });
+    } catch (const std::system_error& e) {
+      // The workers started must be joined before this object is unwound: destroying a joinable
+      // thread aborts, and the condition variables they wait on must outlive them (a hang).
+      const size_t started = workers_.size();
+      stop();
+      throw std::runtime_error("cannot start " + std::to_string(num_threads_ - 1) +
+                               " worker threads (" + std::to_string(started) + " started: " +
+                               e.what() + "); ask for fewer threads");
+    }
   }
 
-  ~ThreadPool() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-    }
-    wake_.notify_all();
-    for (auto& w : workers_) w.join();
-  }
+  ~ThreadPool() { stop(); }
 
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
@@ -60,7 +83,10 @@ class ThreadPool {
     if (n <= 0) return;
     grain = std::max<int64_t>(1, grain);
     if (num_threads_ == 1 || n <= grain) {
-      fn(0, n);
+      for (int64_t begin = 0; begin < n; begin += grain) {
+        throw_if_cancelled();
+        fn(begin, std::min(n, begin + grain));
+      }
       return;
     }
     std::lock_guard<std::mutex> job_lock(job_mu_);
@@ -83,11 +109,22 @@ class ThreadPool {
   }
 
  private:
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& w : workers_) w.join();
+    workers_.clear();
+  }
+
   void run_chunks() {
     for (;;) {
       int64_t begin = next_.fetch_add(grain_);
       if (begin >= n_) return;
       try {
+        throw_if_cancelled();
         (*fn_)(begin, std::min(n_, begin + grain_));
       } catch (...) {
         std::lock_guard<std::mutex> lock(mu_);
