@@ -74,7 +74,8 @@ def _select_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument("--scores", default=None, help="per-row scores: jsonl with 'score' (and optional 'index', "
                     "'p_mislabeled') or .npy; without it the selection is uniform over the filtered pool")
     io.add_argument("--out", required=True, help="the kept rows, in the input's format")
-    io.add_argument("--indices", default=None, help="kept row ids, one a line (default: <out>.indices.txt)")
+    io.add_argument("--indices", default=None, help="kept row ids, one a line: 0-based positions among "
+                    "the rows read, not counting the lines --skip-bad skips (default: <out>.indices.txt)")
     io.add_argument("--report", default=None, help="report JSON (default: <out>.report.json)")
     io.add_argument("--skip-bad", action="store_true", help="count and report malformed lines instead of failing")
     io.add_argument("--max-line-bytes", type=int, default=16 << 20, help="longer records are malformed")
