@@ -315,6 +315,17 @@ def test_tied_and_multihead_attention_targets_refused():
     assert not any(isinstance(m, VarRankLoRALinear) for m in layer.modules())
 
 
+def test_a_layer_whose_weight_accelerate_offloads_is_refused(tiny_model):
+    # Its weight waits on the meta device for a hook around each call, which the adapted layer
+    # (reading the weight itself) never ran: the forward failed with "weight is on meta".
+    accelerate = pytest.importorskip("accelerate")
+    model, _ = tiny_model("bert")
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"attention\.self\.query: accelerate offloads its weight"):
+        tsqlora_ext.wrap(model, CFG, verbose=False)
+    assert not any(isinstance(m, VarRankLoRALinear) for m in model.modules())
+
+
 def test_unwrap_leaves_the_global_rng_alone(tiny_model):
     # transformers' Conv1D draws its initial weight in __init__, and unwrap once rebuilt GPT-2's.
     model, inputs = tiny_model("gpt2")

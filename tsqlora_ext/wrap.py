@@ -194,8 +194,10 @@ def _put_back(model: nn.Module, replaced: dict[str, nn.Module],
 # ---- checks -------------------------------------------------------------------------------------
 def _refuse_unadaptable(model: nn.Module, chosen: list[tuple[str, nn.Module]]) -> None:
     """Refuse targets an adapter would break, naming each: a layer whose weight is shared with
-    another module (a tied lm_head: merging would add ΔW to the input embeddings too) and the
-    out_proj of an nn.MultiheadAttention (which reads out_proj.weight directly, never calling it)."""
+    another module (a tied lm_head: merging would add ΔW to the input embeddings too), the
+    out_proj of an nn.MultiheadAttention (which reads out_proj.weight directly, never calling it),
+    and a layer whose weight accelerate offloads (kept on the meta device and loaded by a hook
+    around each call, which the adapted layer, reading the weight itself, would never run)."""
     names_of: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(p), []).append(pname)
@@ -206,6 +208,9 @@ def _refuse_unadaptable(model: nn.Module, chosen: list[tuple[str, nn.Module]]) -
             if tied:
                 problems.append(f"{name}: its {pname.rpartition('.')[2]} is tied to {tied[0]} (the "
                                 "same Parameter), so merging the adapter would change that too")
+        if getattr(getattr(module, "_hf_hook", None), "offload", False):
+            problems.append(f"{name}: accelerate offloads its weight (device_map with 'cpu' or "
+                            "'disk', cpu_offload); load the model with its weights in memory")
         parent_name = name.rpartition(".")[0]
         if isinstance(model.get_submodule(parent_name), nn.MultiheadAttention):
             problems.append(f"{name}: nn.MultiheadAttention reads its weight directly instead of "
