@@ -193,13 +193,18 @@ def test_ctrl_c_stops_the_gate_at_once():
     rng = np.random.default_rng(0)
     vocab = np.array([f"tok{i}" for i in range(5000)])
     texts = [" ".join(row) for row in vocab[rng.integers(0, 5000, size=(100_000, 60))]]
+    # Python's own Ctrl-C handler: a process started in the background inherits SIGINT ignored.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
-    start = time.perf_counter()
-    timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        _C.gate_texts(texts, GateConfig().native(), 1)
-    assert time.perf_counter() - start < 2.0
-    timer.join()
+    try:
+        start = time.perf_counter()
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            _C.gate_texts(texts, GateConfig().native(), 1)
+        assert time.perf_counter() - start < 2.0
+    finally:
+        timer.join()
+        signal.signal(signal.SIGINT, previous)
     assert _compare(texts[:50], GateConfig()) == ["kept"] * 50  # the next job runs to its end
 
 
