@@ -325,6 +325,34 @@ def test_calibration_shares_b0_by_layer_sensitivity(monkeypatch):
     assert alloc.history == [{"step": 0, "budget": 16, "ranks": ranks}]
 
 
+def test_calibration_keeps_the_strongest_trained_components():
+    # The initial allocation set every layer to components 0..r-1: a layer cut below r_init after
+    # a warm-up lost the components it had trained, whatever they carried.
+    from tsqlora_ext.allocator import _initial_components
+
+    layer = VarRankLoRALinear(nn.Linear(8, 6), r_max=6, r_init=4, alpha=4.0, init="adalora")
+    assert _initial_components(layer, 2).tolist() == [0, 1]  # untrained (E = 0): by id
+    assert _initial_components(layer, 6).tolist() == [0, 1, 2, 3, 4, 5]
+    layer.set_active([0, 2, 3, 5])
+    with torch.no_grad():  # (unit rows of A and columns of B: the strength is |E|)
+        layer.lora_A.fill_(8 ** -0.5)
+        layer.lora_B.fill_(6 ** -0.5)
+        layer.lora_E.copy_(torch.tensor([0.1, 9.0, -3.0, 0.2, 7.0, -5.0]))
+    assert sorted(_initial_components(layer, 2).tolist()) == [2, 5]  # |E| 3 and 5 among the active
+    assert sorted(_initial_components(layer, 5).tolist()) == [0, 1, 2, 3, 5]  # all kept, 1 added
+    model = Tiny(CFG)
+    with torch.no_grad():
+        for m in model.layers:
+            m.lora_E.copy_(torch.randn(m.r_max))
+    strength = {n: (m.lora_E.abs() * m.lora_A.norm(dim=1) * m.lora_B.norm(dim=0)).detach()
+                for n, m in zip(RankAllocator(model, CFG).names, model.layers)}
+    alloc = RankAllocator(model, CFG)
+    ranks = alloc.calibrate([x for x, _ in data(2)], model=model, loss_fn=lambda out, b: out.pow(2).mean())
+    for name, m in alloc.layers.items():
+        if ranks[name] < CFG.r_init:
+            assert sorted(m.active.tolist()) == sorted(strength[name][:CFG.r_init].topk(ranks[name]).indices.tolist())
+
+
 def test_calibration_off_gives_r_init():
     cfg = CFG.replace(sensitivity_init=False)
     model = Tiny(cfg)

@@ -82,6 +82,15 @@ def test_guard_flags_nothing_without_a_minority_of_misfits():
     assert allowed.sum() > 400 and allowed.sum() == ((p > 0.5) & (losses > MAX_CLEAN_LOSS)).sum()
 
 
+def test_exactly_half_high_losses_is_no_majority():
+    # The mixture weights summed above 1 (a guard against an empty component), so an exact half
+    # came out as 0.50000000000001 and the guard abstained as 'majority'.
+    for n in (4, 100):
+        losses = np.r_[np.full(n // 2, 0.05), np.full(n // 2, 3.0)]
+        _, flagged, mix = flag_mislabeled(losses)
+        assert mix.weights[1] == 0.5 and guard_abstains(mix) is None and flagged.sum() == n // 2
+
+
 def test_guard_flags_nothing_when_the_high_losses_are_a_tail():
     rng = np.random.default_rng(3)
     # clean labels after a warm-up: a narrow confidently-fit peak plus the model's own long error

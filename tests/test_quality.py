@@ -324,6 +324,40 @@ def test_warmup_steps_the_model_and_reports():
     assert all(p.grad is None for p in params)
     assert any(not torch.equal(b, p) for b, p in zip(before, params))
     assert opt.state[params[0]]["step"] == 5  # the optimizer carries on into training
+    # The first and last losses are two windows apart (they were the same 5 steps).
+    rec = warmup(model, opt, {"input_ids": ids, "attention_mask": mask, "labels": labels}, steps=2,
+                 batch_size=4, seed=4, progress=False)
+    assert rec["first_loss"] != rec["last_loss"]
+
+
+def test_scoring_and_warmup_give_every_module_its_own_mode_back():
+    # A part of the model the caller had put in eval mode (its dropout) came back in train mode.
+    model = tiny_bert()
+    model.train()
+    model.bert.embeddings.eval()
+    ids, mask, labels = tiny_pool(n=8)
+    pool = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    modes = {n: m.training for n, m in model.named_modules()}
+    score_pool(model, make_batches(ids, mask, labels, batch_size=4), progress=False)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    warmup(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), pool, steps=1,
+           batch_size=4, progress=False)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+
+
+def test_head_mode_scores_the_whole_last_block_of_t5():
+    # The block was cut at a name's last number, which in T5 is the sub-layer: head mode scored
+    # the last block's feed-forward and dropped its self- and cross-attention adapters.
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=2,
+                                decoder_start_token_id=0)
+    model = transformers.T5ForSequenceClassification(cfg)
+    tsqlora_ext.wrap(model, TsqLoRAConfig(r_max=4, r_init=2, target_r=2, target_modules=["q", "v", "wi", "wo"]),
+                     verbose=False)
+    adapters = [n for n, m in scored_modules(model, "head") if isinstance(m, VarRankLoRALinear)]
+    assert adapters == [n for n, m in model.named_modules() if isinstance(m, VarRankLoRALinear)
+                        and n.startswith("transformer.decoder.block.1.")]
+    assert len(adapters) == 6
 
 
 def test_warmup_keeps_inactive_components_and_skips_nan_steps():

@@ -109,6 +109,22 @@ def orthogonality_penalty(layers: Iterable[VarRankLoRALinear], weight: float) ->
     return weight * total
 
 
+@torch.no_grad()
+def _initial_components(layer: VarRankLoRALinear, rank: int) -> torch.Tensor:
+    """The ``rank`` component ids a layer starts training with. An adapter the warm-up trained
+    carries on: a layer cut below its current rank keeps the components that carry most of its
+    ΔW, |E_k|·‖A_k‖·‖B_k‖ (the others wait inactive, their values kept, for a reallocation to bring
+    them back), and a layer raised above it keeps all of them and adds the lowest free ids.
+    Untrained components all measure 0 (E or B starts at 0), so they go by id: the first ``rank``."""
+    active = layer.active.cpu()
+    if rank >= active.numel():
+        free = layer.inactive.cpu()
+        return torch.cat([active, free[:rank - active.numel()]])
+    strength = (layer.lora_E.abs() * layer.lora_A.norm(dim=1) * layer.lora_B.norm(dim=0)).float().cpu()
+    order = torch.sort(strength[active], descending=True, stable=True).indices  # ties: lower id
+    return active[order[:rank]]
+
+
 def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """Average a tensor over processes (in place) so every rank makes the same decision."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -228,7 +244,8 @@ class RankAllocator:
         ``model(batch)``); the loss is ``loss_fn(output, batch)``, or ``output.loss``. At most
         ``config.calibration_batches`` batches are used. Parameters' gradients are left as they
         were before the call (calibration's own are discarded). With ``sensitivity_init=False``
-        every layer gets r_init and no batch is run. Returns the new ranks.
+        every layer gets r_init and no batch is run. Which components a layer keeps: see
+        ``_initial_components``. Returns the new ranks.
         """
         cfg = self.config
         self._follow_model()  # the sensitivity totals live with the scores
@@ -242,7 +259,7 @@ class RankAllocator:
             self.layer_sensitivity = dict(zip(self.names, sens))
             ranks = proportional_ranks(sens, self.b0, cfg.r_min, cfg.r_max)
         for m, r in zip(mods, ranks):
-            m.set_active(torch.arange(r))
+            m.set_active(_initial_components(m, r))
         self._refresh_mask()
         self.history = [h for h in self.history if h["step"] != self.global_step]
         self._record(budget=sum(ranks))

@@ -219,7 +219,8 @@ class TsqLoRAConfig:
                          "last adapted block only (close to forward-only cost).")
     lookahead: str = _f("first_order", "D_i: 'exact' one-step look-ahead or 'first_order' eta*G_i^2.")
     score_warmup: int = _f(120, "Optimizer steps on a random sample before scoring; the adapter "
-                           "carries on into training. Measured (MiniLM, Rotten Tomatoes, 20% labels "
+                           "carries on into training (a layer given fewer than r_init components "
+                           "by the initial allocation keeps its strongest). Measured (MiniLM, Rotten Tomatoes, 20% labels "
                            "flipped, lr 1e-3, batch 32; python/experiments/noisy_labels.py): after 40 "
                            "steps the guard could not act and the quality-selected 30% held 32.7% "
                            "flipped (pool 20%); after 120 steps 12.9%.")

@@ -112,7 +112,7 @@ def fit_loss_mixture(losses, max_iter: int = 200, tol: float = 1e-8) -> tuple[Lo
         ll = float(log_norm.sum())
         # M step.
         nk = resp.sum(axis=0) + 1e-12
-        w = nk / x.size
+        w = nk / nk.sum()  # (over x.size, the guard against an empty component made w sum above 1)
         mean = (resp * x[:, None]).sum(axis=0) / nk
         var = np.maximum((resp * (x[:, None] - mean) ** 2).sum(axis=0) / nk, floor)
         if abs(ll - prev) <= tol * max(1.0, abs(ll)):

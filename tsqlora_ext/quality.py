@@ -119,13 +119,26 @@ def selection_score(Q, preference: str = "uniform") -> np.ndarray:
     raise ValueError(f"quality preference must be one of {PREFERENCES}, got {preference!r}")
 
 
+def _modes(model: nn.Module) -> dict[nn.Module, bool]:
+    """Every module's train/eval flag: one a caller set on a part of the model (dropout in eval in
+    a model in train mode) must come back too, which model.train(flag) would overwrite."""
+    return {m: m.training for m in model.modules()}
+
+
+def _restore_modes(modes: dict[nn.Module, bool]) -> None:
+    for m, training in modes.items():
+        m.training = training
+
+
 # ---- which parameters are scored ----------------------------------------------------------------
 def _block_key(name: str) -> str:
-    """The block a module belongs to: its name up to its last numeric component
-    ('bert.encoder.layer.5.attention.self.query' -> 'bert.encoder.layer.5')."""
+    """The block a module belongs to: its name up to its first numeric component, the index into
+    the model's list of blocks ('bert.encoder.layer.5.attention.self.query' -> 'bert.encoder.layer.5';
+    T5's 'decoder.block.5.layer.1.EncDecAttention.q' -> 'decoder.block.5', where the last number
+    would split the block by its sub-layers)."""
     parts = name.split(".")
-    for k in range(len(parts) - 1, -1, -1):
-        if parts[k].isdigit():
+    for k, part in enumerate(parts):
+        if part.isdigit():
             return ".".join(parts[: k + 1])
     return name
 
@@ -523,7 +536,7 @@ def score_pool(
     if pool_reference and not isinstance(batches, (list, tuple)):
         batches = list(batches)  # iterated twice
     frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in scored]
-    was_training = model.training
+    modes = _modes(model)
     taps = [_Tap(n, m) for n, m in layers]
     t0 = time.perf_counter()
     idx_l, loss_l, sq_l, d_l, dot_l = [], [], [], [], []
@@ -590,7 +603,7 @@ def score_pool(
             t.reset()
         for p in frozen:
             p.requires_grad_(True)
-        model.train(was_training)
+        _restore_modes(modes)
     index = torch.cat(idx_l).numpy()
     if np.unique(index).size != index.size:
         raise ValueError("quality score: batch 'index' values repeat; each example needs a unique id")
@@ -653,8 +666,9 @@ def warmup(model: nn.Module, optimizer: torch.optim.Optimizer, pool: dict, steps
     """Run ``steps`` optimizer steps on random minibatches of ``pool`` before scoring.
 
     ``pool`` maps input names (``input_ids``, ``attention_mask``, ``labels``, ...) to tensors with
-    the pool on the first dimension. The model and optimizer carry on into training afterwards, so
-    the steps are not lost, and they get the training loop's protections: inactive adapter
+    the pool on the first dimension. The model carries on into training afterwards (the pipeline's
+    training starts a fresh optimizer, and its initial allocation keeps each layer's strongest
+    warmed-up components), and the steps get the training loop's protections: inactive adapter
     components stay exactly as they are (``protect_inactive``), the gradient norm is clipped to
     ``max_grad_norm`` (0: not clipped), a step with NaN/inf gradients is skipped whole, and ``bf16``
     is TrainArgs.bf16. Returns a record for the report: steps, examples drawn, steps skipped, seed,
@@ -674,7 +688,7 @@ def warmup(model: nn.Module, optimizer: torch.optim.Optimizer, pool: dict, steps
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     skipped = 0
-    was_training = model.training
+    modes = _modes(model)
     model.train()
     guard = protect_inactive(optimizer, model) if lora_layers(model) else None
     t0 = time.perf_counter()
@@ -695,11 +709,12 @@ def warmup(model: nn.Module, optimizer: torch.optim.Optimizer, pool: dict, steps
     finally:
         if guard is not None:
             guard.remove()
-        model.train(was_training)
+        _restore_modes(modes)
     if steps > 0 and skipped == steps:
         raise FloatingPointError(f"warmup: all {steps} steps had NaN/inf gradients and were skipped; "
                                  "lower the learning rate or check the data")
-    k = max(1, min(5, len(losses)))
+    # Two windows that do not overlap, so that the two losses say whether the loss fell.
+    k = max(1, min(5, len(losses) // 2))
     return {"steps": steps, "batch_size": batch_size, "examples": steps * min(batch_size, n),
             "skipped": skipped,
             "seed": seed, "first_loss": float(np.mean(losses[:k])) if losses else None,
