@@ -292,7 +292,7 @@ def run_pipeline(model_dir, task: TextTask, out, config: TsqLoRAConfig, args: Tr
     if baseline:
         t = time.perf_counter()
         base = run_baseline(model_dir, train_all, eval_tok, len(indices), task.label_names, config, args,
-                            tokenizer)
+                            tokenizer, np.flatnonzero(pool))
         phases["baseline_s"] = time.perf_counter() - t
         runs["LoRA baseline"] = base
 
@@ -321,9 +321,11 @@ def run_pipeline(model_dir, task: TextTask, out, config: TsqLoRAConfig, args: Tr
 
 def run_baseline(model_dir, train_all: TokenizedData, eval_tok: TokenizedData, count: int,
                  label_names: Sequence[str], config: TsqLoRAConfig, args: TrainArgs,
-                 tokenizer) -> dict[str, Any]:
-    """Plain LoRA at TsqLoRA's budget: ``count`` examples drawn uniformly at random (seeded),
-    a fixed rank of ``target_r`` in every layer, no gate, scoring or reallocation."""
+                 tokenizer, pool_rows: np.ndarray) -> dict[str, Any]:
+    """Plain LoRA at TsqLoRA's budget: the same ``score_warmup`` steps on the same random draws
+    from the gated pool ``pool_rows`` as TsqLoRA's warm-up (so both see as many examples and
+    steps), then ``count`` examples drawn uniformly at random (seeded), a fixed rank of
+    ``target_r`` in every layer, no scoring or reallocation."""
     from .wrap import wrap
 
     t = time.perf_counter()
@@ -332,12 +334,14 @@ def run_baseline(model_dir, train_all: TokenizedData, eval_tok: TokenizedData, c
                               sensitivity_init=False, total_steps=None)
     model, _ = _load_model(model_dir, label_names, config.seed)
     model = wrap(model, base_cfg, verbose=False)
+    warm = _warmup(model, tokenizer, train_all.subset(pool_rows), base_cfg, args)
     rows = np.sort(np.random.default_rng(config.seed).choice(len(train_all), count, replace=False))
     base_args = TrainArgs.from_dict({**args.to_dict(), "checkpoint_dir": None, "checkpoint_every": 0})
     res = train(model, train_all.subset(rows), eval_tok, base_cfg, base_args, tokenizer=tokenizer)
     out = res.to_dict()
     out["rank"] = r
     out["examples"] = int(count)
+    out["warmup"] = warm
     out["wall_time_s"] = time.perf_counter() - t
     return out
 
@@ -360,8 +364,9 @@ def summary(metrics: dict[str, Any], out) -> str:
         f"training examples; {sel['pool']:,} passed the gate)",
         f"wrong-label guard    {_guard_words(metrics['scoring'])}",
         f"held-out accuracy    TsqLoRA {acc:.4f}"
-        + (f"   |   plain LoRA r={base['rank']} on a random {base['examples']:,}: "
-           f"{base['metrics']['accuracy']:.4f}" if base else ""),
+        + (f"   |   plain LoRA r={base['rank']} on a random {base['examples']:,}"
+           + (f" after the same {base['warmup']['steps']} warm-up steps" if base.get("warmup") else "")
+           + f": {base['metrics']['accuracy']:.4f}" if base else ""),
     ]
     if "macro_f1" in tsq["metrics"]:
         lines.append(f"macro-F1             TsqLoRA {tsq['metrics']['macro_f1']:.4f}"
