@@ -65,6 +65,31 @@ def test_summary_pairs_seeds_and_measures_goals(cm):
     assert "| TsqLoRA, all data | 0.001 | 84.00 ± 1.00 | 3.00 ± 0.00 |" in md
 
 
+def test_goals_say_what_qualifies_their_figures(cm):
+    # Each read as plain success: equal rank passed for equal parameters, a quality arm that drew
+    # the random arm's rows for quality selection, a 30% arm that also warmed up on the whole pool
+    # for 30% of the data, and step times of runs that shared the machine for a timing.
+    lrs, seeds = (1e-3,), (0, 1)
+    runs = []
+    for method, params, warm, jobs in (("adalora", 90, 0, 1), ("lora", 80, 0, 1), ("tsqlora", 120, 0, 4),
+                                       ("quality@0.3", 110, 30, 4), ("random@0.3", 110, 30, 4)):
+        for s in seeds:
+            r = _run(method, 1e-3, s, val=0.9, test=0.8 + 0.01 * s)
+            r.update(params_active=params, warmup_examples=warm, jobs=jobs,
+                     train_examples=15 if "@" in method else 50)
+            runs.append(r)
+    goals = {g["goal"].split(" (")[0]: g for g in cm.summarize(runs, lrs, seeds, "cmd")["tasks"]["t"]["goals"]}
+    order = goals["TsqLoRA ≥ PEFT AdaLoRA ≥ PEFT LoRA"]
+    assert "at equal total rank" in order["goal"] and "parameters at the end 120 / 90 / 80" in order["measured"]
+    assert "trained on the same rows at every seed" in goals["quality 30% beats random 30% by more than the seed spread"]["measured"]
+    within = goals["quality 30% within 0.5 points of TsqLoRA on all data"]["measured"]
+    # 1 - (1 - 15/50)(1 - 1/50)^30 = 0.616
+    assert "30 warm-up draws from the whole pool the arm saw about 62% of the pool's rows" in within
+    step = goals["TsqLoRA step time ≤ PEFT LoRA's"]
+    assert step["met"] is None and "not comparable: 4 runs shared the machine" in step["measured"]
+    assert "| n/a |" in cm.render_markdown(cm.summarize(runs, lrs, seeds, "cmd"), "title")
+
+
 def test_summary_keeps_to_the_requested_grid_and_marks_partial_rows(cm):
     """A partial grid (e.g. cut by gpu_experiments.sh's time limit) must not pass off one seed or
     a partly tried grid as the requested 3-seed result, nor mix in other calls' rates or seeds."""

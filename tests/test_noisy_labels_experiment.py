@@ -59,6 +59,18 @@ def test_goal_verdicts_follow_the_numbers():
     assert {g["flip"]: g for g in nl.summarize(one_seed)["goals"]}[0.2]["beats_random_met"] is None
 
 
+def test_a_guard_that_flagged_nothing_is_named_as_the_random_sample():
+    # "no worse than random: met (+0.0000)" read as a quality result, though the arm had trained
+    # on the random arm's rows at every seed.
+    runs = [_run("random", s, a, flip=0.0, kept_flip=0.0) for s, a in enumerate([0.81, 0.82])]
+    runs += [{**_run("quality_uniform", s, a, flip=0.0, kept_flip=0.0), "guard": {"flagged": 0}}
+             for s, a in enumerate([0.81, 0.82])]
+    (goal,) = nl.summarize(runs)["goals"]
+    assert goal["same_as_random"] and goal["no_worse_met"]
+    runs[-1]["accuracy"] = 0.83  # another row drawn somewhere: no longer the same sample
+    assert not nl.summarize(runs)["goals"][0]["same_as_random"]
+
+
 def test_rerun_skips_finished_runs_and_refuses_other_settings(tmp_path, capsys):
     out = tmp_path / "r.json"
     args = ["--quick", "--datasets", "rotten_tomatoes", "--arms", "random", "--out", str(out)]

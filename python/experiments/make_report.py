@@ -120,7 +120,7 @@ def plot_fractions(summary: dict[str, Any], path: Path, title: str) -> None:
             ax.errorbar([100], [100 * m], yerr=[100 * s], fmt="D", color="black", capsize=4,
                         label="all data")
             ax.axhline(100 * m, color="black", lw=0.8, ls=":")
-        ax.set_xlabel("training data used (% of the training split)")
+        ax.set_xlabel("training data selected (% of the training split; the warm-up draws from all of it)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(task)
         ax.grid(alpha=0.3)
@@ -177,10 +177,16 @@ def figures(results: Path, readme: Path) -> list[str]:
         tag, cmd = caption(source)
         summary = summaries[source]
         plot_fractions(summary, png, "quality-selected vs random data fractions" + tag)
+        # The arms train on their selection after a warm-up on random draws from the whole pool.
+        warm = {task: max(r.get("warmup_examples", 0) for m, r in v["methods"].items() if "@" in m)
+                for task, v in summary["tasks"].items() if any("@" in m for m in v["methods"])}
+        seen = (f" Every arm also trained on the warm-up's random draws from the whole training "
+                f"split before its selection ({', '.join(f'{t} {w:,.0f}' for t, w in warm.items())} "
+                f"draws), so it saw more rows than its share." if any(warm.values()) else "")
         blocks.append(f"![accuracy against data fraction]({_rel(png, readme)})\n\n"
-                      f"*Test accuracy against the share of training data, quality-selected against "
-                      f"random (mean ± std over seeds {', '.join(map(str, summary['seeds']))}; the "
-                      f"dotted line is TsqLoRA on all data){tag}. Reproduce: {cmd}.*")
+                      f"*Test accuracy against the share of training data selected, quality-selected "
+                      f"against random (mean ± std over seeds {', '.join(map(str, summary['seeds']))}; "
+                      f"the dotted line is TsqLoRA on all data).{seen}{tag} Reproduce: {cmd}.*")
     elif png.is_file():
         png.unlink()  # drawn from runs no longer present: it would show numbers nothing backs
     heat = full if full.is_file() else next(iter(smoke_files), None)

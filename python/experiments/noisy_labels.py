@@ -282,8 +282,13 @@ def summarize(runs: list[dict]) -> dict:
         if q and rnd:
             diff = q["accuracy"] - rnd["accuracy"]
             spread = max(q["accuracy_std"], rnd["accuracy_std"])
+            # The guard flagged nothing and the arm drew exactly the random arm's rows at every
+            # seed ('uniform' selection): its figures are the random sample's.
+            per_seed = {a: {r["seed"]: r["accuracy"] for r in groups[(ds, flip, a)]} for a in (arm, "random")}
+            same = (q["flagged"] == 0 and per_seed[arm].keys() == per_seed["random"].keys()
+                    and per_seed[arm] == per_seed["random"])
             g = {"dataset": ds, "flip": flip, "arm": arm, "accuracy_diff": diff,
-                 "seed_spread": spread, "seeds": min(q["seeds"], rnd["seeds"])}
+                 "seed_spread": spread, "seeds": min(q["seeds"], rnd["seeds"]), "same_as_random": same}
             if flip > 0:
                 g["kept_flip_share"] = q["kept_flip_share"]
                 g["pool_flip_share"] = q["pool_flip_share"]
@@ -352,7 +357,9 @@ def markdown(payload: dict, out: Path) -> str:
                 f"- {g['dataset']}, clean, {arm_label(g['arm'], s)}: accuracy vs random "
                 f"{g['accuracy_diff']:+.4f}, seed "
                 f"spread {g['seed_spread']:.4f} (goal: no worse than random: "
-                f"{'met' if g['no_worse_met'] else 'missed'}).")
+                f"{'met' if g['no_worse_met'] else 'missed'})"
+                + ("; the guard flagged nothing and the arm trained on the random arm's rows at "
+                   "every seed, so this is the random sample's figure." if g.get("same_as_random") else "."))
     lines += ["", f"Settings: pool {s['pool'] or 'the full train split'}, test "
               f"{s['eval'] or 'the full test split'}, fraction {s['fraction']}, warm-up "
               f"{cfg['score_warmup']} steps, quality preference '{cfg['quality_preference']}', "
