@@ -331,6 +331,22 @@ def test_adamw_keeps_inactive_components_across_active_set_changes(device, forea
     assert not torch.equal(layers[0].lora_A[1:], A0[1:])  # unprotected: weight decay moves them
 
 
+def test_guard_follows_ids_copied_into_the_buffer(device):
+    # AveragedModel and other tools write buffers in place: the same tensor, other ids.
+    layer = make_layer(device, seed=0)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.1)
+    protect_inactive(opt, layer)
+    layer.set_active([0, 1, 2, 3])
+    layer(torch.randn(4, 24, device=device)).square().mean().backward()
+    opt.step()
+    layer.active.copy_(torch.tensor([4, 5, 6, 7], device=device))
+    A0 = layer.lora_A.detach().clone()
+    opt.zero_grad()
+    layer(torch.randn(4, 24, device=device)).square().mean().backward()
+    opt.step()
+    assert torch.equal(layer.lora_A[:4], A0[:4]) and not torch.equal(layer.lora_A[4:], A0[4:])
+
+
 def test_guard_protects_a_layer_pruned_after_steps_with_every_component_active(device):
     # protect_inactive re-reads which layers have inactive components only when an active set
     # changed (VarRankLoRALinear.active_sets_version): a layer that trained with every component

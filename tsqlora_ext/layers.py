@@ -107,8 +107,15 @@ class VarRankLoRALinear(nn.Module):
     # ---- the active set ------------------------------------------------------------------------
     # The ids in the ``active`` buffer are the one record of the active set: whatever else follows
     # it (protect_inactive's masks, RankAllocator's) is derived from that tensor and rebuilt when
-    # the buffer is another tensor, so set_active, an assignment, load_state_dict, .to() and a
-    # tool that swaps the buffer directly are all seen alike.
+    # the buffer is another tensor or was written in place (``ids_key``), so set_active, an
+    # assignment, load_state_dict, .to(), a tool that swaps the buffer and one that copies into it
+    # (AveragedModel) are all seen alike.
+
+    def ids_key(self) -> tuple[int, int]:
+        """Changes whenever the active ids may have: the id tensor's identity and its in-place
+        version counter (read without a host sync)."""
+        ids = self.active
+        return id(ids), ids._version
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
@@ -310,22 +317,23 @@ class _InactiveGuard:
         # The targets whose layer has inactive components, as of the active-id tensors _actives.
         self._protected: list = []
         self._actives: list[torch.Tensor] = []  # held, so their ids stay theirs
+        self._active_keys: list[tuple[int, int]] = []
         self._saved: list = []
         # _groups()'s result and what it was built from (see there)
         self._fingerprint: tuple = ()
         self._fingerprint_tensors: list[torch.Tensor] = []  # held, as _actives
         self._cached_groups: list = []
-        # layer -> (its active ids when the mask was built, bool inactive mask [r_max])
-        self._layer_masks: dict[VarRankLoRALinear, tuple[torch.Tensor, torch.Tensor]] = {}
+        # layer -> (its ids_key when the mask was built, bool inactive mask [r_max])
+        self._layer_masks: dict[VarRankLoRALinear, tuple[tuple[int, int], torch.Tensor]] = {}
         self._handles = [optimizer.register_step_pre_hook(self._save),
                          optimizer.register_step_post_hook(self._restore)]
 
     def _layer_mask(self, layer: VarRankLoRALinear) -> torch.Tensor:
         cached = self._layer_masks.get(layer)
-        if cached is not None and cached[0] is layer.active:
+        if cached is not None and cached[0] == layer.ids_key():
             return cached[1]
         mask = layer.inactive_mask()
-        self._layer_masks[layer] = (layer.active, mask)
+        self._layer_masks[layer] = (layer.ids_key(), mask)
         return mask
 
     def _groups(self) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
@@ -342,14 +350,14 @@ class _InactiveGuard:
         counter), are not members and do not count.
         """
         state = self._optimizer.state
-        actives = [layer.active for layer in self._layers]
-        if len(actives) != len(self._actives) or any(a is not b for a, b in zip(actives, self._actives)):
+        keys = [layer.ids_key() for layer in self._layers]
+        if keys != self._active_keys:
             self._protected = [t for t in self._targets if t[0].active.numel() < t[0].r_max]
-            self._actives = actives
+            self._actives = [layer.active for layer in self._layers]
+            self._active_keys = keys
         tensors = [v for per_param in state.values() if isinstance(per_param, dict)
                    for v in per_param.values() if isinstance(v, torch.Tensor)]
-        fingerprint = ([id(a) for a in actives], [t[1].grad is None for t in self._protected],
-                       [id(v) for v in tensors])
+        fingerprint = (keys, [t[1].grad is None for t in self._protected], [id(v) for v in tensors])
         if fingerprint != self._fingerprint:
             self._cached_groups = self._build_groups(state)
             self._fingerprint, self._fingerprint_tensors = fingerprint, tensors
