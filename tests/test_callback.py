@@ -67,6 +67,18 @@ def test_reallocation_runs_once_per_optimizer_step(tmp_path):
     assert final != initial
 
 
+def test_the_same_callback_registered_twice_is_named(tmp_path):
+    # It updated the sensitivities twice per step, then blamed the transformers version for a
+    # missing on_optimizer_step event.
+    torch.set_num_threads(1)
+    cb = TsqLoRACallback()
+    _, trainer = _trainer(tmp_path, tw.tiny_config(t_init=0, t_final=0, delta_t=1), cb, max_steps=2)
+    trainer.add_callback(cb)
+    with pytest.raises(RuntimeError, match="the same callback is registered twice"):
+        trainer.train()
+    assert cb.allocator.global_step == 1  # stopped before the second update of the first step
+
+
 def test_warns_when_schedule_leaves_no_reallocation(tmp_path):
     torch.set_num_threads(1)
     config = tw.tiny_config(t_init=3, t_final=0, delta_t=50)

@@ -199,10 +199,17 @@ class TsqLoRACallback(TrainerCallback):
         return output
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        if self.config.dynamic:
-            if self.allocator.step() is not None:
-                self.reallocations += 1
-            self.allocator_steps += 1
+        if not self.config.dynamic:
+            return
+        # (The Trainer counts the step in state.global_step after this event.)
+        if self.allocator_steps > state.global_step - self._seen_step:
+            raise RuntimeError(
+                "TsqLoRACallback: on_optimizer_step came twice for one optimizer step: the same "
+                "callback is registered twice (Trainer(callbacks=[cb]) and trainer.add_callback(cb)?), "
+                "which would update the sensitivities twice per step")
+        if self.allocator.step() is not None:
+            self.reallocations += 1
+        self.allocator_steps += 1
 
     def on_save(self, args, state, control, **kwargs):
         if args.should_save:
@@ -211,7 +218,7 @@ class TsqLoRACallback(TrainerCallback):
                          "reallocations": self.reallocations}, os.path.join(folder, ALLOCATOR_FILE))
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.config.dynamic and self.allocator_steps != state.global_step - self._seen_step:
+        if self.config.dynamic and self.allocator_steps < state.global_step - self._seen_step:
             raise RuntimeError(
                 f"TsqLoRACallback: {state.global_step - self._seen_step} optimizer steps but "
                 f"{self.allocator_steps} sensitivity updates; this Trainer does not emit "
