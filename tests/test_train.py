@@ -268,6 +268,28 @@ def test_bad_inputs_name_the_problem():
         TokenizedData(train_data.token_ids[:3], [0, 1, 0, 1])
 
 
+def test_a_model_with_merged_adapters_is_refused_before_any_work():
+    # A merged layer's forward is the base GEMM alone: scoring silently left the adapters out of
+    # G, and training failed only at calibration, from set_active.
+    from tsqlora_ext.quality import score_pool, warmup
+
+    config = tw.tiny_config()
+    model = wrap(tw.tiny_bert(), config, verbose=False)
+    first = next(m for m in model.modules() if hasattr(m, "merge"))
+    first.merge()
+    train_data, _ = tw.tiny_task(n=16)
+    pool = {"input_ids": torch.ones(4, 5, dtype=torch.long), "labels": torch.zeros(4, dtype=torch.long)}
+    for who, call in [("train", lambda: train(model, train_data, None, config, TrainArgs(max_steps=1, progress=False))),
+                      ("RankAllocator", lambda: RankAllocator(model, config)),
+                      ("quality score", lambda: score_pool(model, [{**pool, "index": torch.arange(4)}], progress=False)),
+                      ("warmup", lambda: warmup(model, torch.optim.SGD(model.parameters(), lr=0.1), pool, 1,
+                                                progress=False))]:
+        with pytest.raises(ValueError, match=rf"{who}: 1 adapted layer\(s\) are merged .* unmerge\(\) them first"):
+            call()
+    first.unmerge()
+    RankAllocator(model, config)
+
+
 def test_labels_given_as_a_list_bools_or_a_tensor_train_and_evaluate():
     # They passed the label check and the loader, and evaluation then failed after an epoch.
     model = wrap(tw.tiny_bert(), tw.tiny_config(), verbose=False)

@@ -33,7 +33,7 @@ from torch import nn
 
 from . import ops
 from .config import TsqLoRAConfig, check_layer_fields
-from .layers import VarRankLoRALinear
+from .layers import VarRankLoRALinear, refuse_merged
 
 
 def budget_schedule(step: int, b0: int, b_t: int, t_init: int, t_final: int, total_steps: int) -> int:
@@ -158,6 +158,7 @@ class RankAllocator:
         if not self.layers:
             raise ValueError("RankAllocator: the model holds no VarRankLoRALinear layer to allocate")
         check_layer_fields(model, config, "RankAllocator")
+        refuse_merged(model, "RankAllocator")
         self.names = list(self.layers)
         mods = list(self.layers.values())
         # A, E, B of every layer in order, and zero stand-ins for missing gradients (update_scores).

@@ -272,6 +272,17 @@ class VarRankLoRALinear(nn.Module):
                 f"rank={self.rank}, r_max={self.r_max}, scaling={self.scaling:g}, init={self.init}")
 
 
+def refuse_merged(model: nn.Module, who: str) -> None:
+    """Refuse a model with merged adapters: a merged layer's forward is the base GEMM alone, so
+    its adapter gets no gradient (training, scoring and the sensitivity update would see it as
+    absent) and its active set cannot change (the allocator's reallocation would fail)."""
+    merged = [name for name, m in model.named_modules() if isinstance(m, VarRankLoRALinear) and m.merged]
+    if merged:
+        raise ValueError(f"{who}: {len(merged)} adapted layer(s) are merged into their base weight "
+                         f"({', '.join(merged[:3])}{' ...' if len(merged) > 3 else ''}); unmerge() "
+                         "them first")
+
+
 def _lora_layers(modules) -> list[VarRankLoRALinear]:
     if isinstance(modules, nn.Module):
         modules = [modules]

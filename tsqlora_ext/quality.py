@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DEFAULT_QUALITY_WEIGHTS, LOOKAHEADS, MODES, PREFERENCES
-from .layers import VarRankLoRALinear, protect_inactive
+from .layers import VarRankLoRALinear, protect_inactive, refuse_merged
 from .mislabel import flag_losses, flag_mislabeled, guard_abstains, high_loss_spread
 from .files import atomic_write
 from .train import _autocast, grad_norm, lora_layers
@@ -530,6 +530,7 @@ def score_pool(
                          f"{weights[2]}, but compute_alignment=False leaves C undefined (every Q "
                          "would be NaN); set alpha3 to 0 or compute the alignment")
     pool_reference = compute_alignment and alignment_reference is None
+    refuse_merged(model, "quality score")
     layers = scored_modules(model, mode)
     params = [p for _, m in layers for p in _module_params(m)]
     scored = {id(p) for p in params}
@@ -683,6 +684,7 @@ def warmup(model: nn.Module, optimizer: torch.optim.Optimizer, pool: dict, steps
     n = int(pool["labels"].shape[0])
     if n == 0 and steps > 0:
         raise ValueError("warmup: the pool is empty")
+    refuse_merged(model, "warmup")
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
     gen = torch.Generator().manual_seed(seed)

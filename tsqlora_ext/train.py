@@ -43,7 +43,7 @@ from torch import nn
 
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .config import TsqLoRAConfig, check_integers, check_layer_fields, config_value, dataclass_from_dict
-from .layers import VarRankLoRALinear, protect_inactive
+from .layers import VarRankLoRALinear, protect_inactive, refuse_merged
 from .loader import TokenBatchLoader, class_ids
 from .files import atomic_write
 
@@ -457,6 +457,7 @@ def train(
     bare = _uncompiled(model)
     # Also without an allocator (dynamic and sensitivity_init off), which checks it too.
     check_layer_fields(bare, config, "train")
+    refuse_merged(bare, "train")
     layers = lora_layers(bare)
     pad_id = pad_id_of(tokenizer, model)
     model_config = getattr(model, "config", None)
