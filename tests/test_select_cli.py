@@ -97,6 +97,16 @@ def test_empty_labels_from_arrow_are_refused_as_from_files(tmp_path):
             tsqlora_ext.select(data, label_field="label", fraction=0.5)
 
 
+def test_a_dataframe_column_of_mixed_types_is_named():
+    # pyarrow's ArrowInvalid / ArrowTypeError came through raw.
+    pd = pytest.importorskip("pandas")
+    texts = ["a fine review here", "another review there", "a third one here"]
+    for df, column in ((pd.DataFrame({"text": texts, "label": [1, "1", 1.0]}), "label"),
+                       (pd.DataFrame({"text": [texts[0], 3, texts[2]], "label": [1, 0, 1]}), "text")):
+        with pytest.raises(ValueError, match=rf"DataFrame: a column mixes types.*column {column}"):
+            tsqlora_ext.select(df, label_field="label", fraction=0.5)
+
+
 def test_jsonl_written_from_arrow_keeps_every_number(tmp_path):
     # pandas' to_json rounded to 10 significant digits: 1e-12 became 0.0.
     pd = pytest.importorskip("pandas")

@@ -246,7 +246,15 @@ def load_rows(data, text_field: str, label_field: str | None = None, *, skip_bad
         rows = _from_arrow(table, "dataset", text_field, label_field, data)
     elif kind == "pandas":
         import pyarrow as pa
-        rows = _from_arrow(pa.Table.from_pandas(data, preserve_index=False), "pandas", text_field, label_field, data)
+        try:
+            table = pa.Table.from_pandas(data, preserve_index=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            # A column of mixed types ([1, "1", 1.0], or a number among the texts): pyarrow's
+            # message is a tuple naming the column last.
+            raise ValueError(f"DataFrame: a column mixes types, which Arrow cannot hold: "
+                             f"{'; '.join(map(str, e.args))}; give the column one type "
+                             "(df[col].astype(str))") from None
+        rows = _from_arrow(table, "pandas", text_field, label_field, data)
     elif kind == "pyarrow":
         rows = _from_arrow(data, "arrow", text_field, label_field, data)
     else:
