@@ -187,18 +187,22 @@ class RankAllocator:
     def _refresh_mask(self) -> None:
         """active_mask from the layers' active ids, built where the scores live (no host sync)."""
         device = self.scores.device
-        mods = list(self.layers.values())
-        self._mask_of = [m.active for m in mods]  # held, so the keys' ids stay theirs
-        self._mask_keys = [m.ids_key() for m in mods]
+        self._remember_ids()
         ids = torch.cat([a.to(device) + off for off, a in zip(self.offsets, self._mask_of)])
         self.active_mask = torch.zeros(sum(self.sizes), dtype=torch.bool,
                                        device=device).index_fill_(0, ids, True)
 
+    def _remember_ids(self) -> None:
+        """Note which active ids active_mask now stands for (``ids_key`` of every layer)."""
+        mods = list(self.layers.values())
+        self._mask_of = [m.active for m in mods]  # held, so the keys' ids stay theirs
+        self._mask_keys = [m.ids_key() for m in mods]
+
     def _follow_active_sets(self) -> None:
-        """Rebuild active_mask when a layer's active ids changed since it was built from them
-        (``ids_key``): set_active, load_state_dict, an assignment or a copy into the buffer outside
-        the allocator (a model checkpoint loaded after the allocator was made). A stale mask had the update score the components now
-        inactive, and allow_growth=False bring back pruned ones."""
+        """Rebuild active_mask when a layer's active ids changed since it was built from them:
+        set_active, load_state_dict, an assignment or a copy into the buffer outside the
+        allocator (a model checkpoint loaded after the allocator was made). A stale mask had the
+        update score the components now inactive, and allow_growth=False bring back pruned ones."""
         if [m.ids_key() for m in self.layers.values()] != self._mask_keys:
             self._refresh_mask()
 
@@ -421,8 +425,7 @@ class RankAllocator:
         for off, size, m in zip(self.offsets, self.sizes, mods):
             m.set_active(torch.nonzero(keep_cpu[off:off + size]).flatten())
         self.active_mask = keep
-        self._mask_of = [m.active for m in mods]
-        self._mask_keys = [m.ids_key() for m in mods]
+        self._remember_ids()
         self._record(budget=budget)
         return self.ranks()
 
