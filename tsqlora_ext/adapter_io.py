@@ -51,7 +51,7 @@ from torch import nn
 
 from . import _build_config
 from .config import TsqLoRAConfig
-from .wrap import _uncompiled, adapted_layers, is_wrapped, unwrap, wrap
+from .wrap import _inside, _uncompiled, adapted_layers, is_wrapped, unwrap, wrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -559,7 +559,7 @@ def _tied_partners(model: nn.Module, trained: list[str]) -> list[str]:
     shared = {id(p) for name in trained for p in model.get_submodule(name).parameters()}
     skip = [*trained, *(name for name, _ in adapted_layers(model))]
     return [name for name, m in model.named_modules()
-            if name and not any(name == t or name.startswith(t + ".") for t in skip)
+            if name and not _inside(name, skip)
             and any(id(p) in shared for p in m.parameters(recurse=False))]
 
 
