@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from tsqlora_ext import RankAllocator
+from tsqlora_ext import RankAllocator, ops
 from tsqlora_ext.allocator import budget_schedule, orthogonality_penalty, proportional_ranks
 from tsqlora_ext import layers as layers_module
 from tsqlora_ext import reference
@@ -127,6 +127,75 @@ def test_schedule_is_followed_at_every_step(device):
     assert [h["budget"] for h in alloc.history] == [16, *realloc_steps.values()]
     # the scores are updated up to T - t_final, then frozen
     assert alloc.counters.tolist() == [CFG.total_steps - CFG.t_final, 0]
+
+
+def test_a_parameter_budget_is_followed_at_every_step(device):
+    cfg = CFG.replace(budget_unit="params")
+    model = Tiny(cfg).to(device)
+    alloc = RankAllocator(model, cfg)
+    costs = [i + o + 1 for i, o in [(8, 16), (16, 16), (16, 12), (12, 4)]]
+    assert alloc.costs == costs and (alloc.b0, alloc.b_t) == (4 * 104, 2 * 104)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    bounds = ops.realloc_bounds(alloc.sizes, [cfg.r_min] * 4, [cfg.r_max] * 4)
+    cost = torch.tensor(costs).repeat_interleave(cfg.r_max)
+
+    def chosen(k):
+        return ops.topk_realloc(alloc.scores.cpu(), bounds, k)
+
+    reallocs = 0
+    for t, batch in enumerate(data(cfg.total_steps, device=device), start=1):
+        train_step(model, opt, batch)
+        ranks = alloc.step()
+        opt.zero_grad()
+        if ranks is None:
+            continue
+        reallocs += 1
+        budget = budget_schedule(t, alloc.b0, alloc.b_t, cfg.t_init, cfg.t_final, cfg.total_steps)
+        k = sum(ranks.values())
+        # the k best components (the rank budget's choice for k) ...
+        assert torch.equal(alloc.active_mask.cpu(), chosen(k))
+        # ... whose parameters fit, where k + 1 of them would not
+        spent = sum(r * c for r, c in zip(ranks.values(), costs))
+        assert spent == int(cost[chosen(k)].sum()) <= budget
+        assert int(cost[chosen(k + 1)].sum()) > budget
+        assert alloc.history[-1] == {"step": t, "budget": budget, "ranks": ranks}
+    assert reallocs == 5
+    # the last budget is b_T: 208 parameters, where 2 components per layer would spend exactly that
+    assert alloc.history[-1]["budget"] == 208
+
+
+def test_calibration_shares_a_parameter_budget_by_layer_sensitivity():
+    cfg = CFG.replace(budget_unit="params", calibration_batches=3, r_max=12)
+    model = Tiny(cfg)
+    alloc = RankAllocator(model, cfg)
+    ranks = alloc.calibrate([x for x, _ in data(3)], model=model,
+                            loss_fn=lambda out, batch: out.pow(2).mean())
+    sens, costs = list(alloc.layer_sensitivity.values()), alloc.costs
+    # layer l gets parameters in proportion to S_l: rank in proportion to S_l / cost_l
+    weights = [s / c for s, c in zip(sens, costs)]
+    total = round(alloc.b0 * sum(weights) / sum(sens))
+    assert list(ranks.values()) == proportional_ranks(weights, total, cfg.r_min, cfg.r_max)
+    spent = sum(r * c for r, c in zip(ranks.values(), costs))
+    assert alloc.history[-1]["budget"] == spent
+    assert abs(spent - alloc.b0) <= max(costs)
+    # more sensitive per parameter -> more parameters
+    order = sorted(range(4), key=lambda i: sens[i])
+    params = [r * c for r, c in zip(ranks.values(), costs)]
+    assert params[order[-1]] >= params[order[0]]
+
+
+def test_topk_realloc_choice_grows_with_the_budget():
+    # the parameter budget's search relies on it: the best k + 1 hold the best k
+    g = torch.Generator().manual_seed(3)
+    sizes, r_min, r_max = [5, 7, 3, 9], [1, 0, 2, 0], [4, 7, 3, 6]
+    bounds = ops.realloc_bounds(sizes, r_min, r_max)
+    for _ in range(5):
+        scores = torch.randint(0, 6, (24,), generator=g).float()  # ties on purpose
+        prev = ops.topk_realloc(scores, bounds, sum(r_min))
+        for k in range(sum(r_min) + 1, sum(min(h, s) for h, s in zip(r_max, sizes)) + 2):
+            keep = ops.topk_realloc(scores, bounds, k)
+            assert bool((keep | ~prev).all()), k
+            prev = keep
 
 
 def test_active_mask_follows_the_layers(device):

@@ -62,7 +62,7 @@ def test_reallocation_runs_once_per_optimizer_step(tmp_path):
     assert cb.allocator_steps == 8 == cb.allocator.global_step
     assert cb.reallocations == trainer.state.global_step
     final = cb.allocator.ranks()
-    b0, bT = config.budget(len(final))
+    b0, bT = cb.allocator.b0, cb.allocator.b_t
     assert sum(initial.values()) == b0 and sum(final.values()) == bT
     assert final != initial
 

@@ -122,4 +122,9 @@ def test_train_args_refuse_wrong_types_and_non_finite_numbers():
 
 
 def test_budget():
-    assert TsqLoRAConfig(r_init=12, target_r=8).budget(36) == (432, 288)
+    assert TsqLoRAConfig(r_init=12, target_r=8).budget([769] * 36) == (432, 288)
+    # a parameter budget: the parameters of r_init (target_r) components in every layer
+    params = TsqLoRAConfig(r_init=12, target_r=8, budget_unit="params")
+    assert params.budget([769, 1921]) == (12 * 2690, 8 * 2690)
+    with pytest.raises(ValueError, match="budget_unit must be one of"):
+        TsqLoRAConfig(budget_unit="parameters")

@@ -37,8 +37,7 @@ def test_ranks_move_and_budget_schedule_holds(device):
     seen = []
     result = train(model, train_data, eval_data, config, _args(max_steps=steps), allocator=alloc,
                    on_step=lambda step, rec: seen.append((step, rec["total_rank"])))
-    n_layers = len(result.final_ranks)
-    b0, bT = config.budget(n_layers)
+    b0, bT = alloc.b0, alloc.b_t
     end = steps - config.t_final
     expected = [t for t in range(1, steps + 1)
                 if t <= end and (t == end or (t > config.t_init and t % config.delta_t == 0))]

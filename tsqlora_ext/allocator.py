@@ -145,8 +145,9 @@ class RankAllocator:
     Attributes:
         history: one entry per allocation decision, ``{"step", "budget", "ranks": {name: rank}}``
             (the initial one at step 0), ready for a rank heatmap. ``budget`` is what the
-            schedule asked for (raised to Σ r_min); the ranks sum to less when fewer components
-            could be kept (Σ r_max, or allow_growth=False with fewer active).
+            schedule asked for, in config.budget_unit (ranks: raised to Σ r_min; the ranks sum to
+            less when fewer components could be kept: Σ r_max, or allow_growth=False with fewer
+            active).
         layer_sensitivity: {name: S_l} after ``calibrate``.
     """
 
@@ -166,7 +167,9 @@ class RankAllocator:
         self._zeros: dict[torch.Tensor, torch.Tensor] = {}
         self.sizes = [m.r_max for m in mods]
         self.offsets = [sum(self.sizes[:i]) for i in range(len(mods))]
-        self.b0, self.b_t = config.budget(len(mods))
+        # Parameters of one component of each layer: its A row, B column and E entry.
+        self.costs = [m.lora_A.shape[1] + m.lora_B.shape[0] + 1 for m in mods]
+        self.b0, self.b_t = config.budget(self.costs)
         device = mods[0].lora_A.device
         # EMA state, one flat float32 buffer per layer holding A's, E's, B's elements in order.
         self.ipt_avg = [torch.zeros(m.lora_A.numel() + m.lora_E.numel() + m.lora_B.numel(),
@@ -181,7 +184,7 @@ class RankAllocator:
         self.history: list[dict[str, Any]] = []
         self.layer_sensitivity: dict[str, float] = {}
         self._refresh_mask()
-        self._record(budget=sum(m.rank for m in mods))
+        self._record(budget=self._spent([m.rank for m in mods]))
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def _refresh_mask(self) -> None:
@@ -220,6 +223,12 @@ class RankAllocator:
             self.scores, self.counters = self.scores.to(device), self.counters.to(device)
             self.active_mask = self.active_mask.to(device)
         self._follow_active_sets()
+
+    def _spent(self, ranks: list[int]) -> int:
+        """What per-layer ranks cost in config.budget_unit."""
+        if self.config.budget_unit == "params":
+            return sum(r * c for r, c in zip(ranks, self.costs))
+        return sum(ranks)
 
     def ranks(self) -> dict[str, int]:
         """{layer name: current rank}."""
@@ -264,13 +273,28 @@ class RankAllocator:
                 raise ValueError("RankAllocator.calibrate: pass the model to run the batches through")
             sens = self._measure_sensitivity(model, batches, loss_fn)
             self.layer_sensitivity = dict(zip(self.names, sens))
-            ranks = proportional_ranks(sens, self.b0, cfg.r_min, cfg.r_max)
+            ranks = self._initial_ranks(sens)
         for m, r in zip(mods, ranks):
             m.set_active(_initial_components(m, r))
         self._refresh_mask()
         self.history = [h for h in self.history if h["step"] != self.global_step]
-        self._record(budget=sum(ranks))
+        self._record(budget=self._spent(ranks))
         return self.ranks()
+
+    def _initial_ranks(self, sens: list[float]) -> list[int]:
+        """B_0 shared in proportion to S_l. A parameter budget gives layer l parameters in
+        proportion to S_l, i.e. rank in proportion to S_l / cost_l, over the total rank that B_0
+        buys at those shares (the rounding and the [r_min, r_max] clipping can move the parameter
+        total off B_0 by a few components; every reallocation fits the schedule's budget)."""
+        cfg = self.config
+        if cfg.budget_unit == "rank":
+            return proportional_ranks(sens, self.b0, cfg.r_min, cfg.r_max)
+        total = sum(sens)
+        if total == 0:  # (no signal: equal parameters, as equal ranks share a rank budget)
+            sens, total = [1.0] * len(sens), float(len(sens))
+        weights = [s / c for s, c in zip(sens, self.costs)]
+        rank_total = self.b0 * sum(weights) / total
+        return proportional_ranks(weights, round(rank_total), cfg.r_min, cfg.r_max)
 
     def _measure_sensitivity(self, model, batches, loss_fn) -> list[float]:
         mods = list(self.layers.values())
@@ -403,7 +427,8 @@ class RankAllocator:
     @torch.no_grad()
     def reallocate(self, budget: int) -> dict[str, int]:
         """Keep the ``budget`` best components over all layers (within [r_min, r_max] each) and
-        apply them as the new active sets. One host sync."""
+        apply them as the new active sets. One host sync. With budget_unit='params' the budget
+        counts parameters: the most best components whose parameters fit (see _within_params)."""
         cfg = self.config
         self._follow_model()
         mods = list(self.layers.values())
@@ -419,8 +444,13 @@ class RankAllocator:
             lowest = torch.finfo(scores.dtype).min
             scores = torch.where(self.active_mask, scores.nan_to_num(nan=lowest, posinf=float("inf")),
                                  float("-inf"))
-        budget = max(int(budget), sum(r_min))
-        keep = ops.topk_realloc(scores, ops.realloc_bounds(self.sizes, r_min, r_max), budget)
+        bounds = ops.realloc_bounds(self.sizes, r_min, r_max)
+        if cfg.budget_unit == "params":
+            keep = self._within_params(scores, bounds, int(budget), sum(r_min),
+                                       sum(min(h, s) for h, s in zip(r_max, self.sizes)))
+        else:
+            budget = max(int(budget), sum(r_min))
+            keep = ops.topk_realloc(scores, bounds, budget)
         keep_cpu = keep.cpu()
         for off, size, m in zip(self.offsets, self.sizes, mods):
             m.set_active(torch.nonzero(keep_cpu[off:off + size]).flatten())
@@ -428,6 +458,28 @@ class RankAllocator:
         self._remember_ids()
         self._record(budget=budget)
         return self.ranks()
+
+    def _within_params(self, scores: torch.Tensor, bounds: torch.Tensor, budget: int, lo: int,
+                       hi: int) -> torch.Tensor:
+        """The keep-mask of the most best components whose parameters fit ``budget`` (never fewer
+        than Σ r_min). topk_realloc's choice for k components holds its choice for k − 1 (one
+        global order), so their cost grows with k and a binary search over k finds the largest
+        that fits: ~log2(n) calls of the op, each one host sync (every delta_t steps)."""
+        cost = torch.repeat_interleave(torch.tensor(self.costs, device=scores.device),
+                                       torch.tensor(self.sizes, device=scores.device))
+
+        def choose(k: int) -> torch.Tensor:
+            return ops.topk_realloc(scores, bounds, k)
+
+        keep = choose(lo)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            trial = choose(mid)
+            if int(cost[trial].sum()) <= budget:
+                lo, keep = mid, trial
+            else:
+                hi = mid - 1
+        return keep
 
     # ---- checkpointing ---------------------------------------------------------------------------
     def _schedule(self) -> dict[str, int | None]:

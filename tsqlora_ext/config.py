@@ -61,6 +61,7 @@ NAME_LIST_FIELDS = ("target_modules", "exclude_modules", "modules_to_save")
 MODES = ("full", "head")
 PREFERENCES = ("high", "moderate", "uniform")
 LOOKAHEADS = ("exact", "first_order")
+BUDGET_UNITS = ("rank", "params")
 
 
 def _conforms(value: Any, hint: Any) -> bool:
@@ -170,6 +171,13 @@ class TsqLoRAConfig:
     r_init: int = _f(12, "Initial average rank; the starting budget is B_0 = r_init * n_layers and "
                      "the fixed scaling is lora_alpha / r_init.")
     target_r: float = _f(8, "Final average rank; the final budget is b_T = target_r * n_layers.")
+    budget_unit: str = _f(
+        "rank", "What the budget counts. 'rank': components, AdaLoRA's definition (B_0 = r_init * "
+        "n_layers, b_T = target_r * n_layers); rank moved to a wide layer then costs more parameters "
+        "than it freed. 'params': adapter parameters, a component of layer l costing in_l + out_l + 1 "
+        "(B_0 = r_init * sum_l cost_l, b_T = target_r * sum_l cost_l: the parameters of target_r "
+        "components in every layer, i.e. of LoRA at rank target_r plus one E entry per component); "
+        "each reallocation keeps the largest number of best components whose parameters fit.")
     r_min: int = _f(0, "Smallest rank any layer may be reallocated to (0 lets a layer be pruned).")
     r_max: int = _f(24, "Components allocated per layer (never re-created); no layer grows beyond it.")
     lora_alpha: float = _f(16.0, "Scaling numerator: output += lora_alpha / r_init * x A^T diag(E) B^T.")
@@ -308,6 +316,8 @@ class TsqLoRAConfig:
             bad(f"quality_preference must be one of {PREFERENCES}, got {self.quality_preference!r}")
         if self.score_mode not in MODES:
             bad(f"score_mode must be one of {MODES}, got {self.score_mode!r}")
+        if self.budget_unit not in BUDGET_UNITS:
+            bad(f"budget_unit must be one of {BUDGET_UNITS}, got {self.budget_unit!r}")
         if self.lookahead not in LOOKAHEADS:
             bad(f"lookahead must be one of {LOOKAHEADS}, got {self.lookahead!r}")
         check_guard_settings(self.mislabel_threshold, self.mislabel_max_spread, "TsqLoRAConfig",
@@ -358,6 +368,8 @@ class TsqLoRAConfig:
     def replace(self, **changes) -> TsqLoRAConfig:
         return dataclasses.replace(self, **changes)
 
-    def budget(self, n_layers: int) -> tuple[int, int]:
-        """(B_0, b_T): the initial and final total rank over n_layers adapted layers."""
-        return self.r_init * n_layers, int(round(self.target_r * n_layers))
+    def budget(self, costs: list[int]) -> tuple[int, int]:
+        """(B_0, b_T) over adapted layers whose components cost ``costs`` parameters each
+        (in + out + 1): total rank, or total parameters with budget_unit='params'."""
+        units = costs if self.budget_unit == "params" else [1] * len(costs)
+        return self.r_init * sum(units), int(round(self.target_r * sum(units)))

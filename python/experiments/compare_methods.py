@@ -15,11 +15,15 @@ with its own model copy and ``--threads`` torch threads; on one GPU they share t
 
 Methods (every one ends at the same budget: an average rank of 8 over the same linears, those
 ``tsqlora_ext.wrap`` adapts by default -- MiniLM's 36 encoder linears, SmolLM2's 210 attention and
-MLP projections -- plus the task head):
+MLP projections -- plus the task head; tsqlora_params counts that budget in parameters):
     lora          PEFT LoRA, r = 8 everywhere
     adalora       PEFT AdaLoRA, init_r 12 -> target_r 8, its own schedule (tinit/tfinal/deltaT
                   equal to ours); update_and_allocate after every optimizer step, as PEFT asks
     tsqlora       TsqLoRA on all the training data: r_init 12 -> target 8 (pipeline.demo_settings)
+    tsqlora_params  the same with budget_unit='params': the budget counts parameters, ending at
+                  those of rank 8 in every layer (PEFT LoRA r=8's plus one E entry per component),
+                  where 'tsqlora' ends at total rank 288 with more parameters (rank moves to the
+                  wider feed-forward layers)
     quality@f     the TsqLoRA pipeline: gate -> warm-up -> quality score -> wrong-label guard ->
                   Gumbel-top-k selection of f x the training rows -> calibration -> training
     random@f      the same pipeline (gate, the same warm-up and scoring), but the f x rows are
@@ -81,9 +85,10 @@ sys.path.insert(0, str(HERE))
 from noisy_labels import watch_parent  # noqa: E402
 
 FRACTIONS = (0.1, 0.3, 0.5)
-METHODS = ("lora", "adalora", "tsqlora", *(f"quality@{f}" for f in FRACTIONS),
+METHODS = ("lora", "adalora", "tsqlora", "tsqlora_params", *(f"quality@{f}" for f in FRACTIONS),
            *(f"random@{f}" for f in FRACTIONS), "no_sens_init", "no_realloc")
 LABELS = {"lora": "PEFT LoRA r=8", "adalora": "PEFT AdaLoRA 12→8", "tsqlora": "TsqLoRA, all data",
+          "tsqlora_params": "TsqLoRA, parameter budget",
           "no_sens_init": "TsqLoRA, uniform initial ranks", "no_realloc": "TsqLoRA, no reallocation",
           **{f"quality@{f}": f"TsqLoRA, quality-selected {int(f * 100)}%" for f in FRACTIONS},
           **{f"random@{f}": f"TsqLoRA, random {int(f * 100)}%" for f in FRACTIONS}}
@@ -409,7 +414,11 @@ def run_tsqlora(methods: list[str], prep: PreparedTask, settings: TaskSettings, 
         raise ValueError(f"only quality / random arms share a run, got {methods}")
     args = _train_args(settings, lr)
     config = _base_config(seed, settings).replace(quality_preference=preference)
-    if methods[0] == "no_sens_init":
+    if methods[0] == "tsqlora_params":
+        # The budget counts parameters: at the end those of rank 8 in every layer, i.e. PEFT
+        # LoRA r=8's plus one E entry per component, wherever the rank went.
+        config = config.replace(budget_unit="params")
+    elif methods[0] == "no_sens_init":
         config = config.replace(sensitivity_init=False)
     elif methods[0] == "no_realloc":
         # The initial allocation shares the FINAL budget (8 per layer on average) by sensitivity.
@@ -470,7 +479,7 @@ def run_tsqlora(methods: list[str], prep: PreparedTask, settings: TaskSettings, 
                     "adapted_layers": len(ranks),
                     "schedule": schedule(total) if config.dynamic else None,
                     "final_ranks": {n: r for n, (r, _, _) in ranks.items()},
-                    "rank_history": result.rank_history if method == "tsqlora" else None,
+                    "rank_history": result.rank_history if method in ("tsqlora", "tsqlora_params") else None,
                     "params_active": active_params(ranks, True, head_params(arm_model))})
         del arm_model
     return out
@@ -797,6 +806,15 @@ def goals(rows: dict[str, Any], picked: dict[str, dict[int, Any]]) -> list[dict[
                     "measured": f"{acc['tsqlora']:.4f} / {acc['adalora']:.4f} / {acc['lora']:.4f}; "
                                 f"parameters at the end {params}",
                     "met": acc["tsqlora"] >= acc["adalora"] >= acc["lora"]})
+    if {"tsqlora_params", "adalora", "lora"} <= acc.keys():
+        # AdaLoRA's budget counts rank (PEFT has no other), so its parameters follow where the
+        # rank went: the row says how far they are from the other two.
+        params = " / ".join(f"{rows[m]['params_active']:,.0f}" for m in ("tsqlora_params", "adalora", "lora"))
+        res.append({"goal": "TsqLoRA ≥ PEFT AdaLoRA ≥ PEFT LoRA (mean test accuracy), TsqLoRA with a "
+                            "parameter budget (LoRA r=8's parameters + 1 per component)",
+                    "measured": f"{acc['tsqlora_params']:.4f} / {acc['adalora']:.4f} / {acc['lora']:.4f}; "
+                                f"parameters at the end {params}",
+                    "met": acc["tsqlora_params"] >= acc["adalora"] >= acc["lora"]})
     same_rows = False
     if {"quality@0.3", "random@0.3"} <= acc.keys():
         q, r = picked["quality@0.3"], picked["random@0.3"]
@@ -860,7 +878,9 @@ def render_markdown(summary: dict[str, Any], title: str) -> str:
              "head. Budget: every method ends at the same total rank, an average of "
              f"{TARGET_R} per adapted layer (AdaLoRA's definition of the budget); the parameter "
              "counts then differ with the layers the rank went to (a feed-forward component is "
-             "wider than an attention one). Time per step: median wall time of one optimizer step "
+             "wider than an attention one); 'TsqLoRA, parameter budget' counts its budget in "
+             f"parameters instead and ends at those of rank {TARGET_R} in every layer. Time per step: "
+             "median wall time of one optimizer step "
              "(the first left out). Wall: the method's own time (gate, warm-up, scoring and "
              "selection included; model loading and the test evaluation excluded). Δ vs AdaLoRA: "
              "mean ± std of the per-seed difference in test accuracy.", ""]
