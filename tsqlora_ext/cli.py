@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 _SUBCOMMANDS: dict[str, "_Subcommand"] = {}
