@@ -868,6 +868,9 @@ def _num(x: float) -> str:
 
 
 def render_markdown(summary: dict[str, Any], title: str) -> str:
+    params_note = (f"; 'TsqLoRA, parameter budget' counts its budget in parameters instead and ends "
+                   f"at those of rank {TARGET_R} in every layer"
+                   if any("tsqlora_params" in t["methods"] for t in summary["tasks"].values()) else "")
     lines = [f"### {title}", "",
              f"Command: `{summary['command']}`. Learning rate per method: "
              f"{summary['lr_choice']}, from the grid {', '.join(f'{x:g}' for x in summary['lr_grid'])}; "
@@ -878,11 +881,9 @@ def render_markdown(summary: dict[str, Any], title: str) -> str:
              "head. Budget: every method ends at the same total rank, an average of "
              f"{TARGET_R} per adapted layer (AdaLoRA's definition of the budget); the parameter "
              "counts then differ with the layers the rank went to (a feed-forward component is "
-             "wider than an attention one); 'TsqLoRA, parameter budget' counts its budget in "
-             f"parameters instead and ends at those of rank {TARGET_R} in every layer. Time per step: "
-             "median wall time of one optimizer step "
-             "(the first left out). Wall: the method's own time (gate, warm-up, scoring and "
-             "selection included; model loading and the test evaluation excluded). Δ vs AdaLoRA: "
+             f"wider than an attention one){params_note}. Time per step: median wall time of one "
+             "optimizer step (the first left out). Wall: the method's own time (gate, warm-up, "
+             "scoring and selection included; model loading and the test evaluation excluded). Δ vs AdaLoRA: "
              "mean ± std of the per-seed difference in test accuracy.", ""]
     for task, t in summary["tasks"].items():
         multi = any("test_macro_f1" in r for r in t["methods"].values())
