@@ -90,6 +90,26 @@ def test_goals_say_what_qualifies_their_figures(cm):
     assert "| n/a |" in cm.render_markdown(cm.summarize(runs, lrs, seeds, "cmd"), "title")
 
 
+def test_a_parameter_budget_run_gets_a_goal_row_of_its_own(cm):
+    lrs, seeds = (1e-3,), (0, 1)
+    runs = []
+    for method, params, base in (("adalora", 90, 0.80), ("lora", 80, 0.78), ("tsqlora", 120, 0.83),
+                                 ("tsqlora_params", 81, 0.79)):
+        for s in seeds:
+            r = _run(method, 1e-3, s, val=0.9, test=base + 0.01 * s)
+            r.update(params_active=params)
+            runs.append(r)
+    summary = cm.summarize(runs, lrs, seeds, "cmd")
+    goals = {g["goal"].split(" (")[0]: g for g in summary["tasks"]["t"]["goals"]}
+    assert goals["TsqLoRA ≥ PEFT AdaLoRA ≥ PEFT LoRA"]["met"] is True  # at equal rank
+    at_params = goals["TsqLoRA with a parameter budget ≥ PEFT AdaLoRA ≥ PEFT LoRA"]
+    assert at_params["met"] is False  # 0.795 < 0.805
+    assert "parameters at the end 81 / 90 / 80" in at_params["measured"]
+    md = cm.render_markdown(summary, "title")
+    assert "'TsqLoRA, parameter budget' counts its budget in parameters" in md
+    assert "| TsqLoRA, parameter budget | 0.001 | 79.50 ± 0.71 |" in md
+
+
 def test_summary_keeps_to_the_requested_grid_and_marks_partial_rows(cm):
     """A partial grid (e.g. cut by gpu_experiments.sh's time limit) must not pass off one seed or
     a partly tried grid as the requested 3-seed result, nor mix in other calls' rates or seeds."""

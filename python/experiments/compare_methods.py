@@ -810,8 +810,8 @@ def goals(rows: dict[str, Any], picked: dict[str, dict[int, Any]]) -> list[dict[
         # AdaLoRA's budget counts rank (PEFT has no other), so its parameters follow where the
         # rank went: the row says how far they are from the other two.
         params = " / ".join(f"{rows[m]['params_active']:,.0f}" for m in ("tsqlora_params", "adalora", "lora"))
-        res.append({"goal": "TsqLoRA ≥ PEFT AdaLoRA ≥ PEFT LoRA (mean test accuracy), TsqLoRA with a "
-                            "parameter budget (LoRA r=8's parameters + 1 per component)",
+        res.append({"goal": "TsqLoRA with a parameter budget ≥ PEFT AdaLoRA ≥ PEFT LoRA (mean test "
+                            "accuracy; TsqLoRA ends at LoRA r=8's parameters + 1 per component)",
                     "measured": f"{acc['tsqlora_params']:.4f} / {acc['adalora']:.4f} / {acc['lora']:.4f}; "
                                 f"parameters at the end {params}",
                     "met": acc["tsqlora_params"] >= acc["adalora"] >= acc["lora"]})
