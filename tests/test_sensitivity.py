@@ -369,8 +369,16 @@ def test_layer_sensitivity_rejects_bad_shapes():
     W = torch.randn(6, 4)
     with pytest.raises(RuntimeError, match=r"x must be \[\.\.\., in=4\]"):
         ops.layer_sensitivity(W, torch.randn(3, 5), torch.randn(3, 6))
-    with pytest.raises(RuntimeError, match="same number of rows"):
+    with pytest.raises(RuntimeError, match="same leading dimensions"):
         ops.layer_sensitivity(W, torch.randn(3, 4), torch.randn(2, 6))
+    # as many rows, laid out differently: rows of different tokens would be paired
+    with pytest.raises(RuntimeError, match="same leading dimensions"):
+        ops.layer_sensitivity(W, torch.randn(2, 6, 4), torch.randn(3, 4, 6))
+    with pytest.raises(RuntimeError, match="same leading dimensions"):
+        ops.layer_sensitivity(W, torch.randn(12, 4), torch.randn(3, 4, 6))
+    with pytest.raises(RuntimeError, match="same leading dimensions"):  # the fake kernel too
+        with torch._subclasses.fake_tensor.FakeTensorMode():
+            ops.layer_sensitivity(torch.empty(6, 4), torch.empty(2, 6, 4), torch.empty(3, 4, 6))
 
 
 def test_layer_sensitivity_opcheck(device):

@@ -147,6 +147,11 @@ def _(weight, x, grad_out):
     torch._check(x.shape[-1] == weight.shape[1], lambda: "layer_sensitivity: x must be [..., in]")
     torch._check(grad_out.shape[-1] == weight.shape[0],
                  lambda: "layer_sensitivity: grad_out must be [..., out]")
+    torch._check(x.dim() == grad_out.dim(), lambda: "layer_sensitivity: x and grad_out must have "
+                 "the same leading dimensions (one output gradient per input row)")
+    for a, b in zip(x.shape[:-1], grad_out.shape[:-1]):
+        torch._check(a == b, lambda: "layer_sensitivity: x and grad_out must have the same leading "
+                     "dimensions (one output gradient per input row)")
     dbl = torch.float64 in (weight.dtype, x.dtype, grad_out.dtype)
     return weight.new_empty((), dtype=torch.float64 if dbl else torch.float32)
 

@@ -145,9 +145,11 @@ inline LayerSensInputs check_layer_sensitivity_inputs(const at::Tensor& weight,
   TORCH_CHECK(grad_out.dim() >= 1 && grad_out.size(-1) == weight.size(0),
               "layer_sensitivity: grad_out must be [..., out=", weight.size(0), "], got ",
               grad_out.sizes());
-  TORCH_CHECK(x.numel() / x.size(-1) == grad_out.numel() / grad_out.size(-1),
+  // Equal leading dimensions, not only equal row counts: x [2, 6, in] against grad_out
+  // [3, 4, out] pairs rows of different tokens, which is a caller's mistake, not a layout.
+  TORCH_CHECK(x.sizes().slice(0, x.dim() - 1) == grad_out.sizes().slice(0, grad_out.dim() - 1),
               "layer_sensitivity: x ", x.sizes(), " and grad_out ", grad_out.sizes(),
-              " must hold the same number of rows (tokens)");
+              " must have the same leading dimensions (one output gradient per input row)");
   for (const auto& [t, what] :
        {std::pair{weight, "weight"}, std::pair{x, "x"}, std::pair{grad_out, "grad_out"}}) {
     TORCH_CHECK(at::isFloatingType(t.scalar_type()), "layer_sensitivity: ", what,
