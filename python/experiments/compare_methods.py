@@ -799,22 +799,20 @@ def goals(rows: dict[str, Any], picked: dict[str, dict[int, Any]]) -> list[dict[
     methods. ``met`` is None where the runs cannot decide the goal."""
     acc = {m: r["test_accuracy"][0] for m, r in rows.items()}
     res = []
-    if {"tsqlora", "adalora", "lora"} <= acc.keys():
-        params = " / ".join(f"{rows[m]['params_active']:,.0f}" for m in ("tsqlora", "adalora", "lora"))
-        res.append({"goal": "TsqLoRA ≥ PEFT AdaLoRA ≥ PEFT LoRA (mean test accuracy), at equal total "
-                            "rank (the issue asks equal parameters)",
-                    "measured": f"{acc['tsqlora']:.4f} / {acc['adalora']:.4f} / {acc['lora']:.4f}; "
-                                f"parameters at the end {params}",
-                    "met": acc["tsqlora"] >= acc["adalora"] >= acc["lora"]})
-    if {"tsqlora_params", "adalora", "lora"} <= acc.keys():
-        # AdaLoRA's budget counts rank (PEFT has no other), so its parameters follow where the
-        # rank went: the row says how far they are from the other two.
-        params = " / ".join(f"{rows[m]['params_active']:,.0f}" for m in ("tsqlora_params", "adalora", "lora"))
-        res.append({"goal": "TsqLoRA with a parameter budget ≥ PEFT AdaLoRA ≥ PEFT LoRA (mean test "
-                            "accuracy; TsqLoRA ends at LoRA r=8's parameters + 1 per component)",
-                    "measured": f"{acc['tsqlora_params']:.4f} / {acc['adalora']:.4f} / {acc['lora']:.4f}; "
-                                f"parameters at the end {params}",
-                    "met": acc["tsqlora_params"] >= acc["adalora"] >= acc["lora"]})
+    # The ordering at equal total rank (AdaLoRA's budget), and with TsqLoRA's budget counted in
+    # parameters. AdaLoRA's counts rank (PEFT has no other), so its parameters follow where the
+    # rank went: each row says how far the three are apart.
+    for ours, goal in (("tsqlora", "TsqLoRA ≥ PEFT AdaLoRA ≥ PEFT LoRA (mean test accuracy), at equal "
+                                   "total rank (the issue asks equal parameters)"),
+                       ("tsqlora_params", "TsqLoRA with a parameter budget ≥ PEFT AdaLoRA ≥ PEFT LoRA "
+                                          "(mean test accuracy; TsqLoRA ends at LoRA r=8's parameters "
+                                          "+ 1 per component)")):
+        trio = (ours, "adalora", "lora")
+        if set(trio) <= acc.keys():
+            res.append({"goal": goal,
+                        "measured": " / ".join(f"{acc[m]:.4f}" for m in trio) + "; parameters at the "
+                                    "end " + " / ".join(f"{rows[m]['params_active']:,.0f}" for m in trio),
+                        "met": acc[ours] >= acc["adalora"] >= acc["lora"]})
     same_rows = False
     if {"quality@0.3", "random@0.3"} <= acc.keys():
         q, r = picked["quality@0.3"], picked["random@0.3"]
