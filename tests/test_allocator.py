@@ -494,6 +494,10 @@ def test_load_state_dict_checks_everything_before_changing_anything():
         (lambda st: st["schedule"].__setitem__("total_steps", 40),
          r"another rank schedule: total_steps 40 \(saved\) vs 20 \(now\)"),
         (lambda st: st["schedule"].__setitem__("b_t", 1), "b_t 1 .saved."),
+        # a state from before budget_unit was saved counted rank: it loads into a rank allocator
+        # (the untampered load below), and is refused by one that counts parameters (next test)
+        (lambda st: st["schedule"].__setitem__("budget_unit", "params"),
+         "budget_unit params .saved. vs rank .now."),
         # These three were refused only after the EMAs and scores had been overwritten.
         (lambda st: st.__setitem__("counters", torch.zeros(3, dtype=torch.long)), r"counters has shape \(3,\)"),
         (lambda st: st["active"].__setitem__(alloc.names[0], torch.ones(6, dtype=torch.bool)), "active ids"),
@@ -509,6 +513,17 @@ def test_load_state_dict_checks_everything_before_changing_anything():
         assert all(torch.equal(after["active"][n], before["active"][n]) for n in alloc.names), message
     alloc.load_state_dict(donor.state_dict())  # the untampered state loads
     assert alloc.ranks() == donor.ranks()
+    older = donor.state_dict()
+    del older["schedule"]["budget_unit"]
+    alloc.load_state_dict(older)
+
+
+def test_a_rank_budget_state_is_refused_by_a_parameter_budget_allocator():
+    state = RankAllocator(Tiny(CFG), CFG).state_dict()
+    del state["schedule"]["budget_unit"]  # (as an older state: it counted rank all the same)
+    params = RankAllocator(Tiny(CFG), CFG.replace(budget_unit="params"))
+    with pytest.raises(ValueError, match="another rank schedule: .*budget_unit rank .saved. vs params"):
+        params.load_state_dict(state)
 
 
 def test_orthogonality_penalty_over_active_components():

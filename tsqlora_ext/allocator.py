@@ -486,7 +486,7 @@ class RankAllocator:
         """What the budget at each step follows: a resumed run must follow the same."""
         cfg = self.config
         return {"total_steps": cfg.total_steps, "t_init": cfg.t_init, "t_final": cfg.t_final,
-                "delta_t": cfg.delta_t, "b0": self.b0, "b_t": self.b_t}
+                "delta_t": cfg.delta_t, "b0": self.b0, "b_t": self.b_t, "budget_unit": cfg.budget_unit}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: EMAs, scores, counters, step, active sets, history,
@@ -518,6 +518,7 @@ class RankAllocator:
                              "model's")
         # (States written before the schedule was saved carry none to compare.)
         saved = state.get("schedule", self._schedule())
+        saved = {"budget_unit": "rank", **saved}  # (states written before it counted rank)
         changed = [f"{k} {saved.get(k)} (saved) vs {v} (now)" for k, v in self._schedule().items()
                    if saved.get(k) != v]
         if changed:
