@@ -50,8 +50,13 @@ if [ $mode = smollm2 ]; then
 else
   [ -d .gpu_carry/site ] || { echo "no .gpu_carry/site: run python/experiments/gpu_bundle.py here and carry it"; exit 1; }
   export PYTHONPATH=$PWD/.gpu_carry/site${PYTHONPATH:+:$PYTHONPATH}
+  # The parameter-budget runs first: the equal-parameter ordering is the comparison the CPU grid
+  # could only run in part (one rate pair, no GPU-sized grid).
+  echo "==== compare_methods: TsqLoRA with a parameter budget, beside LoRA and AdaLoRA ($(date +%T))"
+  run timeout $((budget / 4)) "$PY" python/experiments/compare_methods.py --device cuda --jobs 8 \
+    --methods lora adalora tsqlora tsqlora_params
   echo "==== compare_methods: the methods not yet in $res/compare_methods-runs.jsonl ($(date +%T))"
-  run timeout $((budget / 2)) "$PY" python/experiments/compare_methods.py --device cuda --jobs 8
+  run timeout $((budget / 4)) "$PY" python/experiments/compare_methods.py --device cuda --jobs 8
   echo "==== noisy_labels ($(date +%T))"
   run timeout $((budget / 2)) "$PY" python/experiments/noisy_labels.py --device cuda --jobs 8
   run "$PY" python/experiments/compare_methods.py --summarize >/dev/null
