@@ -243,3 +243,19 @@ def test_quality_and_random_arms_share_a_worker_call(cm):
         if len(call) == 2:
             assert {s["method"] for s in call} == {"quality@0.1", "random@0.5"}
     assert sorted(s["key"] for c in calls for s in c) == sorted(s["key"] for s in specs)
+
+
+def test_the_caption_says_whether_a_random_arm_s_wall_time_counts_the_scoring_pass(cm):
+    def caption(scoring_recorded):
+        runs = []
+        for method in ("quality@0.3", "random@0.3"):
+            for s in (0, 1):
+                r = _run(method, 1e-3, s, val=0.9, test=0.8)
+                if scoring_recorded:
+                    r["scoring_s"] = 2.0
+                runs.append(r)
+        return cm.render_markdown(cm.summarize(runs, (1e-3,), (0, 1), "cmd"), "title")
+
+    # runs recorded before the random arm left the scoring pass out of its wall time
+    assert "a random arm's too: it shares the quality arms' scoring pass" in caption(False)
+    assert "a random arm's without the scoring pass it does not need" in caption(True)

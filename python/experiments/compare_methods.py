@@ -438,6 +438,9 @@ def run_tsqlora(methods: list[str], prep: PreparedTask, settings: TaskSettings, 
         # What the pipeline samples by: the selection score (quality_preference applied), not Q.
         q_scores, q_flagged = pipeline.row_scores(scores, len(pool))
     shared_s = time.perf_counter() - t0
+    # The scoring pass serves the quality arms only (a random arm needs the gate and the warm-up,
+    # not the scores), so a random arm's wall time leaves it out.
+    scoring_s = scores.meta["seconds"] if selecting else 0.0
     out = []
     for method in methods:
         t1 = time.perf_counter()
@@ -459,7 +462,8 @@ def run_tsqlora(methods: list[str], prep: PreparedTask, settings: TaskSettings, 
                     "guard": (scores.meta or {}).get("mixture"),
                     "quality_preference": preference if kind == "quality" else None,
                     "selected": int(len(rows)), "requested": int(want),
-                    "warmup_score_s": shared_s, "shared_with": [m for m in methods if m != method]}
+                    "warmup_score_s": shared_s, "scoring_s": scoring_s,
+                    "shared_with": [m for m in methods if m != method]}
         arm_model = copy.deepcopy(model) if len(methods) > 1 else model
         total = _steps(len(rows), settings)
         run_config = config.replace(**schedule(total)) if config.dynamic else config
@@ -468,7 +472,7 @@ def run_tsqlora(methods: list[str], prep: PreparedTask, settings: TaskSettings, 
         result = train(arm_model, prep.train_tok.subset(rows), prep.val_tok, run_config, args,
                        tokenizer=prep.tokenizer, on_step=clock)
         _sync(device)
-        wall = shared_s + time.perf_counter() - t1
+        wall = shared_s - (scoring_s if kind == "random" else 0.0) + time.perf_counter() - t1
         test = evaluate(arm_model, prep.test_tok, batch_size=args.eval_batch_size,
                         max_length=args.max_length, pad_id=pad, bf16=args.bf16,
                         num_workers=args.num_workers)
@@ -770,6 +774,10 @@ def summarize(runs: list[dict[str, Any]], lrs, seeds, command: str) -> dict[str,
                    "warmup_examples": statistics.fmean(r.get("warmup_examples", 0) for r in at),
                    "optimizer_steps": statistics.fmean(r["optimizer_steps"] for r in at),
                    "wall_s": _mean_std([r["wall_s"] for r in at]),
+                   # Runs recorded before a random arm's wall time left out the scoring pass
+                   # (they hold no scoring_s) still count it.
+                   "wall_counts_scoring": method.startswith("quality@") or (
+                       method.startswith("random@") and any("scoring_s" not in r for r in at)),
                    "step_ms": _mean_std([r["step_ms_median"] for r in at])}
             if "macro_f1" in at[0]["test"]:
                 row["test_macro_f1"] = _mean_std([r["test"]["macro_f1"] for r in at])
@@ -869,6 +877,11 @@ def render_markdown(summary: dict[str, Any], title: str) -> str:
     params_note = (f"; 'TsqLoRA, parameter budget' counts its budget in parameters instead and ends "
                    f"at those of rank {TARGET_R} in every layer"
                    if any("tsqlora_params" in t["methods"] for t in summary["tasks"].values()) else "")
+    randoms = [r for t in summary["tasks"].values() for m, r in t["methods"].items() if m.startswith("random@")]
+    random_note = ("" if not randoms else
+                   ", a random arm's too: it shares the quality arms' scoring pass, which it does not "
+                   "need" if any(r.get("wall_counts_scoring", True) for r in randoms) else
+                   ", a random arm's without the scoring pass it does not need")
     lines = [f"### {title}", "",
              f"Command: `{summary['command']}`. Learning rate per method: "
              f"{summary['lr_choice']}, from the grid {', '.join(f'{x:g}' for x in summary['lr_grid'])}; "
@@ -881,7 +894,8 @@ def render_markdown(summary: dict[str, Any], title: str) -> str:
              "counts then differ with the layers the rank went to (a feed-forward component is "
              f"wider than an attention one){params_note}. Time per step: median wall time of one "
              "optimizer step (the first left out). Wall: the method's own time (gate, warm-up, "
-             "scoring and selection included; model loading and the test evaluation excluded). Δ vs AdaLoRA: "
+             f"scoring and selection included{random_note}; model loading and the test evaluation "
+             "excluded). Δ vs AdaLoRA: "
              "mean ± std of the per-seed difference in test accuracy.", ""]
     for task, t in summary["tasks"].items():
         multi = any("test_macro_f1" in r for r in t["methods"].values())
