@@ -149,3 +149,22 @@ def test_bench_quick_run_goes_under_quick_and_is_labelled(tmp_path, monkeypatch)
     path = common.write_results("bench_x", "cpu", tmp_path, [{"a": 1.0}], [])
     assert json.loads(path.read_text())["quick"] is False
     assert "NOT a result" not in summarize.render(tmp_path)
+
+
+def test_round_robin_timing_rotates_the_order_of_the_calls(monkeypatch):
+    """A fixed order gave one implementation the first place of every round (right after the
+    previous round's last); each must take every place in turn."""
+    pytest.importorskip("torch")
+    import sys
+    monkeypatch.syspath_prepend(str(REPO / "python/bench"))
+    sys.modules.pop("common", None)
+    import common
+
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    ms = common.round_robin_ms(fns, "cpu", repeats=6, warmup=0)
+    assert set(ms) == set("abc") and all(v >= 0 for v in ms.values())
+    rounds = [calls[i:i + 3] for i in range(0, 18, 3)]
+    assert rounds[:3] == [list("abc"), list("bca"), list("cab")]
+    for k in "abc":  # every place, twice over six rounds
+        assert sorted(r.index(k) for r in rounds) == [0, 0, 1, 1, 2, 2]

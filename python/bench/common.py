@@ -67,16 +67,21 @@ def median_ms(fn: Callable[[], object], device: str, repeats: int = 20, warmup: 
 
 def round_robin_ms(fns: dict[str, Callable[[], object]], device: str, repeats: int,
                    warmup: int = 1, between: Callable[[], object] | None = None) -> dict[str, float]:
-    """Median ms of each fn, timed round-robin (one call of each per round), so machine noise hits
-    all of them alike; `warmup` untimed calls each first (allocator, BLAS handles, lazy inits).
+    """Median ms of each fn, timed round-robin (one call of each per round, the order rotating from
+    round to round), so machine noise hits all of them alike; `warmup` untimed calls each first
+    (allocator, BLAS handles, lazy inits).
     `between` runs untimed before every timed call (e.g. cache_evictor), so no fn inherits the
     data the one before it left in cache."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
+    keys = list(fns)
+    for i in range(repeats):
+        # Each round starts one further along, so every fn takes every place in the round in turn
+        # (a fixed order gave one fn the first place, after the previous round's last, every time).
+        for k in keys[i % len(keys):] + keys[:i % len(keys)]:
+            fn = fns[k]
             if between is not None:
                 between()
             sync(device)
