@@ -428,7 +428,8 @@ class RankAllocator:
     def reallocate(self, budget: int) -> dict[str, int]:
         """Keep the ``budget`` best components over all layers (within [r_min, r_max] each) and
         apply them as the new active sets. One host sync. With budget_unit='params' the budget
-        counts parameters: the most best components whose parameters fit (see _within_params)."""
+        counts parameters: the largest number of best components whose parameters fit (see
+        _within_params)."""
         cfg = self.config
         self._follow_model()
         mods = list(self.layers.values())
@@ -461,10 +462,10 @@ class RankAllocator:
 
     def _within_params(self, scores: torch.Tensor, bounds: torch.Tensor, budget: int, lo: int,
                        hi: int) -> torch.Tensor:
-        """The keep-mask of the most best components whose parameters fit ``budget`` (never fewer
-        than Σ r_min). topk_realloc's choice for k components holds its choice for k − 1 (one
-        global order), so their cost grows with k and a binary search over k finds the largest
-        that fits: ~log2(n) calls of the op, each one host sync (every delta_t steps)."""
+        """The keep-mask of the largest number of best components whose parameters fit ``budget``
+        (never fewer than Σ r_min). topk_realloc's choice for k components holds its choice for
+        k − 1 (one global order), so their cost grows with k and a binary search over k finds the
+        largest that fits: ~log2(n) calls of the op, each one host sync (every delta_t steps)."""
         cost = torch.repeat_interleave(torch.tensor(self.costs, device=scores.device),
                                        torch.tensor(self.sizes, device=scores.device))
 
